@@ -1,0 +1,228 @@
+"""Model configuration: dataclasses serialised to JSON, plus the named presets.
+
+Every Linear input width is a multiple of 32 (int4 group-32 quantization on XNNPACK and
+Core ML needs it) and the ViT patch grid is divisible by 3 (3x3 spatial-to-channel folding).
+`ModelConfig.validate()` enforces both, so a preset or a user config that breaks them
+fails at load time instead of at export time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from manzano_edge.errors import UserError
+
+LINEAR_ALIGN = 32
+STC_FACTOR = 3
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 96
+    patch_size: int = 8
+    width: int = 96
+    layers: int = 4
+    heads: int = 3
+    mlp_ratio: int = 4
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.grid // STC_FACTOR) ** 2
+
+    @property
+    def stc_width(self) -> int:
+        return self.width * STC_FACTOR * STC_FACTOR
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.fsq_levels)
+
+    @property
+    def code_dim(self) -> int:
+        return len(self.fsq_levels)
+
+
+@dataclass
+class DecoderConfig:
+    """Llama-architecture decoder; field names follow Hugging Face `LlamaConfig`."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    intermediate_size: int = 768
+    max_position_embeddings: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class DiTConfig:
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    patch_size: int = 2
+    # DiT-Air: one adaLN modulation network shared by every block.
+    share_adaln: bool = True
+
+
+@dataclass
+class VAEConfig:
+    latent_channels: int = 8
+    channels: list[int] = field(default_factory=lambda: [32, 64, 96])
+    # Latents are multiplied by this so they have roughly unit variance for the DiT;
+    # measured on training data after the VAE stage.
+    scaling_factor: float = 1.0
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** len(self.channels)
+
+
+@dataclass
+class TextConfig:
+    """The joint vocabulary: text tokens [0, text_vocab_size), then one id per image code."""
+
+    text_vocab_size: int = 512
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    sep_id: int = 3
+    img_start_id: int = 4
+    img_end_id: int = 5
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    @property
+    def image_token_offset(self) -> int:
+        return self.text.text_vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.text_vocab_size + self.vision.codebook_size
+
+    @property
+    def latent_size(self) -> int:
+        return self.vision.image_size // self.vae.downsample
+
+    def validate(self) -> ModelConfig:
+        v, d, t = self.vision, self.decoder, self.dit
+        problems = []
+        if v.image_size % v.patch_size:
+            problems.append(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if v.grid % STC_FACTOR:
+            problems.append(f"ViT grid {v.grid} is not divisible by {STC_FACTOR} (needed for STC)")
+        widths = {
+            "vision.width": v.width,
+            "vision.patch_size^2*3": 3 * v.patch_size**2,
+            "decoder.hidden_size": d.hidden_size,
+            "decoder.intermediate_size": d.intermediate_size,
+            "dit.width": t.width,
+            "dit.patch_size^2*latent_channels": t.patch_size**2 * self.vae.latent_channels,
+        }
+        problems += [f"{k}={w} is not a multiple of {LINEAR_ALIGN}" for k, w in widths.items() if w % LINEAR_ALIGN]
+        if d.hidden_size % d.num_attention_heads or d.num_attention_heads % d.num_key_value_heads:
+            problems.append("decoder heads must divide hidden_size and be a multiple of num_key_value_heads")
+        if v.width % v.heads or t.width % t.heads:
+            problems.append("vision/dit heads must divide their width")
+        if v.image_size % self.vae.downsample or self.latent_size % t.patch_size:
+            problems.append("image_size must be divisible by the VAE downsample and the DiT patch size")
+        if problems:
+            raise UserError(f"invalid model config '{self.name}': " + "; ".join(problems))
+        return self
+
+    # -- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        try:
+            return cls(
+                name=raw["name"],
+                vision=VisionConfig(**raw["vision"]),
+                decoder=DecoderConfig(**raw["decoder"]),
+                dit=DiTConfig(**raw["dit"]),
+                vae=VAEConfig(**raw["vae"]),
+                text=TextConfig(**raw["text"]),
+            ).validate()
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"config is not a manzano-edge ModelConfig ({exc}); re-create it with `manzano-edge train`") from exc
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise UserError(f"config file not found: {path}") from exc
+        except json.JSONDecodeError as exc:
+            raise UserError(f"config file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return cls.from_dict(raw)
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(name="tiny")
+
+
+def _small() -> ModelConfig:
+    # Tens of millions of parameters: sized for benchmarks, random weights are fine.
+    return ModelConfig(
+        name="small",
+        vision=VisionConfig(image_size=192, patch_size=16, width=384, layers=6, heads=6, fsq_levels=[8, 8, 8, 5]),
+        decoder=DecoderConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                              intermediate_size=1536, max_position_embeddings=256),
+        dit=DiTConfig(width=384, depth=8, heads=6, patch_size=2),
+        vae=VAEConfig(latent_channels=8, channels=[64, 128, 128]),
+        text=TextConfig(text_vocab_size=4096),
+    )
+
+
+def _manzano_300m() -> ModelConfig:
+    # Paper-shaped: ~300M decoder (tied embeddings, 64K image codes), ViT-L/16 at 384 px
+    # (24x24 grid -> 8x8 = 64 image tokens), ~0.9B DiT. Random weights: export/latency only.
+    # Patch 16 rather than the paper's 14 keeps the patch projection (16*16*3=768) 32-aligned.
+    return ModelConfig(
+        name="manzano-300m",
+        vision=VisionConfig(image_size=384, patch_size=16, width=1024, layers=24, heads=16,
+                            fsq_levels=[8, 8, 8, 5, 5, 5]),
+        decoder=DecoderConfig(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                              intermediate_size=2816, max_position_embeddings=1024, tie_word_embeddings=True),
+        dit=DiTConfig(width=1536, depth=28, heads=24, patch_size=2, share_adaln=True),
+        vae=VAEConfig(latent_channels=16, channels=[128, 256, 512]),
+        text=TextConfig(text_vocab_size=32000),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "manzano-300m": _manzano_300m}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()

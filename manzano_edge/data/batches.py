@@ -1,0 +1,142 @@
+"""Training examples and batches for every stage.
+
+Sequence layouts over the joint vocabulary (one place, shared by training and the runtime):
+- understanding: <bos> <img_start> [N image embeddings] <img_end> question <sep> answer <eos>
+- generation:    <bos> prompt <img_start> [N image-code tokens] <img_end>
+- text:          <bos> text <eos>
+Loss weights follow the paper: text 1.0, image tokens 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manzano_edge.config import ModelConfig
+from manzano_edge.data import scenes
+from manzano_edge.data.images import load_image, to_pixels
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+
+IGNORE = -100
+IMAGE_LOSS_WEIGHT = 0.5
+UNDERSTANDING_IMAGE_SLOT = 2  # image embeddings start after <bos> <img_start>
+
+
+@dataclass
+class Example:
+    pixels: torch.Tensor  # [3, H, W]
+    question: str
+    answer: str
+    prompt: str  # text-to-image prompt for this image
+
+
+class SceneSource:
+    """Endless procedural examples; a given seed always yields the same stream."""
+
+    def __init__(self, image_size: int, seed: int) -> None:
+        self.image_size = image_size
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, caption_prob: float = 0.4) -> Example:
+        scene = scenes.sample_scene(self.rng)
+        pixels = to_pixels(scenes.render(scene, self.image_size), self.image_size)[0]
+        if self.rng.random() < caption_prob:
+            question, answer = scenes.caption_question(self.rng), scenes.caption(scene)
+        else:
+            question, answer = scenes.question_answer(scene, self.rng)
+        return Example(pixels, question, answer, scenes.generation_prompt(scene, self.rng))
+
+
+class FolderSource:
+    """A user's images plus a JSONL of captions: one object per line,
+    {"image": "relative/or/absolute.png", "caption": "...", "question": "...", "answer": "..."};
+    question/answer are optional (default: a caption question answered by the caption)."""
+
+    def __init__(self, image_dir: str | Path, jsonl: str | Path, image_size: int, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        image_dir, jsonl = Path(image_dir), Path(jsonl)
+        if not jsonl.is_file():
+            raise UserError(f"captions file not found: {jsonl}")
+        self.items: list[tuple[torch.Tensor, dict]] = []
+        for lineno, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                path, cap = rec["image"], str(rec["caption"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{jsonl}:{lineno}: expected a JSON object with 'image' and 'caption'") from exc
+            img_path = Path(path) if Path(path).is_absolute() else image_dir / path
+            self.items.append((to_pixels(load_image(img_path), image_size)[0], rec))
+        if not self.items:
+            raise UserError(f"{jsonl} lists no images; add lines like {{\"image\": \"a.png\", \"caption\": \"...\"}}")
+
+    def sample(self, caption_prob: float = 0.4) -> Example:
+        pixels, rec = self.items[self.rng.integers(len(self.items))]
+        if "question" in rec and "answer" in rec and self.rng.random() >= caption_prob:
+            q, a = str(rec["question"]), str(rec["answer"])
+        else:
+            q, a = scenes.caption_question(self.rng), str(rec["caption"])
+        return Example(pixels, q, a, str(rec["caption"]))
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def understanding_batch(examples: list[Example], codec: TextCodec, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """tokens with placeholder ids at the N image slots (filled with embeddings by the model)."""
+    t, n = cfg.text, cfg.vision.num_image_tokens
+    tokens, targets = [], []
+    for ex in examples:
+        prefix = [t.bos_id, t.img_start_id] + [t.pad_id] * n + [t.img_end_id] + codec.encode(ex.question) + [t.sep_id]
+        answer = codec.encode(ex.answer) + [t.eos_id]
+        seq = prefix + answer
+        tokens.append(seq[:-1])
+        targets.append([IGNORE] * (len(prefix) - 1) + answer)
+    toks, tgts = _pad(tokens, t.pad_id), _pad(targets, IGNORE)
+    return {"pixels": torch.stack([ex.pixels for ex in examples]), "tokens": toks, "targets": tgts,
+            "weights": (tgts != IGNORE).float()}
+
+
+def generation_batch(prompts: list[str], image_ids: torch.Tensor, codec: TextCodec, cfg: ModelConfig,
+                     rng: np.random.Generator, prompt_dropout: float = 0.1) -> dict[str, torch.Tensor]:
+    """Text -> image tokens. A dropped prompt trains the unconditional branch used by CFG."""
+    t = cfg.text
+    tokens, targets, weights = [], [], []
+    for prompt, ids in zip(prompts, image_ids.tolist()):
+        text = [] if rng.random() < prompt_dropout else codec.encode(prompt)
+        prefix = [t.bos_id] + text + [t.img_start_id]
+        image = [i + cfg.image_token_offset for i in ids] + [t.img_end_id]
+        seq = prefix + image
+        tokens.append(seq[:-1])
+        targets.append([IGNORE] * (len(prefix) - 1) + image)
+        weights.append([0.0] * (len(prefix) - 1) + [IMAGE_LOSS_WEIGHT] * len(ids) + [1.0])
+    return {"tokens": _pad(tokens, t.pad_id), "targets": _pad(targets, IGNORE),
+            "weights": torch.tensor([w + [0.0] * (max(map(len, weights)) - len(w)) for w in weights])}
+
+
+def text_batch(texts: list[str], codec: TextCodec, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    t = cfg.text
+    rows = [[t.bos_id] + codec.encode(x) + [t.eos_id] for x in texts]
+    tgts = _pad([r[1:] for r in rows], IGNORE)
+    return {"tokens": _pad([r[:-1] for r in rows], t.pad_id), "targets": tgts, "weights": (tgts != IGNORE).float()}
+
+
+def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    w = weights.reshape(-1)
+    return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+
+def splice_image_embeddings(token_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    n = image_embeds.shape[1]
+    s = UNDERSTANDING_IMAGE_SLOT
+    return torch.cat([token_embeds[:, :s], image_embeds.to(token_embeds.dtype), token_embeds[:, s + n:]], dim=1)

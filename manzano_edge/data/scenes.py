@@ -1,0 +1,218 @@
+"""Procedural, seedable scene domain: a few coloured shapes on a light background.
+
+A `Scene` is the ground truth; `render` draws it; the phrasing functions turn it into
+captions, questions/answers and text-to-image prompts with varied wording. `parse_objects`
+goes back from free text to object specs (for prompts a user types and for scoring
+captions), by keywords, so it does not depend on any one template.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+BACKGROUNDS = ((255, 255, 255), (245, 242, 232), (236, 242, 248), (242, 248, 238), (250, 240, 240))
+
+# Several ways to say each position; index 0 is the canonical answer.
+POSITION_PHRASES = {
+    "top left": ["at the top left", "in the top left corner", "in the upper left", "at the top-left"],
+    "top": ["at the top", "at the top center", "in the upper middle", "at the top middle"],
+    "top right": ["at the top right", "in the top right corner", "in the upper right", "at the top-right"],
+    "left": ["on the left", "at the left", "in the middle left", "on the left side"],
+    "center": ["in the center", "in the middle", "at the center", "in the centre"],
+    "right": ["on the right", "at the right", "in the middle right", "on the right side"],
+    "bottom left": ["at the bottom left", "in the bottom left corner", "in the lower left", "at the bottom-left"],
+    "bottom": ["at the bottom", "at the bottom center", "in the lower middle", "at the bottom middle"],
+    "bottom right": ["at the bottom right", "in the bottom right corner", "in the lower right", "at the bottom-right"],
+}
+CAPTION_QUESTIONS = ("describe the image.", "what is in this picture?", "caption this image.", "what do you see?",
+                     "describe this picture briefly.", "write a caption for the image.", "what does the image show?")
+GENERATION_TEMPLATES = ("{}", "a picture of {}", "draw {}", "generate an image of {}", "an image with {}",
+                        "please draw {}", "show me {}", "create a picture with {}", "render {}")
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    position: str
+    size: float = 0.105  # half-extent as a fraction of the image side
+    jitter: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def sorted_objects(self) -> list[SceneObject]:
+        return sorted(self.objects, key=lambda o: POSITIONS.index(o.position))
+
+
+def sample_scene(rng: np.random.Generator, max_objects: int = 2) -> Scene:
+    count = int(rng.integers(1, max_objects + 1))
+    cells = rng.choice(len(POSITIONS), size=count, replace=False)
+    objects = tuple(
+        SceneObject(
+            shape=SHAPES[rng.integers(len(SHAPES))],
+            color=list(COLORS)[rng.integers(len(COLORS))],
+            position=POSITIONS[c],
+            size=float(rng.uniform(0.085, 0.125)),
+            jitter=(float(rng.uniform(-0.025, 0.025)), float(rng.uniform(-0.025, 0.025))),
+        )
+        for c in cells
+    )
+    return Scene(objects, BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+
+
+def render(scene: Scene, size: int = 96, supersample: int = 2) -> Image.Image:
+    """Draw at `supersample`x then downsample, for anti-aliased edges."""
+    big = size * supersample
+    img = Image.new("RGB", (big, big), scene.background)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        cell = POSITIONS.index(obj.position)
+        cx = ((cell % 3) + 0.5) / 3 + obj.jitter[0]
+        cy = ((cell // 3) + 0.5) / 3 + obj.jitter[1]
+        cx, cy, r = cx * big, cy * big, obj.size * big
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj.shape == "square":
+            s = r * 0.9  # equal area-ish to the circle, so size alone does not give the shape away
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r * 1.1), (cx - r * 1.15, cy + r * 0.9), (cx + r * 1.15, cy + r * 0.9)], fill=fill)
+    return img.resize((size, size), Image.LANCZOS)
+
+
+# -- text ---------------------------------------------------------------------------------
+def describe_object(obj: SceneObject, rng: np.random.Generator | None = None) -> str:
+    phrases = POSITION_PHRASES[obj.position]
+    where = phrases[0] if rng is None else phrases[rng.integers(len(phrases))]
+    return f"a {obj.color} {obj.shape} {where}"
+
+
+def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Canonical caption when rng is None (the understanding target); varied wording otherwise."""
+    return " and ".join(describe_object(o, rng) for o in scene.sorted_objects())
+
+
+def generation_prompt(scene: Scene, rng: np.random.Generator) -> str:
+    template = GENERATION_TEMPLATES[rng.integers(len(GENERATION_TEMPLATES))]
+    return template.format(caption(scene, rng))
+
+
+def caption_question(rng: np.random.Generator) -> str:
+    return CAPTION_QUESTIONS[rng.integers(len(CAPTION_QUESTIONS))]
+
+
+def _pick(rng: np.random.Generator, options: list[str] | tuple[str, ...]) -> str:
+    return options[rng.integers(len(options))]
+
+
+def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """One VQA pair about the scene, drawn from several question kinds and phrasings."""
+    objs = list(scene.objects)
+    obj = objs[rng.integers(len(objs))]
+    where = _pick(rng, POSITION_PHRASES[obj.position])
+    unique_shape = sum(o.shape == obj.shape for o in objs) == 1
+    kinds = ["count", "shape_at", "color_at", "where", "exists"] + (["color_of"] if unique_shape else [])
+    kind = _pick(rng, kinds)
+    if kind == "count":
+        q = _pick(rng, ["how many shapes are there?", "how many objects are in the image?", "count the shapes.",
+                        "how many things do you see?"])
+        return q, COUNT_WORDS[len(objs)]
+    if kind == "color_of":
+        q = _pick(rng, ["what color is the {}?", "which color is the {}?", "what is the color of the {}?",
+                        "the {} is what color?"]).format(obj.shape)
+        return q, obj.color
+    if kind == "shape_at":
+        q = _pick(rng, ["what shape is {}?", "which shape is {}?", "what kind of shape is {}?"]).format(where)
+        return q, obj.shape
+    if kind == "color_at":
+        q = _pick(rng, ["what color is the shape {}?", "what color is the object {}?",
+                        "which color is the shape {}?"]).format(where)
+        return q, obj.color
+    if kind == "where":
+        if sum(o.shape == obj.shape and o.color == obj.color for o in objs) > 1:
+            return "how many shapes are there?", COUNT_WORDS[len(objs)]
+        q = _pick(rng, ["where is the {} {}?", "where is the {} {} located?", "in which part of the image is the {} {}?",
+                        "where can you see the {} {}?"]).format(obj.color, obj.shape)
+        return q, obj.position
+    # exists: half real objects, half distractors
+    if rng.random() < 0.5:
+        color, shape = obj.color, obj.shape
+    else:
+        color, shape = _pick(rng, list(COLORS)), _pick(rng, SHAPES)
+    present = any(o.color == color and o.shape == shape for o in objs)
+    q = _pick(rng, ["is there a {} {}?", "is there a {} {} in the image?", "do you see a {} {}?",
+                    "does the image contain a {} {}?"]).format(color, shape)
+    return q, "yes" if present else "no"
+
+
+# -- parsing ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ObjectSpec:
+    """What a piece of text asks for; None means "not specified"."""
+
+    shape: str | None
+    color: str | None
+    position: str | None
+
+
+def _position_in(text: str) -> str | None:
+    words = set(re.findall(r"[a-z]+", text.replace("-", " ")))
+    vertical = "top" if words & {"top", "upper"} else "bottom" if words & {"bottom", "lower"} else None
+    horizontal = "left" if "left" in words else "right" if "right" in words else None
+    if vertical and horizontal:
+        return f"{vertical} {horizontal}"
+    if vertical or horizontal:
+        return vertical or horizontal
+    return "center" if words & {"center", "centre", "middle"} else None
+
+
+def parse_objects(text: str) -> list[ObjectSpec]:
+    """Object specs in free text: 'draw a red circle in the upper left and a blue square'."""
+    specs = []
+    for chunk in re.split(r"\band\b|,|;", text.lower()):
+        shape = next((s for s in SHAPES if re.search(rf"\b{s}s?\b", chunk)), None)
+        color = next((c for c in COLORS if re.search(rf"\b{c}\b", chunk)), None)
+        if shape or color:
+            specs.append(ObjectSpec(shape, color, _position_in(chunk)))
+        elif specs and specs[-1].position is None and _position_in(chunk):
+            specs[-1] = ObjectSpec(specs[-1].shape, specs[-1].color, _position_in(chunk))
+    return specs
+
+
+def scene_matches(specs: list[ObjectSpec], found: list[ObjectSpec]) -> bool:
+    """True when `found` has exactly as many objects as `specs` and they pair up one to one
+    with every specified attribute equal."""
+    if len(specs) != len(found):
+        return False
+    remaining = list(found)
+    for spec in specs:
+        match = next((f for f in remaining if all(getattr(spec, a) in (None, getattr(f, a))
+                                                    for a in ("shape", "color", "position"))), None)
+        if match is None:
+            return False
+        remaining.remove(match)
+    return True
+
+
+def scene_specs(scene: Scene) -> list[ObjectSpec]:
+    return [ObjectSpec(o.shape, o.color, o.position) for o in scene.objects]

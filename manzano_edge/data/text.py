@@ -1,0 +1,60 @@
+"""Text tokenizer: a byte-level BPE trained with Hugging Face `tokenizers` on the scene
+domain's wording and saved as `tokenizer.json`. Byte-level means any text a user types
+encodes (unknown words split into bytes) instead of failing or mapping to <unk>.
+
+The special tokens take ids 0..5 so they line up with `TextConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from manzano_edge.config import TextConfig
+from manzano_edge.data import scenes
+from manzano_edge.errors import UserError
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<sep>", "<img_start>", "<img_end>"]
+
+
+def domain_corpus(n_scenes: int = 4000, seed: int = 0) -> Iterable[str]:
+    rng = np.random.default_rng(seed)
+    for _ in range(n_scenes):
+        scene = scenes.sample_scene(rng)
+        yield scenes.caption(scene)
+        yield scenes.generation_prompt(scene, rng)
+        yield scenes.caption_question(rng)
+        yield " ".join(scenes.question_answer(scene, rng))
+
+
+def train_bpe(vocab_size: int, texts: Iterable[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+class TextCodec:
+    """Encode/decode text within the joint vocabulary (text ids only)."""
+
+    def __init__(self, tokenizer_json: str, text: TextConfig) -> None:
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.cfg = text
+        for i, name in enumerate(SPECIAL_TOKENS):
+            if self.tok.token_to_id(name) != [text.pad_id, text.bos_id, text.eos_id, text.sep_id,
+                                               text.img_start_id, text.img_end_id][i]:
+                raise UserError(f"tokenizer.json does not define {name} at the id the config expects; "
+                                "the checkpoint's files do not belong together")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i < self.cfg.text_vocab_size]
+        return self.tok.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,179 @@
+"""Unified decoder: a Llama-architecture LM over the joint text + image-code vocabulary.
+
+Module and parameter names match Hugging Face `LlamaForCausalLM` one to one
+(`embed_tokens`, `layers.N.self_attn.q_proj`, ..., `norm`, `lm_head`), so a Llama-family
+checkpoint maps onto it by adding the `model.` prefix (see `hf_llama.py`).
+
+KV caches are pluggable through `KVCacheWriter`:
+- training and no-cache scoring pass none (full causal attention);
+- `StatefulDecoder` keeps the cache in top-level buffers written by slice assignment at
+  `start = causal_mask.shape[-1] - T`. That one pattern becomes Core ML state, ExecuTorch
+  mutable buffers (XNNPACK and the Core ML delegate), and runs in eager PyTorch
+  (TOOLCHAIN.md gotcha 8: `index_copy` breaks Core ML);
+- ONNX keeps no state, so its exporter passes the cache as explicit inputs/outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manzano_edge.config import DecoderConfig
+from manzano_edge.models.layers import RMSNorm, attention
+
+
+def rope_tables(cfg: DecoderConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_positions, head_dim], Hugging Face's default (non-interleaved) layout."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def causal_mask(past: int, new: int, device: torch.device | None = None) -> torch.Tensor:
+    """Additive mask [1, 1, new, past+new]: query i (absolute past+i) sees keys <= past+i."""
+    q = torch.arange(past, past + new, device=device)[:, None]
+    k = torch.arange(past + new, device=device)[None, :]
+    return torch.where(k <= q, 0.0, float("-inf"))[None, None]
+
+
+class KVCacheWriter(Protocol):
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v [B, Hkv, T, hd] for `layer`; return all keys/values to attend to."""
+        ...
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                layer: int, kv_writer: KVCacheWriter | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_writer is not None:
+            k, v = kv_writer(layer, k, v)
+        out = attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, layer, kv_writer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, kv_writer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+    def forward(self, tokens: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                start: int | torch.SymInt = 0, mask: torch.Tensor | None = None,
+                kv_writer: KVCacheWriter | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for T new positions starting at absolute position `start`.
+
+        Give `tokens` [B, T] or `inputs_embeds` [B, T, D] (spliced image embeddings).
+        Without `mask` this is plain causal attention over the T positions (training).
+        """
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of tokens / inputs_embeds")
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
+        t = x.shape[1]
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        if mask is None:
+            mask = causal_mask(0, t, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, i, kv_writer)
+        return self.lm_head(self.norm(x))
+
+
+class StatefulDecoder(nn.Module):
+    """Decoder with its KV cache as top-level mutable buffers (`k_cache`, `v_cache`).
+
+    forward(inputs_embeds [B, T, D], causal_mask [B, 1, T, E]) -> logits [B, T, V].
+    The mask's last dimension E is the cache length after this call, so the write offset is
+    E - T: one graph serves prefill (T > 1) and decode (T = 1) with no position input.
+    """
+
+    def __init__(self, decoder: LlamaDecoder, batch_size: int = 1, max_len: int | None = None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        cfg = decoder.cfg
+        self.max_len = max_len or cfg.max_position_embeddings
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, self.max_len, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        t, end = inputs_embeds.shape[1], causal_mask.shape[-1]
+        start = end - t
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.k_cache[layer, :, :, start:end] = k
+            self.v_cache[layer, :, :, start:end] = v
+            return self.k_cache[layer, :, :, :end], self.v_cache[layer, :, :, :end]
+
+        return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)

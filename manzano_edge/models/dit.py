@@ -1,0 +1,103 @@
+"""Latent diffusion transformer trained with conditional flow matching.
+
+DiT blocks with adaLN-Zero timestep modulation and cross-attention to the image-token
+features (the discrete adapter's output). DiT-Air style, one adaLN modulation network is
+shared by all blocks, which each add a learned per-block bias to it.
+
+Flow convention (rectified flow): x_t = (1 - t) * noise + t * data, t in [0, 1]; the network
+predicts the velocity data - noise; sampling integrates from t=0 (noise) to t=1 (data).
+The sampling loop lives in the runtime, never in the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manzano_edge.config import ModelConfig
+from manzano_edge.models.layers import GeluMLP, MultiHeadAttention, sinusoidal_embedding
+
+TIME_EMBED_DIM = 256
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = MultiHeadAttention(width, heads)
+        self.norm_cross = nn.LayerNorm(width, eps=1e-6)
+        self.cross_attn = MultiHeadAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = GeluMLP(width, width * mlp_ratio)
+        self.mod_bias = nn.Parameter(torch.zeros(6, width))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod.view(mod.shape[0], 6, -1) + self.mod_bias).unbind(1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross_attn(self.norm_cross(x), cond)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, c = cfg.dit, cfg.vae.latent_channels
+        self.patch, self.channels, self.size = d.patch_size, c, cfg.latent_size
+        grid = self.size // self.patch
+        self.patch_embed = nn.Linear(self.patch * self.patch * c, d.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, d.width) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_EMBED_DIM, d.width), nn.SiLU(), nn.Linear(d.width, d.width))
+        self.cond_proj = nn.Linear(cfg.decoder.hidden_size, d.width)
+        # Learned "no condition" token: classifier-free guidance's unconditional branch.
+        self.null_cond = nn.Parameter(torch.zeros(1, 1, cfg.decoder.hidden_size))
+        n_mod = 1 if d.share_adaln else d.depth
+        self.adaln = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(d.width, 6 * d.width)) for _ in range(n_mod))
+        self.blocks = nn.ModuleList(DiTBlock(d.width, d.heads, d.mlp_ratio) for _ in range(d.depth))
+        self.final_norm = nn.LayerNorm(d.width, elementwise_affine=False, eps=1e-6)
+        self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(d.width, 2 * d.width))
+        self.final = nn.Linear(d.width, self.patch * self.patch * c)
+        for mod in [*self.adaln, self.final_mod, self.final]:
+            last = mod[-1] if isinstance(mod, nn.Sequential) else mod
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, c, g = x.shape[0], self.patch, self.channels, self.size // self.patch
+        x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def unconditional(self, batch: int, tokens: int) -> torch.Tensor:
+        return self.null_cond.expand(batch, tokens, -1)
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """latent [B, C, h, w], timestep [B] in [0, 1], cond [B, M, llm width] -> velocity [B, C, h, w]."""
+        x = self.patch_embed(self._patchify(latent)) + self.pos_embed
+        temb = self.time_mlp(sinusoidal_embedding(timestep * 1000.0, TIME_EMBED_DIM))
+        ctx = self.cond_proj(cond)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.adaln[0 if len(self.adaln) == 1 else i](temb), ctx)
+        shift, scale = self.final_mod(temb).chunk(2, dim=-1)
+        return self._unpatchify(self.final(modulate(self.final_norm(x), shift, scale)))
+
+
+def flow_matching_loss(dit: DiT, data_latent: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
+                       cond_dropout: float = 0.1) -> torch.Tensor:
+    b = data_latent.shape[0]
+    noise = torch.randn(data_latent.shape, generator=generator)
+    # Logit-normal timesteps (SD3): more weight on the middle of the path.
+    t = torch.sigmoid(torch.randn(b, generator=generator))
+    x_t = (1 - t)[:, None, None, None] * noise + t[:, None, None, None] * data_latent
+    drop = torch.rand(b, generator=generator) < cond_dropout
+    cond = torch.where(drop[:, None, None], dit.unconditional(b, cond.shape[1]), cond)
+    return F.mse_loss(dit(x_t, t, cond), data_latent - noise)

@@ -1,0 +1,70 @@
+"""Small convolutional VAE. The encoder is used for training only; on device only the
+decoder runs (latent -> pixels). Upsampling is nearest + conv rather than transposed
+convolution so it converts the same way on every backend."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manzano_edge.config import VAEConfig
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class VAEEncoder(nn.Module):
+    # No residual blocks at full resolution: on CPU they cost more than the rest combined.
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        stem = cfg.channels[0] // 2
+        layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, padding=1)]
+        prev = stem
+        for ch in cfg.channels:
+            layers += [nn.SiLU(), nn.Conv2d(prev, ch, 4, stride=2, padding=1), ResBlock(ch)]
+            prev = ch
+        layers += [nn.SiLU(), nn.Conv2d(prev, 2 * cfg.latent_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.net(pixels).chunk(2, dim=1)
+        return mean, logvar.clamp(-20, 10)
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        chans = list(reversed(cfg.channels)) + [cfg.channels[0] // 2]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, chans[0], 3, padding=1), ResBlock(chans[0])]
+        for i, (prev, ch) in enumerate(zip(chans, chans[1:])):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(prev, ch, 3, padding=1)]
+            layers.append(ResBlock(ch) if i < len(chans) - 2 else nn.SiLU())
+        layers += [nn.Conv2d(chans[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled-back latent [B, C, h, w] -> pixels [B, 3, H, W] in [-1, 1]."""
+        return torch.tanh(self.net(latent))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VAEEncoder(cfg)
+        self.decoder = VAEDecoder(cfg)
+
+    def loss(self, pixels: torch.Tensor, kl_weight: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(pixels)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        recon = self.decoder(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        return F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + kl_weight * kl, recon

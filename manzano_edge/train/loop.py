@@ -1,0 +1,246 @@
+"""`manzano-edge train`: the staged training loop (single process or DDP under torchrun).
+
+State lives in a run directory:
+  tokenizer.json            the BPE, trained first
+  stage-<name>/state.safetensors + progress.json   resumable per-stage state (weights + AdamW)
+  model/                    the full model after the last finished stage (checkpoint format)
+  checkpoint/               the final checkpoint, written when every stage is done
+Everything is safetensors; optimizer state is flattened into tensors, never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from manzano_edge.config import ModelConfig, preset
+from manzano_edge.data.batches import FolderSource, SceneSource
+from manzano_edge.data.text import TextCodec, domain_corpus, train_bpe
+from manzano_edge.errors import UserError
+from manzano_edge.models.manzano import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    Manzano,
+    load_state,
+    load_weights_into,
+    save_checkpoint,
+)
+from manzano_edge.train.stages import STAGES, DecoderStage, DiTStage, TokenizerStage, VAEStage, measure_latent_scale
+
+
+@dataclass
+class StageBudget:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 50
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    seed: int = 0
+    save_every: int = 200
+    stages: dict[str, StageBudget] = field(default_factory=lambda: {
+        "tokenizer": StageBudget(steps=1500, batch_size=32, lr=1e-3),
+        "decoder": StageBudget(steps=1800, batch_size=32, lr=1e-3),
+        "vae": StageBudget(steps=500, batch_size=16, lr=1e-3),
+        "dit": StageBudget(steps=1500, batch_size=32, lr=5e-4),
+    })
+
+    def scaled(self, factor: float) -> TrainConfig:
+        """Shrink every stage's step count (quick runs and tests)."""
+        stages = {k: dataclasses.replace(v, steps=max(1, int(v.steps * factor)), warmup=min(v.warmup, 5))
+                  for k, v in self.stages.items()}
+        return dataclasses.replace(self, stages=stages)
+
+
+# -- distributed ---------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def maybe_init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- optimizer state as tensors --------------------------------------------------------------
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items()
+               if isinstance(v, torch.Tensor)}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_stage_state(stage_dir: Path, module: nn.Module, opt: torch.optim.Optimizer, step: int, done: bool) -> None:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    weights = {f"module.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_tensors(opt)
+    tmp = stage_dir / "state.safetensors.tmp"
+    save_file({**weights, **opt_tensors}, tmp, metadata={"optimizer": json.dumps(opt_meta)})
+    os.replace(tmp, stage_dir / "state.safetensors")
+    (stage_dir / "progress.json").write_text(json.dumps({"step": step, "done": done}) + "\n")
+
+
+def load_stage_state(stage_dir: Path, module: nn.Module, opt: torch.optim.Optimizer) -> int:
+    progress = json.loads((stage_dir / "progress.json").read_text())
+    path = stage_dir / "state.safetensors"
+    tensors = load_state(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["optimizer"])
+    module_state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+    missing = set(module.state_dict()) - set(module_state)
+    if missing:
+        raise UserError(f"cannot resume from {stage_dir}: it was written for a different model ({sorted(missing)[:2]} "
+                        "missing); start a fresh run directory")
+    module.load_state_dict(module_state)
+    load_optimizer_tensors(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta)
+    return int(progress["step"])
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def lr_at(step: int, budget: StageBudget) -> float:
+    if step < budget.warmup:
+        return budget.lr * (step + 1) / budget.warmup
+    progress = (step - budget.warmup) / max(1, budget.steps - budget.warmup)
+    return budget.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_stage(name: str, model: Manzano, codec: TextCodec) -> nn.Module:
+    if name == "tokenizer":
+        return TokenizerStage(model, codec)
+    if name == "decoder":
+        return DecoderStage(model, codec)
+    if name == "vae":
+        return VAEStage(model)
+    return DiTStage(model)
+
+
+def run_stage(name: str, model: Manzano, codec: TextCodec, budget: StageBudget, run_dir: Path, tcfg: TrainConfig,
+              make_source) -> dict:
+    rank, world = dist_info()
+    stage = build_stage(name, model, codec)
+    stage.train()
+    params = [p for p in stage.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    stage_dir = run_dir / f"stage-{name}"
+    start = load_stage_state(stage_dir, stage, opt) if (stage_dir / "progress.json").exists() else 0
+    wrapped = nn.parallel.DistributedDataParallel(stage) if world > 1 else stage
+    source = make_source(tcfg.seed * 1_000_003 + rank * 7_919 + start + 1)
+    per_rank = max(1, budget.batch_size // world)
+    logs: dict = {}
+    t0 = time.time()
+    bar = tqdm(range(start, budget.steps), desc=f"train {name}", initial=start, total=budget.steps,
+               disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, budget)
+        examples = [source.sample() for _ in range(per_rank)]
+        rng = np.random.default_rng((tcfg.seed, rank, step))
+        loss, logs = wrapped(examples, rng)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"stage {name}: loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+        last = step + 1 == budget.steps
+        if (step + 1) % tcfg.save_every == 0 or last:
+            if rank == 0:
+                save_stage_state(stage_dir, stage, opt, step + 1, done=last)
+            barrier()
+    return {"stage": name, "steps": budget.steps, "resumed_from": start, "seconds": round(time.time() - t0, 1),
+            "final_losses": logs}
+
+
+def stage_done(run_dir: Path, name: str) -> bool:
+    progress = run_dir / f"stage-{name}" / "progress.json"
+    return progress.exists() and json.loads(progress.read_text()).get("done", False)
+
+
+def prepare_tokenizer(run_dir: Path, cfg: ModelConfig, seed: int) -> str:
+    path = run_dir / TOKENIZER_FILE
+    if not path.exists():
+        tok = train_bpe(cfg.text.text_vocab_size, domain_corpus(seed=seed))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(tok.to_str())
+        os.replace(tmp, path)
+    return path.read_text()
+
+
+def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None, data_dir: str | None = None,
+          captions: str | None = None, stages: tuple[str, ...] = STAGES) -> Path:
+    """Run (or resume) every stage; returns the final checkpoint directory."""
+    maybe_init_distributed()
+    rank, world = dist_info()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = run_dir / "model"
+    if (model_dir / CONFIG_FILE).exists():
+        cfg = ModelConfig.load(model_dir / CONFIG_FILE)
+    cfg = (cfg or preset(tcfg.preset)).validate()
+    torch.manual_seed(tcfg.seed)
+    model = Manzano(cfg)
+    if (model_dir / WEIGHTS_FILE).exists():
+        load_weights_into(model, load_state(model_dir / WEIGHTS_FILE), str(model_dir))
+    tokenizer_json = prepare_tokenizer(run_dir, cfg, tcfg.seed) if rank == 0 else None
+    barrier()
+    tokenizer_json = tokenizer_json or (run_dir / TOKENIZER_FILE).read_text()
+    codec = TextCodec(tokenizer_json, cfg.text)
+
+    def make_source(seed: int):
+        if data_dir or captions:
+            if not (data_dir and captions):
+                raise UserError("--data-dir and --captions go together: a folder of images and a JSONL of captions")
+            return FolderSource(data_dir, captions, cfg.vision.image_size, seed)
+        return SceneSource(cfg.vision.image_size, seed)
+
+    report = []
+    for name in stages:
+        if stage_done(run_dir, name):
+            continue
+        report.append(run_stage(name, model, codec, tcfg.stages[name], run_dir, tcfg, make_source))
+        if name == "vae":
+            model.cfg.vae.scaling_factor = measure_latent_scale(model, cfg.vision.image_size)
+        if rank == 0:
+            save_checkpoint(model, model_dir, tokenizer_json)
+        barrier()
+    final = run_dir / "checkpoint"
+    if rank == 0:
+        save_checkpoint(model, final, tokenizer_json)
+        log = run_dir / "train_log.json"
+        history = json.loads(log.read_text()) if log.exists() else []
+        log.write_text(json.dumps(history + report, indent=2) + "\n")
+    barrier()
+    return final

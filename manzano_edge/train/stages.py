@@ -1,0 +1,173 @@
+"""The four training stages as modules whose forward(batch) returns the loss.
+
+Each stage wraps the parts of `Manzano` it trains and freezes the rest, following the
+paper: (1) tokenizer with a small helper LM through a randomly chosen adapter per sample;
+(2) the unified decoder with the ViT and discrete adapter frozen; (3) VAE, then (4) DiT on
+frozen discrete tokens. Wrapping each stage in one module is what lets the same loop run
+under DDP.
+
+Departure from the paper, on purpose: stage 1 adds an auxiliary pixel-reconstruction loss
+through the discrete branch (a small conv decoder, discarded after training). Trained on
+captions/VQA alone, the tiny tokenizer's codes carried too little shape to generate from
+(TRAINING-NOTES.md, fact 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manzano_edge.config import DecoderConfig, ModelConfig
+from manzano_edge.data.batches import (
+    Example,
+    generation_batch,
+    splice_image_embeddings,
+    text_batch,
+    understanding_batch,
+    weighted_lm_loss,
+)
+from manzano_edge.data import scenes
+from manzano_edge.data.text import TextCodec
+from manzano_edge.models.decoder import LlamaDecoder
+from manzano_edge.models.dit import flow_matching_loss
+from manzano_edge.models.manzano import Manzano
+
+STAGES = ("tokenizer", "decoder", "vae", "dit")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class CodePixelDecoder(nn.Module):
+    """Training-only: FSQ code grid [B, N, d] -> pixels at 1/3 resolution (cheap on CPU, still
+    enough to tell a triangle from a circle), so the codes must carry appearance."""
+
+    DOWNSAMPLE = 3
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.side = int(round(cfg.vision.num_image_tokens ** 0.5))
+        ups = int(round(np.log2((cfg.vision.image_size // self.DOWNSAMPLE) / self.side)))
+        widths = [128, 96, 64, 32, 32, 32][: ups + 1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.vision.code_dim, widths[0], 3, padding=1), nn.SiLU()]
+        for prev, nxt in zip(widths, widths[1:]):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(prev, nxt, 3, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(widths[-1], 3, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        b, n, d = codes.shape
+        return torch.tanh(self.net(codes.transpose(1, 2).reshape(b, d, self.side, self.side)))
+
+    def target(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(pixels, self.DOWNSAMPLE)
+
+
+def helper_lm_config(cfg: ModelConfig) -> DecoderConfig:
+    # Same width as the real decoder (the adapters project to it), fewer layers; thrown away after stage 1.
+    d = cfg.decoder
+    return DecoderConfig(hidden_size=d.hidden_size, num_hidden_layers=2, num_attention_heads=d.num_attention_heads,
+                         num_key_value_heads=d.num_key_value_heads, intermediate_size=d.intermediate_size,
+                         max_position_embeddings=d.max_position_embeddings)
+
+
+class TokenizerStage(nn.Module):
+    def __init__(self, model: Manzano, codec: TextCodec, recon_weight: float = 1.0) -> None:
+        super().__init__()
+        self.cfg, self.codec, self.recon_weight = model.cfg, codec, recon_weight
+        self.tokenizer = model.tokenizer
+        self.helper_lm = LlamaDecoder(helper_lm_config(model.cfg), model.cfg.text.text_vocab_size)
+        self.pixel_decoder = CodePixelDecoder(model.cfg)
+
+    def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        batch = understanding_batch(examples, self.codec, self.cfg)
+        features = self.tokenizer.encoder(batch["pixels"])
+        continuous = self.tokenizer.continuous(features)
+        codes = self.tokenizer.discrete.codes(features)
+        discrete = self.tokenizer.discrete.codes_to_features(codes)
+        # One adapter per sample, picked at random (paper); both are computed so DDP sees every param used.
+        use_discrete = torch.from_numpy(rng.random(len(examples)) < 0.5)[:, None, None]
+        image_embeds = torch.where(use_discrete, discrete, continuous)
+        embeds = splice_image_embeddings(self.helper_lm.embed(batch["tokens"]), image_embeds)
+        lm_loss = weighted_lm_loss(self.helper_lm(inputs_embeds=embeds), batch["targets"], batch["weights"])
+        recon, target = self.pixel_decoder(codes), self.pixel_decoder.target(batch["pixels"])
+        if recon.shape != target.shape:
+            recon = F.interpolate(recon, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        recon_loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+        return lm_loss + self.recon_weight * recon_loss, {"lm": lm_loss.item(), "recon": recon_loss.item()}
+
+
+class DecoderStage(nn.Module):
+    """Unified decoder on understanding + generation + text, ViT and discrete adapter frozen."""
+
+    def __init__(self, model: Manzano, codec: TextCodec) -> None:
+        super().__init__()
+        self.cfg, self.codec = model.cfg, codec
+        freeze(model.tokenizer.encoder)
+        freeze(model.tokenizer.discrete)
+        self.encoder, self.discrete = model.tokenizer.encoder, model.tokenizer.discrete
+        self.continuous = model.tokenizer.continuous
+        self.decoder = model.decoder
+
+    def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        half = len(examples) // 2
+        und, gen = examples[:half], examples[half:]
+        pixels = torch.stack([ex.pixels for ex in examples])
+        with torch.no_grad():
+            features = self.encoder(pixels)
+            ids = self.discrete.fsq.codes_to_indices(self.discrete.codes(features[half:]))
+        ub = understanding_batch(und, self.codec, self.cfg)
+        embeds = splice_image_embeddings(self.decoder.embed(ub["tokens"]), self.continuous(features[:half]))
+        und_loss = weighted_lm_loss(self.decoder(inputs_embeds=embeds), ub["targets"], ub["weights"])
+        gb = generation_batch([ex.prompt for ex in gen], ids, self.codec, self.cfg, rng)
+        gen_loss = weighted_lm_loss(self.decoder(tokens=gb["tokens"]), gb["targets"], gb["weights"])
+        texts = [f"{ex.question} {ex.answer}" if rng.random() < 0.5 else ex.prompt for ex in und[: max(1, half // 4)]]
+        tb = text_batch(texts, self.codec, self.cfg)
+        txt_loss = weighted_lm_loss(self.decoder(tokens=tb["tokens"]), tb["targets"], tb["weights"])
+        loss = und_loss + gen_loss + 0.25 * txt_loss
+        return loss, {"und": und_loss.item(), "gen": gen_loss.item(), "text": txt_loss.item()}
+
+
+class VAEStage(nn.Module):
+    def __init__(self, model: Manzano) -> None:
+        super().__init__()
+        self.vae = model.vae
+
+    def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        pixels = torch.stack([ex.pixels for ex in examples])
+        loss, _ = self.vae.loss(pixels)
+        return loss, {"vae": loss.item()}
+
+
+class DiTStage(nn.Module):
+    def __init__(self, model: Manzano) -> None:
+        super().__init__()
+        freeze(model.tokenizer)
+        freeze(model.vae)
+        self.tokenizer, self.vae, self.dit = model.tokenizer, model.vae, model.dit
+        self.scale = model.cfg.vae.scaling_factor
+
+    def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        pixels = torch.stack([ex.pixels for ex in examples])
+        with torch.no_grad():
+            ids = self.tokenizer.image_to_ids(pixels)
+            cond = self.tokenizer.discrete.ids_to_features(ids)
+            latent = self.vae.encoder(pixels)[0] * self.scale
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        loss = flow_matching_loss(self.dit, latent, cond, generator=gen)
+        return loss, {"flow": loss.item()}
+
+
+@torch.no_grad()
+def measure_latent_scale(model: Manzano, image_size: int, n: int = 256, seed: int = 1234) -> float:
+    rng = np.random.default_rng(seed)
+    from manzano_edge.data.images import to_pixels
+
+    pixels = torch.cat([to_pixels(scenes.render(scenes.sample_scene(rng), image_size), image_size) for _ in range(n)])
+    mean, _ = model.vae.encoder(pixels)
+    return float(1.0 / mean.std().clamp_min(1e-6))
