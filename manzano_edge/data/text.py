@@ -46,10 +46,10 @@ class TextCodec:
     def __init__(self, tokenizer_json: str, text: TextConfig) -> None:
         self.tok = Tokenizer.from_str(tokenizer_json)
         self.cfg = text
-        for i, name in enumerate(SPECIAL_TOKENS):
-            if self.tok.token_to_id(name) != [text.pad_id, text.bos_id, text.eos_id, text.sep_id,
-                                               text.img_start_id, text.img_end_id][i]:
-                raise UserError(f"tokenizer.json does not define {name} at the id the config expects; "
+        for name, expected in (("<sep>", text.sep_id), ("<img_start>", text.img_start_id),
+                               ("<img_end>", text.img_end_id)):
+            if self.tok.token_to_id(name) != expected:
+                raise UserError(f"tokenizer.json does not define {name} at id {expected} as the config expects; "
                                 "the checkpoint's files do not belong together")
 
     def encode(self, text: str) -> list[int]:

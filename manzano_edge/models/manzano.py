@@ -8,7 +8,6 @@ clear line instead of a half-initialised model.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 from torch import nn
 
 from manzano_edge.config import ModelConfig
@@ -124,10 +124,10 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[Manzano, str]:
     load_weights_into(model, load_state(path / WEIGHTS_FILE), str(path))
     tokenizer_json = (path / TOKENIZER_FILE).read_text()
     try:
-        vocab = json.loads(tokenizer_json)["model"]["vocab"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise UserError(f"{path / TOKENIZER_FILE} is not a Hugging Face tokenizer.json") from exc
-    if len(vocab) > cfg.text.text_vocab_size:
-        raise UserError(f"tokenizer.json has {len(vocab)} tokens but the config reserves {cfg.text.text_vocab_size}; "
+        vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        raise UserError(f"{path / TOKENIZER_FILE} is not a Hugging Face tokenizer.json ({exc})") from exc
+    if vocab > cfg.text.text_vocab_size:
+        raise UserError(f"tokenizer.json has {vocab} tokens but the config reserves {cfg.text.text_vocab_size}; "
                         "the checkpoint's files do not belong together")
     return model.eval(), tokenizer_json

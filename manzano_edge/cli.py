@@ -1,0 +1,190 @@
+"""`manzano-edge` command line. Every user error prints one line and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from manzano_edge.errors import UserError
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temp file in the same directory, then rename: never a half-written file."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f"output directory {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pipeline(checkpoint: str | None):
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.models.manzano import load_checkpoint
+    from manzano_edge.runtime.graphs import TorchGraphs
+    from manzano_edge.runtime.pipeline import Pipeline
+
+    model, tokenizer_json = load_checkpoint(checkpoint)
+    return Pipeline(TorchGraphs(model), model.cfg, TextCodec(tokenizer_json, model.cfg.text))
+
+
+def _sampling(args):
+    from manzano_edge.runtime.pipeline import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          token_guidance=args.token_guidance, flow_steps=args.steps, flow_guidance=args.guidance)
+
+
+def cmd_train(args) -> None:
+    from manzano_edge.train.loop import STAGES, TrainConfig, train
+
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    tcfg = TrainConfig(preset=args.preset, seed=args.seed)
+    if args.steps_scale != 1.0:
+        tcfg = tcfg.scaled(args.steps_scale)
+    final = train(args.output, tcfg, data_dir=args.data_dir, captions=args.captions, stages=stages)
+    print(f"checkpoint: {final}")
+
+
+def cmd_eval(args) -> None:
+    from manzano_edge.eval.evaluate import EvalConfig, evaluate
+
+    pipe = _pipeline(args.checkpoint)
+    report = evaluate(pipe, EvalConfig(vqa=args.vqa, captions=args.captions, generation=args.generation,
+                                       reconstruction=args.reconstruction, seed=args.seed, sampling=_sampling(args)))
+    u, g, r = report["understanding"], report["generation"], report["reconstruction"]
+    rows = [("VQA accuracy", u["vqa_accuracy"]), ("caption accuracy", u["caption_accuracy"]),
+            ("understanding (VQA+caption)", u["understanding_accuracy"]), ("ShapesEval (text-to-image)", g["shapes_eval"]),
+            ("ShapesEval (reconstruction)", r["shapes_eval"]), ("reconstruction PSNR dB", r["pixel_psnr_db"])]
+    for name, value in rows:
+        print(f"{name:<30} {value:8.3f}")
+    if args.json:
+        _write_atomic(Path(args.json), lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+        print(f"wrote {args.json}")
+
+
+def cmd_caption(args) -> None:
+    from manzano_edge.data.images import load_image
+
+    image = load_image(args.image)
+    print(_pipeline(args.checkpoint).understand(image, args.prompt, max_new_tokens=args.max_new_tokens))
+
+
+def cmd_generate(args) -> None:
+    from tqdm import tqdm
+
+    from manzano_edge.data.images import to_image
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"output {out} must end in .png or .jpg")
+    pipe = _pipeline(args.checkpoint)
+    s = _sampling(args)
+    n = pipe.cfg.vision.num_image_tokens
+    with tqdm(total=n + s.flow_steps, desc="generate", disable=args.quiet) as bar:
+        ids = pipe.generate_ids(args.prompt, s, args.seed, progress=lambda i: bar.update(1))
+        image = to_image(pipe.render_ids(ids, s, args.seed, progress=lambda i: bar.update(1)))
+    _write_atomic(out, image.save)
+    print(f"wrote {out}")
+
+
+def cmd_import_llama(args) -> None:
+    from manzano_edge.models.hf_llama import import_llama
+    from manzano_edge.models.manzano import save_checkpoint
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"output directory {out} is not empty; pass --overwrite or choose another")
+    model, tokenizer_json = import_llama(args.directory, base_preset=args.preset, seed=args.seed)
+    save_checkpoint(model, out, tokenizer_json)
+    print(f"wrote {out} (decoder from {args.directory}, vocab {model.cfg.vocab_size}); "
+          f"train the vision/diffusion parts with: manzano-edge train -o RUN --preset {args.preset}")
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--token-guidance", type=float, default=1.0, help="CFG scale for image tokens (1 = off)")
+    p.add_argument("--steps", type=int, default=20, help="flow-matching steps")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale for the DiT (1 = off)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manzano-edge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) every stage of a preset")
+    p.add_argument("-o", "--output", default="runs/tiny", help="run directory (resumes if it exists)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    p.add_argument("--stages", help="comma-separated subset of tokenizer,decoder,vae,dit")
+    p.add_argument("--data-dir", help="folder of your images (with --captions)")
+    p.add_argument("--captions", help="JSONL: {\"image\": \"a.png\", \"caption\": \"...\"} per line")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--json", help="write the full report here")
+    p.add_argument("--vqa", type=int, default=400)
+    p.add_argument("--captions", type=int, default=200)
+    p.add_argument("--generation", type=int, default=150)
+    p.add_argument("--reconstruction", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0)
+    _add_sampling(p, temperature=0.0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("caption", help="answer a prompt about an image")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", default="describe the image.")
+    p.add_argument("--checkpoint")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("generate", help="text-to-image")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    _add_sampling(p, temperature=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import-llama", help="use a local Hugging Face Llama checkpoint as the decoder backbone")
+    p.add_argument("directory")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--preset", default="tiny", help="preset for the vision and diffusion parts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_llama)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"manzano-edge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("manzano-edge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Understanding and text-to-image pipelines over a `GraphRunner`.
+
+All loops live here, never in a graph: autoregressive decoding with the stateful KV cache,
+sampling (temperature / top-k / top-p), classifier-free guidance for image tokens (the
+conditional and unconditional sequences decode as one batch of 2, left-padded and masked)
+and for the flow-matching steps (one DiT call on a batch of 2), and the VAE decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from manzano_edge.config import ModelConfig
+from manzano_edge.data.batches import UNDERSTANDING_IMAGE_SLOT
+from manzano_edge.data.images import to_image, to_pixels
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+from manzano_edge.runtime.graphs import GraphRunner
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    token_guidance: float = 1.0  # CFG scale on image-token logits; 1 = off (no uncond pass)
+    flow_steps: int = 20
+    flow_guidance: float = 1.0  # CFG scale on the DiT velocity; 1 = off
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), NEG_INF)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> ids [B]."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(filter_logits(logits / s.temperature, s.top_k, s.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def padded_causal_mask(pad: list[int], past: int, new: int) -> torch.Tensor:
+    """[B, 1, new, past+new] additive mask; row b hides its first pad[b] (left-padding) keys.
+
+    A padding query still sees itself: a fully masked softmax row is NaN, and NaN keys/values
+    would poison the real rows even though they are masked (0 * NaN = NaN)."""
+    q = torch.arange(past, past + new)[:, None]
+    k = torch.arange(past + new)[None, :]
+    base = torch.where(k <= q, 0.0, NEG_INF)
+    rows = [base.masked_fill((k < p) & (k != q), NEG_INF) if p else base for p in pad]
+    return torch.stack(rows)[:, None]
+
+
+class Pipeline:
+    def __init__(self, graphs: GraphRunner, cfg: ModelConfig, codec: TextCodec) -> None:
+        self.g, self.cfg, self.codec = graphs, cfg, codec
+        self.max_len = cfg.decoder.max_position_embeddings
+        t = cfg.text
+        # Understanding may only emit text; generation may only emit image codes.
+        self.text_only = torch.zeros(cfg.vocab_size)
+        self.text_only[cfg.image_token_offset:] = NEG_INF
+        self.text_only[[t.pad_id, t.bos_id, t.sep_id, t.img_start_id, t.img_end_id]] = NEG_INF
+        self.codes_only = torch.full((cfg.vocab_size,), NEG_INF)
+        self.codes_only[cfg.image_token_offset:] = 0.0
+
+    # -- input checks ------------------------------------------------------------------------
+    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        size = self.cfg.vision.image_size
+        if isinstance(image, Image.Image):
+            return to_pixels(image, size)
+        if image.shape != (1, 3, size, size) or not image.is_floating_point():
+            raise UserError(f"image tensor must be float [1, 3, {size}, {size}] in [-1, 1], got "
+                            f"{image.dtype} {list(image.shape)}; pass a PIL image to have it converted")
+        if not torch.isfinite(image).all():
+            raise UserError("image tensor contains NaN or Inf values; pass finite pixels in [-1, 1]")
+        return image
+
+    def _prompt_ids(self, prompt: str, room: int) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError("the prompt is empty; pass some text, e.g. --prompt \"what color is the circle?\"")
+        ids = self.codec.encode(prompt)
+        if len(ids) > room:
+            raise UserError(f"the prompt is {len(ids)} tokens but only {room} fit in the {self.max_len}-token context; "
+                            "shorten it")
+        return ids
+
+    # -- understanding -------------------------------------------------------------------------
+    def understand(self, image: Image.Image | torch.Tensor, prompt: str, max_new_tokens: int = 48,
+                   sampling: SamplingConfig | None = None, seed: int = 0) -> str:
+        s = sampling or SamplingConfig(temperature=0.0)
+        t, n = self.cfg.text, self.cfg.vision.num_image_tokens
+        fixed = 2 + n + 1 + 1  # <bos> <img_start> image <img_end> ... <sep>
+        question = self._prompt_ids(prompt, self.max_len - fixed - 1)
+        image_embeds = self.g.vision_embeddings(self.pixels(image))
+        before = self.g.embed_tokens(torch.tensor([[t.bos_id, t.img_start_id]]))
+        after = self.g.embed_tokens(torch.tensor([[t.img_end_id, *question, t.sep_id]]))
+        embeds = torch.cat([before, image_embeds, after], dim=1)
+        assert before.shape[1] == UNDERSTANDING_IMAGE_SLOT
+        self.g.decoder_reset(1)
+        logits = self.g.decoder_step(embeds, padded_causal_mask([0], 0, embeds.shape[1]))[:, -1]
+        past, out = embeds.shape[1], []
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(min(max_new_tokens, self.max_len - past)):
+            token = sample_token(logits + self.text_only, s, gen)
+            if token.item() == t.eos_id:
+                break
+            out.append(token.item())
+            if past + 1 > self.max_len - 1:
+                break
+            logits = self.g.decoder_step(self.g.embed_tokens(token[:, None]), padded_causal_mask([0], past, 1))[:, -1]
+            past += 1
+        return self.codec.decode(out)
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate_ids(self, prompt: str, sampling: SamplingConfig | None = None, seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Prompt -> N image-code ids [1, N], sampled between <img_start> and <img_end>."""
+        s = sampling or SamplingConfig()
+        t, n = self.cfg.text, self.cfg.vision.num_image_tokens
+        text = self._prompt_ids(prompt, self.max_len - n - 3)
+        cond = [t.bos_id, *text, t.img_start_id]
+        guided = s.token_guidance != 1.0
+        rows = [cond, [t.bos_id, t.img_start_id]] if guided else [cond]
+        width = max(map(len, rows))
+        pad = [width - len(r) for r in rows]
+        tokens = torch.tensor([[t.pad_id] * p + r for p, r in zip(pad, rows)])
+        self.g.decoder_reset(len(rows))
+        logits = self.g.decoder_step(self.g.embed_tokens(tokens), padded_causal_mask(pad, 0, width))[:, -1]
+        gen = torch.Generator().manual_seed(seed)
+        ids, past = [], width
+        for i in range(n):
+            step_logits = logits[1:] + s.token_guidance * (logits[:1] - logits[1:]) if guided else logits
+            token = sample_token(step_logits + self.codes_only, s, gen)
+            ids.append(token.item() - self.cfg.image_token_offset)
+            if progress:
+                progress(i + 1)
+            if i + 1 < n:
+                step = token[:, None].expand(len(rows), 1)
+                logits = self.g.decoder_step(self.g.embed_tokens(step), padded_causal_mask(pad, past, 1))[:, -1]
+                past += 1
+        return torch.tensor([ids])
+
+    def render_ids(self, ids: torch.Tensor, sampling: SamplingConfig | None = None, seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Image-code ids [1, N] -> pixels [1, 3, H, W]: flow-matching Euler steps, then the VAE decoder."""
+        s = sampling or SamplingConfig()
+        if ids.min() < 0 or ids.max() >= self.cfg.vision.codebook_size:
+            raise UserError(f"image-code ids must lie in [0, {self.cfg.vision.codebook_size})")
+        c, h = self.cfg.vae.latent_channels, self.cfg.latent_size
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((1, c, h, h), generator=gen)
+        cond = self.g.code_features(ids)
+        guided = s.flow_guidance != 1.0
+        if guided:
+            cond = torch.cat([cond, self.g.null_condition(1, ids.shape[1])])
+        steps = max(1, s.flow_steps)
+        for i in range(steps):
+            t = torch.full((2 if guided else 1,), i / steps)
+            v = self.g.denoise(torch.cat([x, x]) if guided else x, t, cond)
+            if guided:
+                v = v[1:] + s.flow_guidance * (v[:1] - v[1:])
+            x = x + v / steps
+            if progress:
+                progress(i + 1)
+        return self.g.vae_decode(x / self.cfg.vae.scaling_factor).clamp(-1, 1)
+
+    def generate(self, prompt: str, sampling: SamplingConfig | None = None, seed: int = 0) -> Image.Image:
+        ids = self.generate_ids(prompt, sampling, seed)
+        return to_image(self.render_ids(ids, sampling, seed))
+
+    def reconstruct(self, image: Image.Image | torch.Tensor, sampling: SamplingConfig | None = None,
+                    seed: int = 0) -> torch.Tensor:
+        """Image -> discrete ids -> DiT -> VAE: what the generation branch can express."""
+        return self.render_ids(self.g.image_ids(self.pixels(image)), sampling, seed)
+
+    def edit(self, image: Image.Image, instruction: str) -> Image.Image:
+        raise UserError("image editing is not supported by this checkpoint: it was not trained on edit pairs")

@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from manzano_edge.data import scenes
+from manzano_edge.data.batches import FolderSource, SceneSource, generation_batch, understanding_batch
+from manzano_edge.data.images import load_image, to_pixels
+from manzano_edge.errors import UserError
+from manzano_edge.eval.shapes_eval import detect
+from manzano_edge.config import preset
+
+
+def test_scene_stream_is_seeded():
+    a, b = SceneSource(96, 3), SceneSource(96, 3)
+    for _ in range(5):
+        ea, eb = a.sample(), b.sample()
+        assert ea.question == eb.question and ea.answer == eb.answer and torch.equal(ea.pixels, eb.pixels)
+
+
+def test_phrasing_varies_but_parses_back():
+    rng = np.random.default_rng(0)
+    prompts = set()
+    for _ in range(300):
+        scene = scenes.sample_scene(rng)
+        prompt = scenes.generation_prompt(scene, rng)
+        prompts.add(prompt.split(" a ")[0])
+        assert scenes.scene_matches(scenes.scene_specs(scene), scenes.parse_objects(prompt))
+    assert len(prompts) >= 5  # several templates in use
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Draw a RED circle in the upper-left corner", [("circle", "red", "top left")]),
+    ("a blue square at the bottom and a green triangle on the right side",
+     [("square", "blue", "bottom"), ("triangle", "green", "right")]),
+    ("yellow triangles, middle", [("triangle", "yellow", "center")]),
+])
+def test_parser_understands_user_wording(text, expected):
+    assert [(s.shape, s.color, s.position) for s in scenes.parse_objects(text)] == expected
+
+
+def test_detector_is_exact_on_rendered_scenes():
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        scene = scenes.sample_scene(rng)
+        assert scenes.scene_matches(scenes.scene_specs(scene), detect(scenes.render(scene, 96)))
+
+
+def test_detector_reads_a_user_drawing_at_any_size():
+    img = Image.new("RGB", (320, 200), "white")
+    ImageDraw.Draw(img).ellipse([20, 15, 80, 70], fill=(210, 30, 40))
+    ImageDraw.Draw(img).polygon([(260, 120), (220, 190), (300, 190)], fill=(30, 70, 230))
+    found = detect(img)
+    assert sorted((f.shape, f.color, f.position) for f in found) == [("circle", "red", "top left"),
+                                                                      ("triangle", "blue", "bottom right")]
+
+
+def test_images_any_size_and_mode(tmp_path):
+    Image.new("L", (50, 70), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (300, 100), (255, 0, 0, 0)).save(tmp_path / "alpha.png")
+    for name in ("gray.png", "alpha.png"):
+        px = to_pixels(load_image(tmp_path / name), 96)
+        assert px.shape == (1, 3, 96, 96) and px.min() >= -1 and px.max() <= 1
+    assert torch.allclose(to_pixels(load_image(tmp_path / "alpha.png"), 96), torch.ones(1, 3, 96, 96))
+
+
+def test_bad_images_get_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="image not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(UserError, match="not a valid image"):
+        load_image(tmp_path / "bad.png")
+
+
+def test_folder_source_reads_images_and_jsonl(tmp_path, tiny_codec):
+    img = Image.new("RGB", (200, 150), "white")
+    ImageDraw.Draw(img).rectangle([10, 10, 60, 60], fill=(40, 170, 60))
+    img.save(tmp_path / "a.png")
+    lines = [{"image": "a.png", "caption": "my green box, top left"},
+             {"image": "a.png", "caption": "a green square", "question": "what is it?", "answer": "a box"}]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    src = FolderSource(tmp_path, tmp_path / "caps.jsonl", 96, seed=0)
+    examples = [src.sample() for _ in range(8)]
+    assert {e.prompt for e in examples} <= {"my green box, top left", "a green square"}
+    cfg = preset("tiny")
+    batch = understanding_batch(examples, tiny_codec, cfg)
+    assert batch["pixels"].shape == (8, 3, 96, 96) and batch["weights"].sum() > 0
+    (tmp_path / "bad.jsonl").write_text('{"img": "a.png"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        FolderSource(tmp_path, tmp_path / "bad.jsonl", 96, 0)
+
+
+def test_generation_batch_weights_image_tokens_half(tiny_codec):
+    cfg = preset("tiny")
+    ids = torch.randint(0, cfg.vision.codebook_size, (2, 16))
+    b = generation_batch(["a red circle", "draw a blue square"], ids, tiny_codec, cfg, np.random.default_rng(0),
+                         prompt_dropout=0.0)
+    targets, weights = b["targets"], b["weights"]
+    image = targets >= cfg.image_token_offset
+    assert image.sum() == 32 and torch.all(weights[image] == 0.5)
+    assert torch.all(weights[targets == cfg.text.img_end_id] == 1.0)
