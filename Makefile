@@ -1,0 +1,35 @@
+# `make demo` and `make test` create (or reuse) .venv and install what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Re-install whenever pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install test demo lint train-tiny clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: it resolves to the CPU wheel on this machine, never the CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/manzano-edge demo -o out/demo --overwrite
+
+lint: install
+	$(VENV)/bin/ruff check manzano_edge tests
+
+# Re-train the embedded tiny model from scratch (about 40 minutes on 2 cores).
+train-tiny: install
+	$(VENV)/bin/manzano-edge train --preset tiny -o runs/tiny
+
+clean:
+	rm -rf out .pytest_cache
