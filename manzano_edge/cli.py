@@ -113,6 +113,46 @@ def cmd_import_llama(args) -> None:
           f"train the vision/diffusion parts with: manzano-edge train -o RUN --preset {args.preset}")
 
 
+def cmd_export(args) -> None:
+    from manzano_edge.export.bundle import ExportOptions, export_bundle, print_summary
+    from manzano_edge.quant.recipes import FORMATS, RECIPES, parse_list
+
+    opts = ExportOptions(formats=parse_list(args.format, FORMATS, "format"), recipe=args.recipe,
+                         graphs=args.graphs.split(",") if args.graphs else None,
+                         coreml_precision=args.coreml_precision, overwrite=args.overwrite,
+                         show_progress=not args.quiet)
+    if args.recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{args.recipe}'; choose from {', '.join(RECIPES)}")
+    model, tokenizer_json = _load_for_export(args)
+    manifest = export_bundle(model, tokenizer_json, args.output, opts)
+    print_summary(manifest)
+    print(f"wrote {args.output}")
+
+
+def _load_for_export(args):
+    """A checkpoint, the embedded default, or (--preset) a randomly initialised preset for
+    export/latency work on shapes that have no trained weights."""
+    import torch
+
+    from manzano_edge.config import preset
+    from manzano_edge.models.manzano import EMBEDDED_DEFAULT, TOKENIZER_FILE, Manzano, load_checkpoint
+
+    if args.preset:
+        if args.checkpoint:
+            raise UserError("pass either a CHECKPOINT or --preset (random weights), not both")
+        torch.manual_seed(args.seed)
+        return Manzano(preset(args.preset)).eval(), (EMBEDDED_DEFAULT / TOKENIZER_FILE).read_text()
+    return load_checkpoint(args.checkpoint)
+
+
+def cmd_demo(args) -> None:
+    from manzano_edge.demo import print_summary, run_demo
+
+    out = Path(args.output)
+    summary = run_demo(_pipeline(args.checkpoint), out, overwrite=args.overwrite, eval_size=args.eval_size)
+    print_summary(summary, out)
+
+
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -162,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_sampling(p, temperature=0.0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export graphs to Core ML / ONNX / ExecuTorch as one verified bundle")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    p.add_argument("--format", default="coreml,onnx,executorch", help="comma-separated: coreml,onnx,executorch")
+    p.add_argument("--recipe", default="fp32", help="fp32|fp16|w8|w8a8|w4|palette4")
+    p.add_argument("--graphs", help="comma-separated subset of the graphs (default: all)")
+    p.add_argument("--coreml-precision", default="fp16", help="Core ML compute precision for float recipes")
+    p.add_argument("--preset", help="export a randomly initialised preset instead of a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the main job on the embedded model: caption, generate, evaluate")
+    p.add_argument("-o", "--output", default="out/demo")
+    p.add_argument("--checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval-size", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("import-llama", help="use a local Hugging Face Llama checkpoint as the decoder backbone")
     p.add_argument("directory")

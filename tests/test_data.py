@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from manzano_edge.config import preset
 from manzano_edge.data import scenes
 from manzano_edge.data.batches import FolderSource, SceneSource, generation_batch, understanding_batch
 from manzano_edge.data.images import load_image, to_pixels
 from manzano_edge.errors import UserError
 from manzano_edge.eval.shapes_eval import detect
-from manzano_edge.config import preset
 
 
 def test_scene_stream_is_seeded():

@@ -68,7 +68,8 @@ class FolderSource:
                 continue
             try:
                 rec = json.loads(line)
-                path, cap = rec["image"], str(rec["caption"])
+                path = rec["image"]
+                rec["caption"] = str(rec["caption"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise UserError(f"{jsonl}:{lineno}: expected a JSON object with 'image' and 'caption'") from exc
             img_path = Path(path) if Path(path).is_absolute() else image_dir / path

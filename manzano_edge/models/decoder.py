@@ -177,3 +177,30 @@ class StatefulDecoder(nn.Module):
             return self.k_cache[layer, :, :, :end], self.v_cache[layer, :, :, :end]
 
         return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)
+
+
+class ExplicitKVDecoder(nn.Module):
+    """The same step as `StatefulDecoder`, with the cache passed in and returned (ONNX keeps no
+    state; a mutable buffer would be frozen into the graph as a constant, TOOLCHAIN gotcha 1).
+
+    forward(inputs_embeds [B,T,D], causal_mask [B,1,T,E], k_cache, v_cache [L,B,Hkv,S,hd])
+      -> logits [B,T,V], k_cache_out, v_cache_out (same shapes as the inputs).
+    """
+
+    def __init__(self, decoder: LlamaDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, end = inputs_embeds.shape[1], causal_mask.shape[-1]
+        start = end - t
+        k_layers, v_layers = list(k_cache.unbind(0)), list(v_cache.unbind(0))
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k_layers[layer] = torch.cat([k_layers[layer][:, :, :start], k, k_layers[layer][:, :, end:]], dim=2)
+            v_layers[layer] = torch.cat([v_layers[layer][:, :, :start], v, v_layers[layer][:, :, end:]], dim=2)
+            return k_layers[layer][:, :, :end], v_layers[layer][:, :, :end]
+
+        logits = self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)
+        return logits, torch.stack(k_layers), torch.stack(v_layers)

@@ -66,15 +66,18 @@ class DiT(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
+    # Reshapes stay at rank <= 5: Core ML rejects rank-6 tensors.
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], features ordered (row-in-patch, col-in-patch, channel)."""
         b, c, h, w = x.shape
-        p = self.patch
-        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(b, (h // p) * (w // p), p * p * c)
+        p, g = self.patch, h // self.patch
+        x = x.reshape(b * c, g, p, g, p).permute(0, 1, 3, 2, 4)  # [B*C, g, g, p, p]
+        return x.reshape(b, c, g * g, p * p).permute(0, 2, 3, 1).reshape(b, g * g, p * p * c)
 
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, c, g = x.shape[0], self.patch, self.channels, self.size // self.patch
-        x = x.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        x = x.reshape(b, g * g, p * p, c).permute(0, 3, 1, 2)  # [B, C, g*g, p*p]
+        x = x.reshape(b * c, g, g, p, p).permute(0, 1, 3, 2, 4)  # [B*C, g, p, g, p]
         return x.reshape(b, c, g * p, g * p)
 
     def unconditional(self, batch: int, tokens: int) -> torch.Tensor:

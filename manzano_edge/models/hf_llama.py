@@ -38,7 +38,8 @@ def decoder_config_from_hf(raw: dict) -> DecoderConfig:
             num_attention_heads=raw["num_attention_heads"],
             num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
             intermediate_size=raw["intermediate_size"], max_position_embeddings=raw["max_position_embeddings"],
-            rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
     except KeyError as exc:
         raise UserError(f"config.json lacks {exc}; is this a Hugging Face Llama checkpoint?") from exc

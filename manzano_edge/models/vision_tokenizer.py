@@ -24,7 +24,8 @@ def spatial_to_channel(features: torch.Tensor, grid: int, factor: int = STC_FACT
     """[B, grid*grid, C] -> [B, (grid/f)^2, C*f*f]: fold each f x f block of patches into one token."""
     b, _, c = features.shape
     g = grid // factor
-    x = features.view(b, g, factor, g, factor, c).permute(0, 1, 3, 2, 4, 5)
+    # [B*g, f, g, f, C]: block row folded into the batch so no tensor exceeds rank 5 (Core ML's limit).
+    x = features.reshape(b * g, factor, g, factor, c).permute(0, 2, 1, 3, 4)
     return x.reshape(b, g * g, factor * factor * c)
 
 
@@ -65,7 +66,8 @@ class DiscreteAdapter(nn.Module):
         return self.fsq.quantize(self.to_code(spatial_to_channel(patch_features, self.grid)))
 
     def codes_to_features(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.mlp(F.pad(codes, (0, self.code_pad))) + self.pos_embed[:, : codes.shape[1]]
+        # No slicing of pos_embed: a no-op slice becomes an `alias` node that Core ML cannot convert.
+        return self.mlp(F.pad(codes, (0, self.code_pad))) + self.pos_embed
 
     def ids_to_features(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, N] in [0, codebook) -> code features [B, N, llm width]."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manzano_edge.config import DecoderConfig, ModelConfig
+from manzano_edge.data import scenes
 from manzano_edge.data.batches import (
     Example,
     generation_batch,
@@ -28,7 +29,6 @@ from manzano_edge.data.batches import (
     understanding_batch,
     weighted_lm_loss,
 )
-from manzano_edge.data import scenes
 from manzano_edge.data.text import TextCodec
 from manzano_edge.models.decoder import LlamaDecoder
 from manzano_edge.models.dit import flow_matching_loss

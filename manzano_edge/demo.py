@@ -1,0 +1,68 @@
+"""`manzano-edge demo`: the main job on the embedded default model, end to end.
+
+Writes everything to a temporary directory next to OUT and renames it at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from manzano_edge.data import scenes
+from manzano_edge.data.images import to_image, to_pixels
+from manzano_edge.eval.evaluate import EvalConfig, evaluate
+from manzano_edge.eval.shapes_eval import detect
+from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
+
+
+def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int = 40) -> dict:
+    tmp = begin_output_dir(out, overwrite)
+    try:
+        t0 = time.time()
+        size = pipe.cfg.vision.image_size
+        rng = np.random.default_rng(2026)
+        scene = scenes.sample_scene(rng)
+        scenes.render(scene, size).save(tmp / "input.png")
+        pixels = to_pixels(scenes.render(scene, size), size)
+        caption = pipe.understand(pixels, "describe the image.")
+        question, answer = scenes.question_answer(scene, rng)
+        reply = pipe.understand(pixels, question)
+        prompt = "a red circle at the top left and a blue square at the bottom right"
+        image = to_image(pipe.render_ids(pipe.generate_ids(prompt, SamplingConfig(temperature=0.0)), seed=0))
+        image.save(tmp / "generated.png")
+        found = detect(image)
+        metrics = evaluate(pipe, EvalConfig(vqa=eval_size, captions=eval_size // 2, generation=eval_size // 2,
+                                            reconstruction=eval_size // 2), show=False)
+        summary = {
+            "caption": {"image": "input.png", "truth": scenes.caption(scene), "output": caption},
+            "vqa": {"question": question, "truth": answer, "output": reply},
+            "generate": {"prompt": prompt, "image": "generated.png",
+                         "detected": [vars(f) for f in found],
+                         "passed": scenes.scene_matches(scenes.parse_objects(prompt), found)},
+            "quick_eval": {"vqa_accuracy": metrics["understanding"]["vqa_accuracy"],
+                           "caption_accuracy": metrics["understanding"]["caption_accuracy"],
+                           "shapes_eval": metrics["generation"]["shapes_eval"],
+                           "reconstruction_shapes_eval": metrics["reconstruction"]["shapes_eval"],
+                           "samples": eval_size},
+            "seconds": round(time.time() - t0, 1),
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        commit_output_dir(tmp, out)
+    except BaseException:
+        abort_output_dir(tmp)
+        raise
+    return summary
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    c, v, g, q = summary["caption"], summary["vqa"], summary["generate"], summary["quick_eval"]
+    print(f"caption   truth: {c['truth']}\n          model: {c['output']}")
+    print(f"vqa       {v['question']} -> {v['output']} (truth: {v['truth']})")
+    print(f"generate  '{g['prompt']}' -> {out / g['image']} ({'passed' if g['passed'] else 'failed'} ShapesEval)")
+    print(f"quick eval on {q['samples']} held-out scenes: VQA {q['vqa_accuracy']:.2f}, caption {q['caption_accuracy']:.2f}, "
+          f"ShapesEval {q['shapes_eval']:.2f}, reconstruction ShapesEval {q['reconstruction_shapes_eval']:.2f}")
+    print(f"wrote {out} in {summary['seconds']} s")

@@ -1,0 +1,338 @@
+"""`manzano-edge export`: every graph x format into one verified bundle directory.
+
+OUT/
+  manifest.json           per graph x format: file, sha256, bytes, I/O spec, recipe, parity, tool versions
+  config.json, tokenizer.json
+  coreml/<graph>.mlpackage
+  onnx/<graph>.onnx
+  executorch/<graph>.pte          XNNPACK
+  executorch-coreml/<graph>.pte   Core ML delegate (runs on Apple hardware only)
+
+Each graph is checked against eager PyTorch on real inputs (scenes, a real prompt, a
+prefill then 16 decode steps). Everything is written to a temporary directory and renamed
+at the end; if any graph fails to convert or misses its parity bar, nothing is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+from manzano_edge.export import coreml, executorch, onnx
+from manzano_edge.export.common import GraphProgram, TorchProgram, build_module, path_digest
+from manzano_edge.export.spec import GraphSpec, graph_specs, real_examples
+from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+from manzano_edge.metrics import compare
+from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
+from manzano_edge.quant.recipes import FLOAT_RECIPES, FORMATS, SUPPORT, check_supported
+
+MANIFEST = "manifest.json"
+SCHEMA = "manzano-edge/bundle@1"
+PARITY_DB = {"fp32": 60.0, "fp16": 40.0}
+QUANT_SANITY_DB = 20.0  # quantized graphs: catches silently-wrong lowering; `validate` applies the real bars
+TOOLS = ("torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript", "numpy",
+         "manzano-edge")
+
+
+class ExportFailed(UserError):
+    exit_code = 1
+
+
+@dataclass
+class ExportOptions:
+    formats: list[str]
+    recipe: str = "fp32"
+    graphs: list[str] | None = None
+    coreml_precision: str = "fp16"  # Core ML compute precision for float recipes
+    overwrite: bool = False
+    decode_steps: int = 16
+    show_progress: bool = True
+
+
+@dataclass
+class Entry:
+    graph: str
+    fmt: str
+    file: str = ""
+    sha256: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    parity: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    passed: bool = True
+    error: str = ""
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": f"{platform.system()}-{platform.machine()}"}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def check_format_dependency(fmt: str) -> None:
+    module = {"coreml": "coremltools", "onnx": "onnxruntime", "executorch": "executorch"}[fmt]
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise UserError(f"format '{fmt}' needs {module}, which is not installed; "
+                        "pip install 'manzano-edge[export]'") from exc
+
+
+# -- parity --------------------------------------------------------------------------------------
+def run_parity(spec: GraphSpec, reference: GraphProgram, candidate: GraphProgram,
+               examples: list[dict[str, torch.Tensor]]) -> dict:
+    """Feed the same inputs to both; stateful graphs get the examples as one sequence."""
+    reference.reset()
+    candidate.reset()
+    refs: dict[str, list[torch.Tensor]] = {t.name: [] for t in spec.outputs}
+    outs: dict[str, list[torch.Tensor]] = {t.name: [] for t in spec.outputs}
+    step_db = []
+    for example in examples:
+        if not spec.states:
+            reference.reset()
+            candidate.reset()
+        r, o = reference.run(example), candidate.run(example)
+        for t in spec.outputs:
+            refs[t.name].append(r[t.name].float().flatten())
+            outs[t.name].append(o[t.name].float().flatten())
+        if spec.states:
+            step_db.append(compare(r[spec.outputs[0].name], o[spec.outputs[0].name])["psnr_db"])
+    result: dict = {"outputs": {}, "examples": len(examples)}
+    for t in spec.outputs:
+        ref, out = torch.cat(refs[t.name]), torch.cat(outs[t.name])
+        if t.dtype.startswith("int"):
+            result["outputs"][t.name] = {"agreement": float((ref == out).float().mean())}
+        else:
+            result["outputs"][t.name] = compare(ref, out)
+    float_db = [m["psnr_db"] for m in result["outputs"].values() if "psnr_db" in m]
+    agreement = [m["agreement"] for m in result["outputs"].values() if "agreement" in m]
+    result["psnr_db"] = min(float_db) if float_db else None
+    result["id_agreement"] = min(agreement) if agreement else None
+    if spec.states:
+        result["decode_steps"] = len(examples) - 1
+        result["min_step_psnr_db"] = min(step_db)
+        vocab = spec.outputs[0].shape[-1]
+        same = [torch.equal(a.view(-1, vocab).argmax(-1), b.view(-1, vocab).argmax(-1))
+                for a, b in zip(refs[spec.outputs[0].name], outs[spec.outputs[0].name])]
+        result["greedy_match"] = sum(same) / len(same)
+    return result
+
+
+def parity_bar(recipe: str, fp16_compute: bool) -> tuple[float, float]:
+    """(min PSNR dB, min id agreement) an exported graph must reach."""
+    if recipe in FLOAT_RECIPES:
+        if fp16_compute or recipe == "fp16":
+            return PARITY_DB["fp16"], 0.9
+        return PARITY_DB["fp32"], 1.0
+    return QUANT_SANITY_DB, 0.5
+
+
+def judge(entry: Entry, recipe: str, fp16_compute: bool) -> None:
+    db_bar, id_bar = parity_bar(recipe, fp16_compute)
+    p = entry.parity
+    entry.parity["bar_db"] = db_bar
+    worst = min([x for x in (p.get("psnr_db"), p.get("min_step_psnr_db")) if x is not None], default=None)
+    entry.passed = (worst is None or worst >= db_bar) and (p.get("id_agreement") is None or p["id_agreement"] >= id_bar)
+
+
+# -- per format ----------------------------------------------------------------------------------
+def export_onnx(spec, model, examples, out: Path, recipe: str) -> Entry:
+    entry = Entry(spec.name, "onnx")
+    path = out / "onnx" / f"{spec.name}{onnx.SUFFIX}"
+    module = build_module(spec, model, explicit_state=True)
+    onnx.export(spec, module, examples[0], path)
+    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)), onnx.OrtProgram(spec, path),
+                              examples)
+    if spec.name == "code_features":  # the smallest graph also runs in ONNX's own reference interpreter
+        ref = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
+                         onnx.ReferenceProgram(spec, path), examples)
+        entry.extra["reference_evaluator_psnr_db"] = ref["psnr_db"]
+    entry.extra["io"] = spec.manifest_io(explicit_state=True)
+    entry.extra["opset"] = onnx.OPSET
+    entry.extra["verified_by"] = "onnxruntime"
+    judge(entry, recipe, fp16_compute=False)
+    return _finish(entry, path, out)
+
+
+def export_executorch(spec, model, examples, out: Path, recipe: str) -> list[Entry]:
+    entries = []
+    xnn = Entry(spec.name, "executorch")
+    path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
+    xnn.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack")
+    xnn.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
+                            executorch.EtProgram(spec, path), examples)
+    xnn.extra["io"] = spec.manifest_io(explicit_state=False)
+    xnn.extra["backend"] = "xnnpack"
+    xnn.extra["verified_by"] = "executorch.runtime"
+    judge(xnn, recipe, fp16_compute=False)
+    entries.append(_finish(xnn, path, out))
+    apple = Entry(spec.name, "executorch-coreml")
+    path = out / "executorch-coreml" / f"{spec.name}{executorch.SUFFIX}"
+    apple.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "coreml")
+    apple.extra["io"] = spec.manifest_io(explicit_state=False)
+    apple.extra["backend"] = "coreml"
+    apple.extra["verified_by"] = "structure only: CoreMLBackend runs on Apple hardware"
+    entries.append(_finish(apple, path, out))
+    return entries
+
+
+def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool) -> Entry:
+    entry = Entry(spec.name, "coreml")
+    path = out / "coreml" / f"{spec.name}{coreml.SUFFIX}"
+    module = build_module(spec, model, False)
+    fp16 = fp16 or recipe == "fp16"
+    mlmodel = coreml.convert(spec, module, examples[0], fp16=fp16 if recipe in FLOAT_RECIPES else True)
+    if recipe not in FLOAT_RECIPES:
+        mlmodel = coreml.compress(mlmodel, recipe)
+    mlmodel.save(str(path))
+    info = coreml.structure(path)
+    problems = coreml.verify_structure(spec, info)
+    if problems:
+        raise RuntimeError("structure differs from the declaration: " + "; ".join(problems))
+    weights = coreml.stored_weights(mlmodel)
+    compute_fp16 = fp16 or recipe not in FLOAT_RECIPES
+    emu, replaced, total = coreml.emulated_module(module, weights, fp16=compute_fp16)
+    entry.parity = run_parity(spec, TorchProgram(spec, module), coreml.EmulatedProgram(spec, emu, compute_fp16),
+                              examples)
+    entry.parity["emulated"] = True
+    entry.extra.update({"io": spec.manifest_io(explicit_state=False), "ops": info["ops"],
+                        "op_count": info["op_count"], "states": info["states"],
+                        "compute_precision": "fp16" if compute_fp16 else "fp32",
+                        "weights_emulated": f"{replaced}/{total}",
+                        "verified_by": "emulation (PyTorch with Core ML's stored weights and precision)"})
+    if recipe not in FLOAT_RECIPES:
+        entry.extra["decompression"] = coreml.decompression_errors(module, weights, recipe)
+    ok, why = coreml.predict_available()
+    if ok:
+        entry.parity["predict"] = run_parity(spec, TorchProgram(spec, module), coreml.CoreMLProgram(spec, path),
+                                             examples)
+        entry.extra["verified_by"] = "coremltools predict"
+    else:
+        entry.extra["predict_skipped"] = why
+    judge(entry, recipe, fp16_compute=compute_fp16)
+    if "decompression" in entry.extra and not entry.extra["decompression"]["ok"]:
+        entry.passed = False
+    return _finish(entry, path, out)
+
+
+def _finish(entry: Entry, path: Path, out: Path) -> Entry:
+    entry.file = str(path.relative_to(out))
+    entry.sha256, entry.bytes = path_digest(path)
+    return entry
+
+
+# -- the bundle ----------------------------------------------------------------------------------
+def validate_options(opts: ExportOptions, specs: dict[str, GraphSpec]) -> list[str]:
+    for fmt in opts.formats:
+        if fmt not in FORMATS:
+            raise UserError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+        check_supported(fmt, opts.recipe)
+        check_format_dependency(fmt)
+    if opts.coreml_precision not in ("fp16", "fp32"):
+        raise UserError(f"unknown Core ML compute precision '{opts.coreml_precision}'; choose fp16 or fp32")
+    graphs = opts.graphs or list(specs)
+    unknown = [g for g in graphs if g not in specs]
+    if unknown:
+        raise UserError(f"unknown graph '{unknown[0]}'; choose from {', '.join(specs)}")
+    return graphs
+
+
+def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: ExportOptions) -> dict:
+    out = Path(out)
+    specs = graph_specs(model.cfg)
+    graphs = validate_options(opts, specs)
+    tmp = begin_output_dir(out, opts.overwrite)
+    try:
+        for fmt in opts.formats:
+            (tmp / fmt).mkdir()
+            if fmt == "executorch":
+                (tmp / "executorch-coreml").mkdir()
+        codec = TextCodec(tokenizer_json, model.cfg.text)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        examples = real_examples(model, codec, decode_steps=opts.decode_steps).per_graph
+        entries: list[Entry] = []
+        tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
+        bar = tqdm(tasks, desc="export", disable=not opts.show_progress, dynamic_ncols=True)
+        for fmt, name in bar:
+            bar.set_description(f"export {name} -> {fmt}")
+            spec = specs[name]
+            t0 = time.time()
+            try:
+                if fmt == "onnx":
+                    new = [export_onnx(spec, model, examples[name], tmp, opts.recipe)]
+                elif fmt == "executorch":
+                    new = export_executorch(spec, model, examples[name], tmp, opts.recipe)
+                else:
+                    new = [export_coreml(spec, model, examples[name], tmp, opts.recipe,
+                                         fp16=opts.coreml_precision == "fp16")]
+            except UserError:
+                raise
+            except Exception as exc:  # the converters raise anything; name graph, format and the op/cause
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportFailed(f"graph '{name}' failed to convert to {fmt}: {type(exc).__name__}: {first[:300]}") \
+                    from exc
+            for e in new:
+                e.seconds = round(time.time() - t0, 2)
+            entries.extend(new)
+        manifest = build_manifest(model, opts, entries)
+        failed = [e for e in entries if not e.passed]
+        if failed:
+            print_summary(manifest)
+            names = ", ".join(f"{e.graph}/{e.fmt}" for e in failed)
+            raise ExportFailed(f"parity check failed for {names}; nothing was written to {out}")
+        model.cfg.save(tmp / CONFIG_FILE)
+        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        commit_output_dir(tmp, out)
+    except BaseException:
+        abort_output_dir(tmp)
+        raise
+    return manifest
+
+
+def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry]) -> dict:
+    graphs: dict[str, dict] = {}
+    specs = graph_specs(model.cfg)
+    for e in entries:
+        g = graphs.setdefault(e.graph, {"family": specs[e.graph].family, "formats": {}})
+        how = SUPPORT[(e.fmt.split("-")[0], opts.recipe)].how
+        if e.fmt == "coreml" and opts.recipe in FLOAT_RECIPES:
+            how = f"mlprogram, {e.extra['compute_precision']} compute"
+        g["formats"][e.fmt] = {"file": e.file, "sha256": e.sha256, "bytes": e.bytes,
+                               "recipe": {"name": opts.recipe, "how": how},
+                               "export_seconds": e.seconds, "parity": e.parity, "passed": e.passed, **e.extra}
+    return {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": model.cfg.name, "config": CONFIG_FILE, "tokenizer": TOKENIZER_FILE,
+                      "parameters": sum(p.numel() for p in model.parameters())},
+            "recipe": opts.recipe, "coreml_compute_precision": opts.coreml_precision,
+            "tools": tool_versions(), "graphs": graphs}
+
+
+def print_summary(manifest: dict) -> None:
+    print(f"\n{'graph':<14} {'format':<18} {'size':>10} {'parity':>16} {'time s':>7}  verified by")
+    for name, g in manifest["graphs"].items():
+        for fmt, f in g["formats"].items():
+            p = f["parity"]
+            if not p:
+                parity = "lowered only"
+            else:
+                db = min([x for x in (p.get("psnr_db"), p.get("min_step_psnr_db")) if x is not None], default=None)
+                parity = f"{db:.1f} dB" if db is not None else f"ids {p['id_agreement']:.2f}"
+                parity += "" if f["passed"] else " FAIL"
+            size = f"{f['bytes'] / 1e6:.2f} MB"
+            print(f"{name:<14} {fmt:<18} {size:>10} {parity:>16} {f['export_seconds']:>7.1f}  {f['verified_by']}")

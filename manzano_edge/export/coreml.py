@@ -1,0 +1,235 @@
+"""Core ML: torch.export -> coremltools mlprogram (.mlpackage, iOS 18), weight compression
+through `coremltools.optimize.coreml`, and verification that works on Linux.
+
+Core ML cannot run on Linux (`predict` is macOS-only and coremltools has no MIL
+interpreter), so a Linux export is verified two ways:
+- structurally: inputs/outputs/states and flexible-shape ranges against the GraphSpec, the
+  op histogram, and that each compressed weight decompresses (cto.coreml.decompress_weights)
+  to within the recipe's quantization step of the float weight;
+- numerically, by emulation: the same PyTorch graph run with the weights exactly as Core ML
+  stores them (decompressed, fp16) and, for fp16 compute, in fp16 arithmetic.
+On macOS, `CoreMLProgram` runs the real model with `predict` and a Core ML state.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from manzano_edge.errors import UserError
+from manzano_edge.export.common import export_program
+from manzano_edge.export.spec import Dim, GraphSpec
+
+SUFFIX = ".mlpackage"
+COMPRESSION = {"w8": "int8 per-channel", "w4": "int4 per-block 32", "palette4": "4-bit k-means LUT"}
+
+
+def _ct():
+    try:
+        import coremltools as ct
+    except ImportError as exc:
+        raise UserError("coremltools is not installed; pip install 'manzano-edge[export]'") from exc
+    return ct
+
+
+def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], fp16: bool = True):
+    ct = _ct()
+    # Symbolic-shape broadcasting is logged as a warning per op; it is expected with flexible shapes.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    ep = export_program(spec, module, example, explicit_state=False).run_decompositions({})
+    return ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                      compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+                      outputs=[ct.TensorType(name=t.name) for t in spec.outputs])
+
+
+def compress(mlmodel, recipe: str):
+    """Weight-only compression through coremltools.optimize.coreml (no calibration data, so it
+    works offline on Linux)."""
+    import coremltools.optimize.coreml as oc
+
+    if recipe == "w8":
+        op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+        return oc.linear_quantize_weights(mlmodel, oc.OptimizationConfig(global_config=op))
+    if recipe == "w4":
+        op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32)
+        return oc.linear_quantize_weights(mlmodel, oc.OptimizationConfig(global_config=op))
+    if recipe == "palette4":
+        op = oc.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
+        return oc.palettize_weights(mlmodel, oc.OptimizationConfig(global_config=op))
+    raise UserError(f"recipe '{recipe}' is not a Core ML weight compression; choose one of {', '.join(COMPRESSION)}")
+
+
+# -- structure ------------------------------------------------------------------------------
+def _main_ops(spec_proto) -> list:
+    blocks = spec_proto.mlProgram.functions["main"].block_specializations
+    return list(blocks[next(iter(blocks))].operations)
+
+
+def structure(path: Path) -> dict:
+    ct = _ct()
+    proto = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    ops = Counter(op.type for op in _main_ops(proto))
+
+    def shape_of(feature) -> list:
+        arr = feature.type.multiArrayType
+        ranges = list(arr.shapeRange.sizeRanges)
+        if ranges:
+            return [[r.lowerBound, r.upperBound] if r.lowerBound != r.upperBound else r.lowerBound for r in ranges]
+        return list(arr.shape)
+
+    return {"inputs": {f.name: shape_of(f) for f in proto.description.input},
+            "outputs": [f.name for f in proto.description.output],
+            "states": {s.name: list(s.type.stateType.arrayType.shape) for s in proto.description.state},
+            "ops": dict(ops), "op_count": sum(ops.values()),
+            "spec_version": proto.specificationVersion}
+
+
+def verify_structure(spec: GraphSpec, info: dict) -> list[str]:
+    """Mismatches between the .mlpackage and the declaration (empty list = OK)."""
+    problems = []
+    for t in spec.inputs:
+        got = info["inputs"].get(t.name)
+        if got is None:
+            problems.append(f"input {t.name} missing")
+            continue
+        for i, (want, have) in enumerate(zip(t.shape, got)):
+            # Core ML may widen a flexible dim's lower bound to 1; the upper bound must match.
+            if isinstance(want, Dim):
+                upper = have[1] if isinstance(have, list) else have
+                if upper < want.max:
+                    problems.append(f"input {t.name} dim {i} allows up to {upper}, declared {want.max}")
+            elif (have if not isinstance(have, list) else have[0]) != want:
+                problems.append(f"input {t.name} dim {i} is {have}, declared {want}")
+    missing_out = [t.name for t in spec.outputs if t.name not in info["outputs"]]
+    problems += [f"output {n} missing" for n in missing_out]
+    for s in spec.states:
+        if info["states"].get(s.name) != list(s.concrete({})):
+            problems.append(f"state {s.name} is {info['states'].get(s.name)}, declared {list(s.concrete({}))}")
+    return problems
+
+
+# -- weights as Core ML sees them --------------------------------------------------------------
+_SUFFIXES = ("_to_fp16", "_to_fp32", "_quantized", "_palettized")
+
+
+def stored_weights(mlmodel) -> dict[str, np.ndarray]:
+    """Parameter tensors as Core ML stores them, decompressed to dense floats, keyed by the
+    torch parameter path with dots replaced by underscores."""
+    import coremltools.optimize.coreml as oc
+
+    dense = oc.decompress_weights(mlmodel)
+    out = {}
+    for op in dense._mil_program.functions["main"].operations:
+        if op.op_type != "const" or not op.name.startswith(("p_", "b_")):
+            continue
+        key = op.name[2:]
+        for suffix in _SUFFIXES:
+            key = key.split(suffix)[0]
+        value = op.outputs[0].val
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            out[key] = value
+    return out
+
+
+def emulated_module(module: nn.Module, weights: dict[str, np.ndarray], fp16: bool) -> tuple[nn.Module, int, int]:
+    """A copy of `module` with Core ML's stored weights swapped in (and cast to fp16 when Core ML
+    computes in fp16). Returns (module, tensors replaced, tensors total)."""
+    emu = copy.deepcopy(module)
+    state = emu.state_dict()
+    replaced = 0
+    with torch.no_grad():
+        for name, tensor in state.items():
+            stored = weights.get(name.replace(".", "_"))
+            if stored is not None and tuple(stored.shape) == tuple(tensor.shape):
+                tensor.copy_(torch.from_numpy(stored.astype(np.float32)))
+                replaced += 1
+    emu.load_state_dict(state)
+    return (emu.half() if fp16 else emu), replaced, len(state)
+
+
+def decompression_errors(module: nn.Module, weights: dict[str, np.ndarray], recipe: str) -> dict:
+    """Check the decompressed weights against the float ones: each must lie within the
+    recipe's quantization step (int8: max|w|/127 per channel, int4: per block of 32; the
+    palette gets no closed-form bound, so its relative error is reported)."""
+    worst, checked = 0.0, 0
+    for name, tensor in module.state_dict().items():
+        stored = weights.get(name.replace(".", "_"))
+        if stored is None or tensor.dim() < 2 or tuple(stored.shape) != tuple(tensor.shape):
+            continue
+        w = tensor.float().numpy()
+        err = np.abs(stored.astype(np.float32) - w)
+        if recipe == "w8":
+            step = np.abs(w).reshape(w.shape[0], -1).max(1) / 127.0
+            ratio = (err.reshape(w.shape[0], -1).max(1) / np.maximum(step, 1e-12)).max()
+        elif recipe == "w4":
+            flat = w.reshape(w.shape[0], -1)
+            blocks = flat.reshape(flat.shape[0], -1, 32) if flat.shape[1] % 32 == 0 else flat[:, None, :]
+            step = np.abs(blocks).max(-1, keepdims=True) / 7.0
+            ratio = (err.reshape(blocks.shape) / np.maximum(step, 1e-12)).max()
+        else:
+            ratio = float(err.max() / max(np.abs(w).max(), 1e-12))
+        worst, checked = max(worst, float(ratio)), checked + 1
+    # Bound for linear recipes: half a step plus fp16 rounding of the scale -> under 0.51 steps.
+    bound = {"w8": 0.51, "w4": 0.51}.get(recipe)
+    return {"checked": checked, "worst": worst, "bound": bound, "ok": checked > 0 and (bound is None or worst <= bound)}
+
+
+class EmulatedProgram:
+    """Linux stand-in for Core ML: the reference graph with Core ML's weights and precision."""
+
+    def __init__(self, spec: GraphSpec, module: nn.Module, fp16: bool) -> None:
+        self.spec, self.module, self.fp16 = spec, module, fp16
+
+    def reset(self) -> None:
+        if hasattr(self.module, "reset"):
+            self.module.reset()
+
+    @torch.no_grad()
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = [inputs[t.name].half() if self.fp16 and inputs[t.name].is_floating_point() else inputs[t.name]
+                for t in self.spec.inputs]
+        out = self.module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return {t.name: o.float() if o.is_floating_point() else o for t, o in zip(self.spec.outputs, out)}
+
+
+def predict_available() -> tuple[bool, str]:
+    if platform.system() != "Darwin":
+        return False, f"Core ML predict needs macOS; this is {platform.system()}"
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError:
+        return False, "coremltools was installed without its macOS runtime (libcoremlpython)"
+    return True, ""
+
+
+class CoreMLProgram:
+    """macOS only: the real .mlpackage through `predict`, with a Core ML state for the KV cache."""
+
+    COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+
+    def __init__(self, spec: GraphSpec, path: Path, compute_units: str = "ALL") -> None:
+        ok, why = predict_available()
+        if not ok:
+            raise UserError(f"the coreml backend cannot run here: {why}; use --backend ort or executorch")
+        if compute_units not in self.COMPUTE_UNITS:
+            raise UserError(f"unknown compute unit '{compute_units}'; choose one of {', '.join(self.COMPUTE_UNITS)}")
+        ct = _ct()
+        self.spec = spec
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = self.model.make_state() if self.spec.states else None
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
+        out = self.model.predict(feed, state=self.state) if self.state is not None else self.model.predict(feed)
+        return {t.name: torch.from_numpy(np.asarray(out[t.name])) for t in self.spec.outputs}

@@ -1,0 +1,90 @@
+"""ExecuTorch: torch.export -> to_edge_transform_and_lower -> .pte.
+
+Two programs per graph:
+- XNNPACK (runs here, on Android and iOS CPUs): KV cache as mutable buffers, memory planned
+  for the largest dynamic size (ConstraintBasedSymShapeEvalPass, TOOLCHAIN gotcha 6);
+- Core ML delegate (Apple only): lowers on Linux, runs only where CoreMLBackend is
+  registered. The partitioner takes over the mutable KV buffers so the cache lives in the
+  Core ML state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from manzano_edge.errors import UserError
+from manzano_edge.export.common import export_program
+from manzano_edge.export.spec import GraphSpec
+
+SUFFIX = ".pte"
+
+
+def _exir():
+    try:
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    except ImportError as exc:
+        raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
+    return to_edge_transform_and_lower, ExecutorchBackendConfig, ConstraintBasedSymShapeEvalPass
+
+
+def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], partitioner) -> tuple[bytes, int]:
+    """Returns (program bytes, number of delegated partitions)."""
+    to_edge_transform_and_lower, BackendConfig, SymShapePass = _exir()
+    ep = export_program(spec, module, example, explicit_state=False)
+    edge = to_edge_transform_and_lower(ep, partitioner=[partitioner])
+    delegates = sum(1 for n in edge.exported_program().graph.nodes
+                    if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+    program = edge.to_executorch(BackendConfig(sym_shape_eval_pass=SymShapePass()))
+    return program.buffer, delegates
+
+
+def xnnpack_partitioner():
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner()
+
+
+def coreml_partitioner(fp16: bool = True):
+    import coremltools as ct
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+    specs = CoreMLBackend.generate_compile_specs(
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32)
+    return CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=True)
+
+
+def export(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], path: Path,
+           backend: str = "xnnpack", fp16: bool = True) -> int:
+    partitioner = xnnpack_partitioner() if backend == "xnnpack" else coreml_partitioner(fp16)
+    buffer, delegates = lower(spec, module, example, partitioner)
+    if delegates == 0:
+        raise RuntimeError(f"{spec.name}: nothing was delegated to {backend}")
+    path.write_bytes(buffer)
+    return delegates
+
+
+class EtProgram:
+    """A loaded .pte method. Its mutable buffers (the KV cache) persist across `run` calls;
+    `reset` loads the method afresh, which restores their initial (zero) values."""
+
+    def __init__(self, spec: GraphSpec, path: Path) -> None:
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as exc:
+            raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
+        self.spec = spec
+        self.program = Runtime.get().load_program(Path(path))
+        self.reset()
+
+    def reset(self) -> None:
+        self.method = self.program.load_method("forward")
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.method.execute([inputs[t.name].contiguous() for t in self.spec.inputs])
+        return {t.name: o.clone() for t, o in zip(self.spec.outputs, out)}

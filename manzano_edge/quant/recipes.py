@@ -1,0 +1,69 @@
+"""Recipes and which backend implements each one natively.
+
+| recipe   | weights                     | activations                     |
+|----------|-----------------------------|---------------------------------|
+| fp32     | float32                     | float32                         |
+| fp16     | float16                     | float16                         |
+| w8       | int8 per-channel            | float                           |
+| w8a8     | int8 per-channel            | int8 (dynamic per-token/static) |
+| w4       | int4 per-group (group 32)   | int8 dynamic (XNNPACK) / float  |
+| palette4 | 4-bit k-means LUT           | float                           |
+
+A combination a backend cannot do raises a clear error; it is never silently exported in float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from manzano_edge.errors import UserError
+
+RECIPES = ("fp32", "fp16", "w8", "w8a8", "w4", "palette4")
+FORMATS = ("coreml", "onnx", "executorch")
+FLOAT_RECIPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Support:
+    ok: bool
+    how: str  # the native mechanism, or why not
+
+
+SUPPORT: dict[tuple[str, str], Support] = {
+    ("coreml", "fp32"): Support(True, "mlprogram, fp32 compute"),
+    ("coreml", "fp16"): Support(True, "mlprogram, fp16 compute"),
+    ("coreml", "w8"): Support(True, "coremltools.optimize.coreml linear_quantize_weights int8 per-channel"),
+    ("coreml", "w4"): Support(True, "coremltools.optimize.coreml linear_quantize_weights int4 per-block 32"),
+    ("coreml", "palette4"): Support(True, "coremltools.optimize.coreml palettize_weights 4-bit k-means"),
+    ("coreml", "w8a8"): Support(False, "Core ML activation quantization calibrates with predict(), which needs macOS; "
+                                       "it comes through the QAT route, which this release does not have yet"),
+    ("onnx", "fp32"): Support(True, "torch.onnx dynamo export, float32"),
+    ("onnx", "fp16"): Support(False, "onnxruntime's CPU provider has no fp16 kernels for most ops; use fp32"),
+    ("onnx", "w8"): Support(False, "weight-only int8 for onnxruntime is not in this release; use fp32"),
+    ("onnx", "w8a8"): Support(False, "onnxruntime int8 quantization is not in this release; use fp32"),
+    ("onnx", "w4"): Support(False, "onnxruntime 4-bit MatMulNBits is not in this release; use fp32"),
+    ("onnx", "palette4"): Support(False, "palettization is a Core ML format; ONNX has no LUT weights"),
+    ("executorch", "fp32"): Support(True, "XNNPACK fp32 (+ Core ML delegate program)"),
+    ("executorch", "fp16"): Support(False, "XNNPACK fp16 kernels do not run on x86 hosts; use fp32"),
+    ("executorch", "w8"): Support(False, "torchao weight-only int8 lowered to XNNPACK gives wrong numbers "
+                                         "(TOOLCHAIN gotcha 3); use w8a8"),
+    ("executorch", "w8a8"): Support(False, "torchao/pt2e int8 for XNNPACK is not in this release; use fp32"),
+    ("executorch", "w4"): Support(False, "torchao 8da4w for XNNPACK is not in this release; use fp32"),
+    ("executorch", "palette4"): Support(False, "palettization is a Core ML format; XNNPACK has no LUT weights"),
+}
+
+
+def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        raise UserError(f"unknown {what} '{unknown[0] if unknown else value}'; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def check_supported(fmt: str, recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
+    support = SUPPORT[(fmt, recipe)]
+    if not support.ok:
+        raise UserError(f"recipe '{recipe}' is not available for {fmt}: {support.how}")
