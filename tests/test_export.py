@@ -1,0 +1,235 @@
+"""Export of the embedded tiny model to all three formats, done once per session."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from manzano_edge.cli import main
+from manzano_edge.errors import UserError
+from manzano_edge.export import coreml, onnx
+from manzano_edge.export.bundle import Entry, ExportFailed, ExportOptions, export_bundle, judge, run_parity
+from manzano_edge.export.common import TorchProgram, build_module, path_digest
+from manzano_edge.export.spec import graph_specs, real_examples
+from manzano_edge.models.manzano import load_checkpoint
+
+GRAPHS = ("tokenizer", "embed_tokens", "decoder", "code_features", "dit", "vae_decoder")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_checkpoint(None)
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny, tmp_path_factory):
+    model, tok = tiny
+    out = tmp_path_factory.mktemp("bundle") / "tiny-fp32"
+    manifest = export_bundle(model, tok, out, ExportOptions(formats=["coreml", "onnx", "executorch"],
+                                                            show_progress=False))
+    return out, manifest
+
+
+def test_manifest_covers_every_graph_and_format(bundle):
+    out, manifest = bundle
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["schema"] == "manzano-edge/bundle@1"
+    assert set(manifest["graphs"]) == set(GRAPHS)
+    for name, graph in manifest["graphs"].items():
+        assert set(graph["formats"]) == {"coreml", "onnx", "executorch", "executorch-coreml"}, name
+        for fmt, f in graph["formats"].items():
+            digest, size = path_digest(out / f["file"])
+            assert (digest, size) == (f["sha256"], f["bytes"]) and size > 0, (name, fmt)
+            assert f["io"]["inputs"] and f["io"]["outputs"]
+    for tool in ("torch", "executorch", "coremltools", "onnxruntime"):
+        assert manifest["tools"][tool] != "not installed"
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_float_parity_bars(bundle):
+    _, manifest = bundle
+    for name, graph in manifest["graphs"].items():
+        for fmt in ("onnx", "executorch"):
+            p = graph["formats"][fmt]["parity"]
+            if p["psnr_db"] is not None:
+                assert p["psnr_db"] >= 60, (name, fmt, p)
+            if p["id_agreement"] is not None:
+                assert p["id_agreement"] == 1.0, (name, fmt)
+        p = graph["formats"]["coreml"]["parity"]
+        assert p["emulated"] and (p["psnr_db"] is None or p["psnr_db"] >= 40), (name, p)
+
+
+def test_decoder_state_survives_16_decode_steps(bundle):
+    _, manifest = bundle
+    for fmt in ("onnx", "executorch", "coreml"):
+        p = manifest["graphs"]["decoder"]["formats"][fmt]["parity"]
+        assert p["decode_steps"] >= 16 and p["greedy_match"] == 1.0
+        assert p["min_step_psnr_db"] >= (40 if fmt == "coreml" else 60), (fmt, p)
+
+
+def test_dropped_state_is_caught(tiny, tmp_path):
+    """TOOLCHAIN gotcha 1: exporting the mutable-buffer decoder to ONNX 'succeeds' but freezes the
+    cache. The parity check must reject it."""
+    model, tok = tiny
+    from manzano_edge.data.text import TextCodec
+
+    spec = graph_specs(model.cfg)["decoder"]
+    examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph["decoder"]
+    stateful = build_module(spec, model, explicit_state=False)
+    path = tmp_path / "dropped.onnx"
+    args = tuple(examples[0][t.name] for t in spec.inputs)
+    from manzano_edge.export.common import torch_dynamic_shapes
+
+    torch.onnx.export(stateful, args, str(path), dynamo=True, opset_version=18,
+                      input_names=[t.name for t in spec.inputs], output_names=["logits"],
+                      dynamic_shapes=torch_dynamic_shapes(spec, spec.inputs), external_data=False)
+
+    class StatelessOrt(onnx.OrtProgram):
+        def __init__(self):
+            import onnxruntime as ort
+            self.spec, self.session = spec, ort.InferenceSession(str(path))
+
+        def reset(self):
+            pass
+
+        def run(self, inputs):
+            out = self.session.run(None, {t.name: inputs[t.name].numpy() for t in spec.inputs})
+            return {"logits": torch.from_numpy(out[0])}
+
+    entry = Entry("decoder", "onnx")
+    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)), StatelessOrt(), examples)
+    judge(entry, "fp32", fp16_compute=False)
+    assert entry.parity["psnr_db"] < 60 or entry.parity["min_step_psnr_db"] < 60
+    assert not entry.passed
+
+
+def test_coreml_structure(bundle):
+    out, manifest = bundle
+    dec = manifest["graphs"]["decoder"]["formats"]["coreml"]
+    assert set(dec["states"]) == {"k_cache", "v_cache"}
+    ops = dec["ops"]
+    assert any("state" in op for op in ops), ops  # read_state / coreml_update_state
+    info = coreml.structure(out / dec["file"])
+    assert info["inputs"]["inputs_embeds"][1] == [1, 127]  # flexible prefill length
+    assert coreml.verify_structure(graph_specs(load_checkpoint(None)[0].cfg)["decoder"], info) == []
+
+
+def test_executorch_programs_are_delegated(bundle):
+    _, manifest = bundle
+    for name, graph in manifest["graphs"].items():
+        assert graph["formats"]["executorch"]["delegates"] >= 1, name
+        assert graph["formats"]["executorch-coreml"]["delegates"] >= 1, name
+
+
+def test_onnx_reference_evaluator_agrees(bundle):
+    _, manifest = bundle
+    assert manifest["graphs"]["code_features"]["formats"]["onnx"]["reference_evaluator_psnr_db"] >= 60
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4", "palette4"])
+def test_coreml_compression_is_real_and_smaller(tiny, bundle, tmp_path, recipe):
+    model, tok = tiny
+    _, fp_manifest = bundle
+    out = tmp_path / recipe
+    manifest = export_bundle(model, tok, out, ExportOptions(formats=["coreml"], recipe=recipe,
+                                                            graphs=["vae_decoder", "code_features"],
+                                                            show_progress=False))
+    for name in ("vae_decoder", "code_features"):
+        f = manifest["graphs"][name]["formats"]["coreml"]
+        assert f["decompression"]["ok"] and f["decompression"]["checked"] > 0, f["decompression"]
+        assert f["bytes"] < fp_manifest["graphs"][name]["formats"]["coreml"]["bytes"], (recipe, name)
+        compressed_ops = {"constexpr_blockwise_shift_scale", "constexpr_lut_to_dense"}
+        assert compressed_ops & set(f["ops"]), f["ops"]  # the weights really are stored compressed
+        assert f["parity"]["psnr_db"] >= 20
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "tflite"], "unknown format 'tflite'"),
+    (["--recipe", "int3"], "unknown recipe 'int3'"),
+    (["--format", "onnx", "--recipe", "palette4"], "not available for onnx"),
+    (["--format", "coreml", "--recipe", "w8a8"], "not available for coreml"),
+    (["--graphs", "encoder"], "unknown graph 'encoder'"),
+])
+def test_bad_options_fail_cleanly(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code, err = run_cli(["export", "-o", str(out), *args], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_output_dir_rules(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, err = run_cli(["export", "-o", str(out), "--format", "onnx", "--graphs", "code_features"], capsys)
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").exists()
+    code, err = run_cli(["export", "-o", "/proc/manzano/out", "--format", "onnx"], capsys)
+    assert code == 2 and "cannot write" in err
+
+
+def test_checkpoint_mismatch_is_refused(tmp_path, capsys):
+    import shutil
+
+    from manzano_edge.models.manzano import EMBEDDED_DEFAULT
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_DEFAULT, ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["decoder"]["hidden_size"] = 128
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    code, err = run_cli(["export", str(ckpt), "-o", str(tmp_path / "o"), "--format", "onnx"], capsys)
+    assert code == 2 and ("does not match" in err or "config expects" in err) and not (tmp_path / "o").exists()
+
+
+def test_missing_optional_dependency(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "coremltools":
+            raise ImportError("No module named 'coremltools'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    code, err = run_cli(["export", "-o", str(tmp_path / "o"), "--format", "coreml"], capsys)
+    assert code == 2 and "needs coremltools" in err and "pip install" in err
+
+
+def test_conversion_failure_names_graph_format_and_op(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("Unsupported fx node index_copy, kind index_copy")
+
+    monkeypatch.setattr(coreml, "convert", broken)
+    with pytest.raises(ExportFailed, match=r"graph 'code_features' failed to convert to coreml.*index_copy"):
+        export_bundle(model, tok, tmp_path / "o", ExportOptions(formats=["coreml"], graphs=["code_features"],
+                                                                show_progress=False))
+    assert list(tmp_path.iterdir()) == []  # no half-written bundle, no temp dir
+
+
+def test_parity_failure_writes_nothing(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    real_run = onnx.OrtProgram.run
+
+    def corrupt(self, inputs):
+        return {k: v + 0.5 if v.is_floating_point() else v for k, v in real_run(self, inputs).items()}
+
+    monkeypatch.setattr(onnx.OrtProgram, "run", corrupt)
+    with pytest.raises(ExportFailed, match="parity check failed for code_features/onnx"):
+        export_bundle(model, tok, tmp_path / "o", ExportOptions(formats=["onnx"], graphs=["code_features"],
+                                                                show_progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_error_is_an_error(tmp_path):
+    with pytest.raises(UserError):
+        export_bundle(*load_checkpoint(None), Path("/proc/nope/x"), ExportOptions(formats=["onnx"]))
