@@ -73,6 +73,11 @@ def cmd_eval(args) -> None:
     if args.json:
         _write_atomic(Path(args.json), lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
         print(f"wrote {args.json}")
+    if args.grid:
+        from manzano_edge.eval.evaluate import sample_grid
+
+        _write_atomic(Path(args.grid), lambda p: sample_grid(pipe, p, seed=args.seed, sampling=_sampling(args)))
+        print(f"wrote {args.grid}")
 
 
 def cmd_caption(args) -> None:
@@ -146,10 +151,17 @@ def _load_for_export(args):
 
 
 def cmd_demo(args) -> None:
+    from manzano_edge.data.text import TextCodec
     from manzano_edge.demo import print_summary, run_demo
+    from manzano_edge.models.manzano import load_checkpoint
+    from manzano_edge.runtime.graphs import TorchGraphs
+    from manzano_edge.runtime.pipeline import Pipeline
 
     out = Path(args.output)
-    summary = run_demo(_pipeline(args.checkpoint), out, overwrite=args.overwrite, eval_size=args.eval_size)
+    model, tok = load_checkpoint(args.checkpoint)
+    pipe = Pipeline(TorchGraphs(model), model.cfg, TextCodec(tok, model.cfg.text))
+    summary = run_demo(pipe, out, overwrite=args.overwrite, eval_size=args.eval_size,
+                       export=None if args.no_export else (model, tok))
     print_summary(summary, out)
 
 
@@ -179,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--json", help="write the full report here")
+    p.add_argument("--grid", help="also write a PNG grid of held-out prompts and generated images")
     p.add_argument("--vqa", type=int, default=400)
     p.add_argument("--captions", type=int, default=200)
     p.add_argument("--generation", type=int, default=150)
@@ -221,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval-size", type=int, default=40)
+    p.add_argument("--no-export", action="store_true", help="skip the export to Core ML / ONNX / ExecuTorch")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("import-llama", help="use a local Hugging Face Llama checkpoint as the decoder backbone")

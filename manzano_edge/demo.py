@@ -15,11 +15,16 @@ from manzano_edge.data import scenes
 from manzano_edge.data.images import to_image, to_pixels
 from manzano_edge.eval.evaluate import EvalConfig, evaluate
 from manzano_edge.eval.shapes_eval import detect
+from manzano_edge.export.bundle import ExportOptions, export_bundle
 from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+from manzano_edge.models.manzano import Manzano
+from manzano_edge.quant.recipes import FORMATS
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 
 
-def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int = 40) -> dict:
+def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int = 40,
+             export: tuple[Manzano, str] | None = None) -> dict:
+    """`export` = (model, tokenizer.json) to also export a bundle to every format."""
     tmp = begin_output_dir(out, overwrite)
     try:
         t0 = time.time()
@@ -48,8 +53,14 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
                            "shapes_eval": metrics["generation"]["shapes_eval"],
                            "reconstruction_shapes_eval": metrics["reconstruction"]["shapes_eval"],
                            "samples": eval_size},
-            "seconds": round(time.time() - t0, 1),
+            "seconds": 0.0,
         }
+        if export is not None:
+            manifest = export_bundle(*export, tmp / "bundle", ExportOptions(formats=list(FORMATS), recipe="fp32"))
+            summary["export"] = {f"{g}/{fmt}": {"bytes": f["bytes"], "passed": f["passed"],
+                                                "psnr_db": (f["parity"] or {}).get("psnr_db")}
+                                 for g, graph in manifest["graphs"].items() for fmt, f in graph["formats"].items()}
+        summary["seconds"] = round(time.time() - t0, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         commit_output_dir(tmp, out)
     except BaseException:
@@ -65,4 +76,10 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"generate  '{g['prompt']}' -> {out / g['image']} ({'passed' if g['passed'] else 'failed'} ShapesEval)")
     print(f"quick eval on {q['samples']} held-out scenes: VQA {q['vqa_accuracy']:.2f}, caption {q['caption_accuracy']:.2f}, "
           f"ShapesEval {q['shapes_eval']:.2f}, reconstruction ShapesEval {q['reconstruction_shapes_eval']:.2f}")
+    if "export" in summary:
+        ex = summary["export"]
+        ok = sum(v["passed"] for v in ex.values())
+        dbs = [v["psnr_db"] for v in ex.values() if v["psnr_db"] is not None]
+        print(f"export    {ok}/{len(ex)} graph x format files passed parity (worst {min(dbs):.1f} dB) "
+              f"-> {out / 'bundle'}")
     print(f"wrote {out} in {summary['seconds']} s")

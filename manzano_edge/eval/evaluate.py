@@ -110,3 +110,42 @@ def evaluate(pipe: Pipeline, ecfg: EvalConfig, show: bool = True) -> dict:
                           "generation": ecfg.generation, "reconstruction": ecfg.reconstruction,
                           "sampling": vars(ecfg.sampling or SamplingConfig())}
     return report
+
+
+def sample_grid(pipe: Pipeline, path: str, n: int = 12, seed: int = 0, sampling: SamplingConfig | None = None) -> float:
+    """A figure of held-out prompts and their generated images, each marked with its ShapesEval
+    verdict. Returns the fraction that passed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = held_out_rng(seed, "grid")
+    cols = 4
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.0))
+    passed = 0
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        scene = scenes.sample_scene(rng)
+        prompt = scenes.generation_prompt(scene, rng)
+        image = pipe.generate(prompt, sampling, seed=seed + i)
+        ok = scenes.scene_matches(scenes.parse_objects(prompt), detect(image))
+        passed += ok
+        ax.imshow(image)
+        words, lines, line = prompt.split(), [], ""
+        for w in words:
+            if len(line) + len(w) > 28:
+                lines.append(line)
+                line = ""
+            line = f"{line} {w}".strip()
+        lines.append(line)
+        ax.set_title("\n".join(lines) + f"\n[{'pass' if ok else 'fail'}]", fontsize=7,
+                     color="darkgreen" if ok else "firebrick")
+    fig.suptitle(f"manzano-edge tiny: held-out prompts (ShapesEval {passed}/{n})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return passed / n

@@ -1,0 +1,106 @@
+"""The trained tiny model that ships in the repo really works, through the public API and CLI."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from manzano_edge.cli import main
+from manzano_edge.data import scenes
+from manzano_edge.data.images import to_pixels
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+from manzano_edge.eval.evaluate import eval_understanding, held_out_rng
+from manzano_edge.eval.shapes_eval import ShapesScore, detect
+from manzano_edge.models.manzano import EMBEDDED_DEFAULT, WEIGHTS_FILE, load_checkpoint
+from manzano_edge.runtime.graphs import TorchGraphs
+from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    model, tok = load_checkpoint(None)
+    return Pipeline(TorchGraphs(model), model.cfg, TextCodec(tok, model.cfg.text))
+
+
+def test_embedded_checkpoint_is_small_safetensors():
+    assert (EMBEDDED_DEFAULT / WEIGHTS_FILE).stat().st_size <= 25 * 2**20
+
+
+def test_understanding_on_held_out_scenes(pipe):
+    report = eval_understanding(pipe, n_vqa=60, n_captions=30, seed=1, show=False)
+    assert report["vqa_accuracy"] >= 0.85, report
+    assert report["caption_accuracy"] >= 0.8, report
+
+
+def test_generation_on_held_out_prompts(pipe):
+    rng, score = held_out_rng(1, "generation"), ShapesScore()
+    for i in range(20):
+        scene = scenes.sample_scene(rng)
+        prompt = scenes.generation_prompt(scene, rng)
+        score.add(scenes.parse_objects(prompt), detect(pipe.generate(prompt, SamplingConfig(temperature=0), seed=i)))
+    assert score.summary()["shapes_eval"] >= 0.6, score.summary()
+
+
+def test_a_users_own_drawing_and_wording(pipe):
+    img = Image.new("RGB", (300, 200), "white")  # not square, not 96 px, plain background
+    ImageDraw.Draw(img).ellipse([30, 20, 80, 70], fill=(215, 35, 35))
+    answer = pipe.understand(img, "Which colour does the circle have?")
+    assert "red" in answer
+    caption = pipe.understand(img, "Tell me what is in this image")
+    assert [(o.shape, o.color, o.position) for o in scenes.parse_objects(caption)] == [("circle", "red", "top left")]
+
+
+def test_user_wording_generates_what_was_asked(pipe):
+    image = pipe.generate("Please paint one blue square in the lower right corner", SamplingConfig(temperature=0))
+    found = detect(image)
+    assert [(f.shape, f.color, f.position) for f in found] == [("square", "blue", "bottom right")]
+
+
+def test_seeded_generation_is_reproducible(pipe):
+    s = SamplingConfig(temperature=1.0, top_k=20)
+    a = np.asarray(pipe.generate("a green triangle in the center", s, seed=5))
+    b = np.asarray(pipe.generate("a green triangle in the center", s, seed=5))
+    assert np.array_equal(a, b)
+
+
+def test_bad_prompts(pipe):
+    px = to_pixels(scenes.render(scenes.sample_scene(np.random.default_rng(0))), 96)
+    with pytest.raises(UserError, match="empty"):
+        pipe.understand(px, "   ")
+    with pytest.raises(UserError, match="context"):
+        pipe.generate("red " * 400)
+    with pytest.raises(UserError, match="NaN"):
+        pipe.understand(px * float("nan"), "what color is it?")
+    with pytest.raises(UserError, match="editing is not supported"):
+        pipe.edit(Image.new("RGB", (96, 96)), "make it blue")
+
+
+def test_cli_caption_and_generate(tmp_path, capsys):
+    img = tmp_path / "in.png"
+    scenes.render(scenes.Scene((scenes.SceneObject("triangle", "green", "center"),))).save(img)
+    assert main(["caption", "--image", str(img), "--prompt", "what shape is in the middle?"]) == 0
+    assert "triangle" in capsys.readouterr().out
+    out = tmp_path / "g.png"
+    assert main(["generate", "--prompt", "a yellow circle at the top", "--seed", "3", "-o", str(out), "--quiet"]) == 0
+    assert Image.open(out).size == (96, 96)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["caption", "--image", "/no/such.png"], "image not found"),
+    (["caption", "--image", "{bad}", "--prompt", "x"], "not a valid image"),
+    (["caption", "--image", "{gray}", "--prompt", ""], "prompt is empty"),
+    (["generate", "--prompt", "", "-o", "{out}"], "prompt is empty"),
+    (["generate", "--prompt", "red " * 400, "-o", "{out}"], "context"),
+    (["generate", "--prompt", "a red circle", "-o", "{tmp}/g.gif"], "must end in .png"),
+    (["caption", "--image", "{gray}", "--checkpoint", "{tmp}"], "has no config.json"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    Image.new("L", (40, 30), 200).save(tmp_path / "gray.png")  # grayscale, odd size: accepted
+    fill = {"bad": str(tmp_path / "bad.png"), "gray": str(tmp_path / "gray.png"), "out": str(tmp_path / "o.png"),
+            "tmp": str(tmp_path)}
+    before = set(tmp_path.iterdir())
+    code = main([a.format(**fill) if "{" in a else a for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert set(tmp_path.iterdir()) == before
