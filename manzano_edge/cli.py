@@ -27,12 +27,20 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def _pipeline(checkpoint: str | None):
+def _pipeline(checkpoint: str | None, bundle: str | None = None, backend: str = "torch"):
+    """Eager PyTorch on a checkpoint (`--backend torch`), or a bundle's graphs on ort/executorch/coreml."""
     from manzano_edge.data.text import TextCodec
     from manzano_edge.models.manzano import load_checkpoint
     from manzano_edge.runtime.graphs import TorchGraphs
     from manzano_edge.runtime.pipeline import Pipeline
 
+    if backend != "torch":
+        from manzano_edge.runtime.bundle import Bundle, BundleGraphs
+
+        if not bundle:
+            raise UserError(f"--backend {backend} runs an exported bundle; pass --bundle DIR (see `manzano-edge export`)")
+        b = Bundle(bundle)
+        return Pipeline(BundleGraphs(b, backend), b.cfg, TextCodec(b.tokenizer_json, b.cfg.text))
     model, tokenizer_json = load_checkpoint(checkpoint)
     return Pipeline(TorchGraphs(model), model.cfg, TextCodec(tokenizer_json, model.cfg.text))
 
@@ -84,7 +92,8 @@ def cmd_caption(args) -> None:
     from manzano_edge.data.images import load_image
 
     image = load_image(args.image)
-    print(_pipeline(args.checkpoint).understand(image, args.prompt, max_new_tokens=args.max_new_tokens))
+    pipe = _pipeline(args.checkpoint, args.bundle, args.backend)
+    print(pipe.understand(image, args.prompt, max_new_tokens=args.max_new_tokens))
 
 
 def cmd_generate(args) -> None:
@@ -95,7 +104,7 @@ def cmd_generate(args) -> None:
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"output {out} must end in .png or .jpg")
-    pipe = _pipeline(args.checkpoint)
+    pipe = _pipeline(args.checkpoint, args.bundle, args.backend)
     s = _sampling(args)
     n = pipe.cfg.vision.num_image_tokens
     with tqdm(total=n + s.flow_steps, desc="generate", disable=args.quiet) as bar:
@@ -174,6 +183,11 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale for the DiT (1 = off)")
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", help="an exported bundle directory (for --backend ort|executorch|coreml)")
+    p.add_argument("--backend", default="torch", choices=["torch", "ort", "executorch", "coreml"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manzano-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="describe the image.")
     p.add_argument("--checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    _add_backend(p)
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("generate", help="text-to-image")
@@ -214,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint")
     p.add_argument("--quiet", action="store_true")
     _add_sampling(p, temperature=0.0)
+    _add_backend(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export graphs to Core ML / ONNX / ExecuTorch as one verified bundle")

@@ -14,3 +14,22 @@ def tiny_codec():
 
     cfg = preset("tiny")
     return TextCodec(train_bpe(cfg.text.text_vocab_size, domain_corpus(500)).to_str(), cfg.text)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from manzano_edge.models.manzano import load_checkpoint
+
+    return load_checkpoint(None)
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny, tmp_path_factory):
+    """The embedded model exported to every format once per session (fp32, Core ML fp16 compute)."""
+    from manzano_edge.export.bundle import ExportOptions, export_bundle
+
+    model, tok = tiny
+    out = tmp_path_factory.mktemp("bundle") / "tiny-fp32"
+    manifest = export_bundle(model, tok, out, ExportOptions(formats=["coreml", "onnx", "executorch"],
+                                                            show_progress=False))
+    return out, manifest

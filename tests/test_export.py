@@ -17,20 +17,6 @@ from manzano_edge.models.manzano import load_checkpoint
 GRAPHS = ("tokenizer", "embed_tokens", "decoder", "code_features", "dit", "vae_decoder")
 
 
-@pytest.fixture(scope="session")
-def tiny():
-    return load_checkpoint(None)
-
-
-@pytest.fixture(scope="session")
-def bundle(tiny, tmp_path_factory):
-    model, tok = tiny
-    out = tmp_path_factory.mktemp("bundle") / "tiny-fp32"
-    manifest = export_bundle(model, tok, out, ExportOptions(formats=["coreml", "onnx", "executorch"],
-                                                            show_progress=False))
-    return out, manifest
-
-
 def test_manifest_covers_every_graph_and_format(bundle):
     out, manifest = bundle
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -233,3 +219,30 @@ def test_parity_failure_writes_nothing(tiny, tmp_path, monkeypatch):
 def test_user_error_is_an_error(tmp_path):
     with pytest.raises(UserError):
         export_bundle(*load_checkpoint(None), Path("/proc/nope/x"), ExportOptions(formats=["onnx"]))
+
+
+def _predict_reason():
+    ok, why = coreml.predict_available()
+    return ok, why
+
+
+@pytest.mark.skipif(not _predict_reason()[0], reason=f"Core ML predict unavailable: {_predict_reason()[1]}")
+def test_coreml_predict_matches_eager_on_macos(bundle, tiny):
+    """On macOS the export already ran `predict`; its parity must meet the fp16 bar."""
+    _, manifest = bundle
+    for name, graph in manifest["graphs"].items():
+        p = graph["formats"]["coreml"]["parity"]["predict"]
+        assert p["psnr_db"] is None or p["psnr_db"] >= 40, (name, p)
+
+
+@pytest.mark.skipif(not _predict_reason()[0], reason=f"CoreMLBackend for ExecuTorch needs Apple hardware: "
+                                                     f"{_predict_reason()[1]}")
+def test_executorch_coreml_delegate_runs_on_macos(bundle, tiny):
+    from manzano_edge.export.executorch import EtProgram
+
+    out, manifest = bundle
+    model, tok = tiny
+    spec = graph_specs(model.cfg)["vae_decoder"]
+    program = EtProgram(spec, out / manifest["graphs"]["vae_decoder"]["formats"]["executorch-coreml"]["file"])
+    latent = torch.zeros(1, *spec.inputs[0].shape[1:])
+    assert program.run({"latent": latent})["pixels"].shape == (1, 3, 96, 96)

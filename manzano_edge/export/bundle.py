@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from manzano_edge.data.text import TextCodec
@@ -37,6 +38,7 @@ from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
 from manzano_edge.quant.recipes import FLOAT_RECIPES, FORMATS, SUPPORT, check_supported
 
 MANIFEST = "manifest.json"
+NULL_CONDITION_FILE = "diffusion_null_condition.safetensors"
 SCHEMA = "manzano-edge/bundle@1"
 PARITY_DB = {"fp32": 60.0, "fp16": 40.0}
 QUANT_SANITY_DB = 20.0  # quantized graphs: catches silently-wrong lowering; `validate` applies the real bars
@@ -297,6 +299,11 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             raise ExportFailed(f"parity check failed for {names}; nothing was written to {out}")
         model.cfg.save(tmp / CONFIG_FILE)
         (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        # The DiT's learned "no condition" vector: the runtime needs it for classifier-free guidance.
+        null_file = tmp / NULL_CONDITION_FILE
+        save_file({"null_condition": model.dit.null_cond.detach().contiguous()}, str(null_file))
+        digest, size = path_digest(null_file)
+        manifest["extras"] = {"null_condition": {"file": NULL_CONDITION_FILE, "sha256": digest, "bytes": size}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         commit_output_dir(tmp, out)
     except BaseException:

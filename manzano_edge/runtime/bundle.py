@@ -1,0 +1,135 @@
+"""Run an exported bundle: verify it against its manifest, load one program per graph on the
+chosen backend(s), and expose them through the same `GraphRunner` interface the eager
+reference uses, so `Pipeline.understand/generate` run unchanged on every backend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from manzano_edge.config import ModelConfig
+from manzano_edge.errors import UserError
+from manzano_edge.export.bundle import NULL_CONDITION_FILE  # noqa: F401  (re-exported for callers)
+from manzano_edge.export.common import GraphProgram, path_digest
+from manzano_edge.export.spec import GraphSpec, graph_specs
+
+BACKENDS = ("ort", "executorch", "coreml")
+BACKEND_FORMAT = {"ort": "onnx", "executorch": "executorch", "coreml": "coreml"}
+
+
+class Bundle:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            raise UserError(f"{self.path} has no manifest.json; pass a directory written by `manzano-edge export`")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{manifest} is corrupt ({exc.msg}); re-export the bundle") from exc
+        self.cfg = ModelConfig.load(self.path / "config.json")
+        self.tokenizer_json = (self.path / "tokenizer.json").read_text()
+        self.specs = graph_specs(self.cfg)
+
+    def entry(self, graph: str, fmt: str) -> dict:
+        try:
+            return self.manifest["graphs"][graph]["formats"][fmt]
+        except KeyError as exc:
+            raise UserError(f"bundle {self.path} has no {fmt} file for graph '{graph}'; "
+                            f"re-export with --format {fmt}") from exc
+
+    def verified_file(self, rel: str, sha256: str) -> Path:
+        path = self.path / rel
+        if not path.exists():
+            raise UserError(f"bundle file {rel} is missing; re-export the bundle")
+        digest, _ = path_digest(path)
+        if digest != sha256:
+            raise UserError(f"bundle file {rel} does not match its manifest checksum (corrupt or modified); "
+                            "re-export the bundle")
+        return path
+
+    def program(self, graph: str, backend: str, threads: int = 0, compute_units: str = "ALL") -> GraphProgram:
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)} or torch")
+        entry = self.entry(graph, BACKEND_FORMAT[backend])
+        path = self.verified_file(entry["file"], entry["sha256"])
+        spec = self.specs[graph]
+        if backend == "ort":
+            from manzano_edge.export.onnx import OrtProgram
+
+            return OrtProgram(spec, path, threads=threads)
+        if backend == "executorch":
+            from manzano_edge.export.executorch import EtProgram
+
+            return EtProgram(spec, path)
+        from manzano_edge.export.coreml import CoreMLProgram
+
+        return CoreMLProgram(spec, path, compute_units=compute_units)
+
+    def null_condition(self) -> torch.Tensor:
+        info = self.manifest.get("extras", {}).get("null_condition")
+        if not info:
+            raise UserError("this bundle has no DiT null condition; re-export it to use --guidance")
+        return load_file(str(self.verified_file(info["file"], info["sha256"])))["null_condition"]
+
+
+class CheckedProgram:
+    """Checks every input against the graph's declaration before it reaches the backend."""
+
+    def __init__(self, spec: GraphSpec, program: GraphProgram) -> None:
+        self.spec, self.program = spec, program
+
+    def reset(self) -> None:
+        self.program.reset()
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.spec.check_inputs(inputs)
+        return self.program.run(inputs)
+
+
+class BundleGraphs:
+    """`GraphRunner` over a bundle; `backends` maps graph name -> backend (mixing is allowed)."""
+
+    def __init__(self, bundle: Bundle, backends: dict[str, str] | str, threads: int = 0,
+                 compute_units: str = "ALL") -> None:
+        names = list(bundle.specs)
+        chosen = {g: backends for g in names} if isinstance(backends, str) else {g: backends.get(g, "ort") for g in names}
+        self.bundle = bundle
+        self.p = {g: CheckedProgram(bundle.specs[g], bundle.program(g, chosen[g], threads, compute_units)) for g in names}
+        self._null: torch.Tensor | None = None
+
+    def vision_embeddings(self, pixels):
+        return self.p["tokenizer"].run({"pixels": pixels})["image_embeds"]
+
+    def image_ids(self, pixels):
+        return self.p["tokenizer"].run({"pixels": pixels})["image_ids"].long()
+
+    def embed_tokens(self, tokens):
+        return self.p["embed_tokens"].run({"tokens": tokens.to(torch.int32)})["embeds"]
+
+    def decoder_reset(self, batch_size: int) -> None:
+        if batch_size != 1:
+            raise UserError("the exported decoder has batch 1; image-token guidance (--token-guidance) needs "
+                            "the eager backend")
+        self.p["decoder"].reset()
+
+    def decoder_step(self, embeds, mask):
+        return self.p["decoder"].run({"inputs_embeds": embeds, "causal_mask": mask.to(torch.float32)})["logits"]
+
+    def code_features(self, ids):
+        return self.p["code_features"].run({"image_ids": ids.to(torch.int32)})["condition"]
+
+    def null_condition(self, batch, tokens):
+        if self._null is None:
+            self._null = self.bundle.null_condition()
+        return self._null.expand(batch, tokens, -1)
+
+    def denoise(self, latent, t, cond):
+        return self.p["dit"].run({"latent": latent, "timestep": t.float(), "condition": cond})["velocity"]
+
+    def vae_decode(self, latent):
+        return self.p["vae_decoder"].run({"latent": latent})["pixels"]

@@ -1,0 +1,80 @@
+"""The exported graphs run through the same pipelines as eager PyTorch and give the same answers."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from manzano_edge.data import scenes
+from manzano_edge.data.images import to_pixels
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+from manzano_edge.metrics import psnr
+from manzano_edge.runtime.bundle import Bundle, BundleGraphs
+from manzano_edge.runtime.graphs import TorchGraphs
+from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny, bundle):
+    model, tok = tiny
+    out, _ = bundle
+    b = Bundle(out)
+    codec = TextCodec(tok, model.cfg.text)
+    return {"torch": Pipeline(TorchGraphs(model), model.cfg, codec),
+            "ort": Pipeline(BundleGraphs(b, "ort"), b.cfg, codec),
+            "executorch": Pipeline(BundleGraphs(b, "executorch"), b.cfg, codec),
+            "mixed": Pipeline(BundleGraphs(b, {"tokenizer": "executorch", "decoder": "ort"}), b.cfg, codec)}
+
+
+def test_same_captions_on_every_backend(pipes):
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        scene = scenes.sample_scene(rng)
+        px = to_pixels(scenes.render(scene), 96)
+        question, _ = scenes.question_answer(scene, rng)
+        answers = {name: p.understand(px, question) for name, p in pipes.items()}
+        assert len(set(answers.values())) == 1, answers
+
+
+def test_same_images_on_every_backend(pipes):
+    s = SamplingConfig(temperature=0.0, flow_steps=12, flow_guidance=2.0)
+    ref_ids = pipes["torch"].generate_ids("a purple triangle on the left", s)
+    ref = pipes["torch"].render_ids(ref_ids, s, seed=4)
+    for name in ("ort", "executorch"):
+        ids = pipes[name].generate_ids("a purple triangle on the left", s)
+        assert torch.equal(ids, ref_ids), name
+        assert psnr(ref, pipes[name].render_ids(ids, s, seed=4)) >= 40, name
+
+
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    out, manifest = bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    target = copy / manifest["graphs"]["vae_decoder"]["formats"]["onnx"]["file"]
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(UserError, match="checksum"):
+        Bundle(copy).program("vae_decoder", "ort")
+    (copy / "manifest.json").unlink()
+    with pytest.raises(UserError, match="no manifest.json"):
+        Bundle(copy)
+
+
+def test_inputs_are_checked_against_the_declaration(pipes):
+    graphs = pipes["ort"].g
+    with pytest.raises(UserError, match="pixels"):
+        graphs.vision_embeddings(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(UserError, match="NaN"):
+        graphs.vae_decode(torch.full((1, 8, 12, 12), float("nan")))
+    with pytest.raises(UserError, match="batch 1"):
+        graphs.decoder_reset(2)
+
+
+def test_coreml_backend_refuses_off_macos(bundle):
+    import platform
+
+    if platform.system() == "Darwin":
+        pytest.skip("this checks the off-macOS error")
+    with pytest.raises(UserError, match="needs macOS"):
+        Bundle(bundle[0]).program("vae_decoder", "coreml")
