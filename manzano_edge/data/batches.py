@@ -131,10 +131,14 @@ def text_batch(texts: list[str], codec: TextCodec, cfg: ModelConfig) -> dict[str
 
 
 def weighted_lm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy, averaged per example, then over the batch: a 1-token VQA answer
+    counts as much as a 20-token caption (averaging over tokens let captions drown VQA)."""
     per_token = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    w = weights.reshape(-1)
-    return (per_token * w).sum() / w.sum().clamp_min(1.0)
+    per_token = per_token.view(targets.shape)
+    per_example = (per_token * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+    has_targets = weights.sum(1) > 0
+    return per_example[has_targets].mean() if has_targets.any() else per_token.sum() * 0.0
 
 
 def splice_image_embeddings(token_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:

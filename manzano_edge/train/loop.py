@@ -55,10 +55,10 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 200
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
-        "tokenizer": StageBudget(steps=1500, batch_size=32, lr=1e-3),
-        "decoder": StageBudget(steps=1800, batch_size=32, lr=1e-3),
-        "vae": StageBudget(steps=500, batch_size=16, lr=1e-3),
-        "dit": StageBudget(steps=1500, batch_size=32, lr=5e-4),
+        "tokenizer": StageBudget(steps=2200, batch_size=32, lr=1e-3),
+        "decoder": StageBudget(steps=2000, batch_size=32, lr=1e-3),
+        "vae": StageBudget(steps=400, batch_size=16, lr=1e-3),
+        "dit": StageBudget(steps=1200, batch_size=32, lr=5e-4),
     })
 
     def scaled(self, factor: float) -> TrainConfig:
@@ -226,6 +226,8 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
             return FolderSource(data_dir, captions, cfg.vision.image_size, seed)
         return SceneSource(cfg.vision.image_size, seed)
 
+    if rank == 0:
+        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
     report = []
     for name in stages:
         if stage_done(run_dir, name):

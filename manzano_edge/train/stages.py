@@ -115,7 +115,7 @@ class DecoderStage(nn.Module):
         self.decoder = model.decoder
 
     def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
-        half = len(examples) // 2
+        half = (len(examples) * 5) // 8  # understanding is the harder task: it gets 5/8 of the batch
         und, gen = examples[:half], examples[half:]
         pixels = torch.stack([ex.pixels for ex in examples])
         with torch.no_grad():
