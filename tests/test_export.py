@@ -104,7 +104,8 @@ def test_coreml_structure(bundle):
 def test_executorch_programs_are_delegated(bundle):
     _, manifest = bundle
     for name, graph in manifest["graphs"].items():
-        assert graph["formats"]["executorch"]["delegates"] >= 1, name
+        # XNNPACK has no embedding kernel: embed_tokens is all portable ops (TOOLCHAIN §2).
+        assert graph["formats"]["executorch"]["delegates"] >= (0 if name == "embed_tokens" else 1), name
         assert graph["formats"]["executorch-coreml"]["delegates"] >= 1, name
 
 

@@ -86,7 +86,7 @@ class DiT(nn.Module):
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """latent [B, C, h, w], timestep [B] in [0, 1], cond [B, M, llm width] -> velocity [B, C, h, w]."""
         x = self.patch_embed(self._patchify(latent)) + self.pos_embed
-        temb = self.time_mlp(sinusoidal_embedding(timestep * 1000.0, TIME_EMBED_DIM))
+        temb = self.time_mlp(sinusoidal_embedding(timestep * 1000.0, TIME_EMBED_DIM).to(x.dtype))
         ctx = self.cond_proj(cond)
         for i, block in enumerate(self.blocks):
             x = block(x, self.adaln[0 if len(self.adaln) == 1 else i](temb), ctx)
