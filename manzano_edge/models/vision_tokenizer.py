@@ -17,6 +17,7 @@ from torch import nn
 
 from manzano_edge.config import LINEAR_ALIGN, STC_FACTOR, ModelConfig
 from manzano_edge.models.fsq import FSQ
+from manzano_edge.models.layers import RMSNorm
 from manzano_edge.models.vit import ViTEncoder
 
 
@@ -30,13 +31,19 @@ def spatial_to_channel(features: torch.Tensor, grid: int, factor: int = STC_FACT
 
 
 class AdapterMLP(nn.Module):
+    """MLP to the LLM width, then RMSNorm whose gain starts at the token-embedding scale (0.02).
+    Without it the image embeddings grew ~700x larger than text embeddings, and in a pre-norm
+    decoder the image positions' residual stream then stays frozen at the raw adapter output."""
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.fc2 = nn.Linear(out_dim, out_dim)
+        self.norm = RMSNorm(out_dim)
+        nn.init.constant_(self.norm.weight, 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.norm(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
 class ContinuousAdapter(nn.Module):
