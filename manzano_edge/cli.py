@@ -134,7 +134,7 @@ def cmd_export(args) -> None:
     opts = ExportOptions(formats=parse_list(args.format, FORMATS, "format"), recipe=args.recipe,
                          graphs=args.graphs.split(",") if args.graphs else None,
                          coreml_precision=args.coreml_precision, overwrite=args.overwrite,
-                         show_progress=not args.quiet)
+                         show_progress=not args.quiet, parity=not args.no_parity)
     if args.recipe not in RECIPES:
         raise UserError(f"unknown recipe '{args.recipe}'; choose from {', '.join(RECIPES)}")
     model, tokenizer_json = _load_for_export(args)
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="export a randomly initialised preset instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-parity", action="store_true",
+                   help="skip the numeric parity check (structure only); for random-weight paper-sized presets")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -59,6 +59,7 @@ class ExportOptions:
     overwrite: bool = False
     decode_steps: int = 16
     show_progress: bool = True
+    parity: bool = True  # False: structure only (for random-weight, paper-sized presets)
 
 
 @dataclass
@@ -134,6 +135,9 @@ def run_parity(spec: GraphSpec, reference: GraphProgram, candidate: GraphProgram
     return result
 
 
+SKIPPED = {"skipped": "export --no-parity: structure checked, numerics not compared"}
+
+
 def parity_bar(recipe: str, fp16_compute: bool) -> tuple[float, float]:
     """(min PSNR dB, min id agreement) an exported graph must reach."""
     if recipe in FLOAT_RECIPES:
@@ -144,6 +148,8 @@ def parity_bar(recipe: str, fp16_compute: bool) -> tuple[float, float]:
 
 
 def judge(entry: Entry, recipe: str, fp16_compute: bool) -> None:
+    if entry.parity.get("skipped"):
+        return
     db_bar, id_bar = parity_bar(recipe, fp16_compute)
     p = entry.parity
     entry.parity["bar_db"] = db_bar
@@ -152,14 +158,17 @@ def judge(entry: Entry, recipe: str, fp16_compute: bool) -> None:
 
 
 # -- per format ----------------------------------------------------------------------------------
-def export_onnx(spec, model, examples, out: Path, recipe: str) -> Entry:
+def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = True) -> Entry:
     entry = Entry(spec.name, "onnx")
     path = out / "onnx" / f"{spec.name}{onnx.SUFFIX}"
     module = build_module(spec, model, explicit_state=True)
     onnx.export(spec, module, examples[0], path)
-    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)), onnx.OrtProgram(spec, path),
-                              examples)
-    if spec.name == "code_features":  # the smallest graph also runs in ONNX's own reference interpreter
+    if not check:
+        entry.parity = dict(SKIPPED)
+    else:
+        entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
+                                  onnx.OrtProgram(spec, path), examples)
+    if check and spec.name == "code_features":  # the smallest graph also runs in ONNX's own reference interpreter
         ref = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
                          onnx.ReferenceProgram(spec, path), examples)
         entry.extra["reference_evaluator_psnr_db"] = ref["psnr_db"]
@@ -170,13 +179,13 @@ def export_onnx(spec, model, examples, out: Path, recipe: str) -> Entry:
     return _finish(entry, path, out)
 
 
-def export_executorch(spec, model, examples, out: Path, recipe: str) -> list[Entry]:
+def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool = True) -> list[Entry]:
     entries = []
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
     xnn.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack")
-    xnn.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
-                            executorch.EtProgram(spec, path), examples)
+    xnn.parity = dict(SKIPPED) if not check else run_parity(
+        spec, TorchProgram(spec, build_module(spec, model, False)), executorch.EtProgram(spec, path), examples)
     xnn.extra["io"] = spec.manifest_io(explicit_state=False)
     xnn.extra["backend"] = "xnnpack"
     xnn.extra["verified_by"] = "executorch.runtime"
@@ -192,7 +201,7 @@ def export_executorch(spec, model, examples, out: Path, recipe: str) -> list[Ent
     return entries
 
 
-def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool) -> Entry:
+def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, check: bool = True) -> Entry:
     entry = Entry(spec.name, "coreml")
     path = out / "coreml" / f"{spec.name}{coreml.SUFFIX}"
     module = build_module(spec, model, False)
@@ -208,9 +217,12 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool) -> 
     weights = coreml.stored_weights(mlmodel)
     compute_fp16 = fp16 or recipe not in FLOAT_RECIPES
     emu, replaced, total = coreml.emulated_module(module, weights, fp16=compute_fp16)
-    entry.parity = run_parity(spec, TorchProgram(spec, module), coreml.EmulatedProgram(spec, emu, compute_fp16),
-                              examples)
-    entry.parity["emulated"] = True
+    if check:
+        entry.parity = run_parity(spec, TorchProgram(spec, module), coreml.EmulatedProgram(spec, emu, compute_fp16),
+                                  examples)
+        entry.parity["emulated"] = True
+    else:
+        entry.parity = dict(SKIPPED)
     entry.extra.update({"io": spec.manifest_io(explicit_state=False), "ops": info["ops"],
                         "op_count": info["op_count"], "states": info["states"],
                         "compute_precision": "fp16" if compute_fp16 else "fp32",
@@ -219,7 +231,7 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool) -> 
     if recipe not in FLOAT_RECIPES:
         entry.extra["decompression"] = coreml.decompression_errors(module, weights, recipe)
     ok, why = coreml.predict_available()
-    if ok:
+    if ok and check:
         entry.parity["predict"] = run_parity(spec, TorchProgram(spec, module), coreml.CoreMLProgram(spec, path),
                                              examples)
         entry.extra["verified_by"] = "coremltools predict"
@@ -276,12 +288,12 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             t0 = time.time()
             try:
                 if fmt == "onnx":
-                    new = [export_onnx(spec, model, examples[name], tmp, opts.recipe)]
+                    new = [export_onnx(spec, model, examples[name], tmp, opts.recipe, opts.parity)]
                 elif fmt == "executorch":
-                    new = export_executorch(spec, model, examples[name], tmp, opts.recipe)
+                    new = export_executorch(spec, model, examples[name], tmp, opts.recipe, opts.parity)
                 else:
                     new = [export_coreml(spec, model, examples[name], tmp, opts.recipe,
-                                         fp16=opts.coreml_precision == "fp16")]
+                                         fp16=opts.coreml_precision == "fp16", check=opts.parity)]
             except UserError:
                 raise
             except Exception as exc:  # the converters raise anything; name graph, format and the op/cause
@@ -337,6 +349,8 @@ def print_summary(manifest: dict) -> None:
             p = f["parity"]
             if not p:
                 parity = "lowered only"
+            elif p.get("skipped"):
+                parity = "skipped"
             else:
                 db = min([x for x in (p.get("psnr_db"), p.get("min_step_psnr_db")) if x is not None], default=None)
                 parity = f"{db:.1f} dB" if db is not None else f"ids {p['id_agreement']:.2f}"
