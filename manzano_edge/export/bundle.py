@@ -246,6 +246,13 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, che
 def _finish(entry: Entry, path: Path, out: Path) -> Entry:
     entry.file = str(path.relative_to(out))
     entry.sha256, entry.bytes = path_digest(path)
+    side = sorted(p for p in path.parent.glob(f"{path.name}.*") if p.is_file())  # ONNX external weights (> 2 GB)
+    if side:
+        entry.extra["external_data"] = []
+        for p in side:
+            digest, size = path_digest(p)
+            entry.extra["external_data"].append({"file": str(p.relative_to(out)), "sha256": digest, "bytes": size})
+            entry.bytes += size
     return entry
 
 

@@ -57,6 +57,8 @@ class Bundle:
             raise UserError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)} or torch")
         entry = self.entry(graph, BACKEND_FORMAT[backend])
         path = self.verified_file(entry["file"], entry["sha256"])
+        for side in entry.get("external_data", []):
+            self.verified_file(side["file"], side["sha256"])
         spec = self.specs[graph]
         if backend == "ort":
             from manzano_edge.export.onnx import OrtProgram
