@@ -55,10 +55,10 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 200
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
-        "tokenizer": StageBudget(steps=2000, batch_size=32, lr=1e-3),
-        "decoder": StageBudget(steps=1800, batch_size=32, lr=1e-3),
-        "vae": StageBudget(steps=400, batch_size=16, lr=1e-3),
-        "dit": StageBudget(steps=1000, batch_size=32, lr=5e-4),
+        "tokenizer": StageBudget(steps=1500, batch_size=32, lr=1e-3),
+        "decoder": StageBudget(steps=1400, batch_size=32, lr=1e-3),
+        "vae": StageBudget(steps=300, batch_size=16, lr=1e-3),
+        "dit": StageBudget(steps=800, batch_size=32, lr=5e-4),
     })
 
     def scaled(self, factor: float) -> TrainConfig:
