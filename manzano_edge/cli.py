@@ -105,6 +105,7 @@ def cmd_generate(args) -> None:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"output {out} must end in .png or .jpg")
     pipe = _pipeline(args.checkpoint, args.bundle, args.backend)
+    pipe.generation_prompt_ids(args.prompt)  # fail on a bad prompt before any progress output
     s = _sampling(args)
     n = pipe.cfg.vision.num_image_tokens
     with tqdm(total=n + s.flow_steps, desc="generate", disable=args.quiet) as bar:

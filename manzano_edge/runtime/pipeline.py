@@ -127,12 +127,17 @@ class Pipeline:
         return self.codec.decode(out)
 
     # -- generation ------------------------------------------------------------------------------
+    def generation_prompt_ids(self, prompt: str) -> list[int]:
+        """Validate a text-to-image prompt (room for <bos>, <img_start>, N codes, <img_end>)."""
+        return self._prompt_ids(prompt, self.max_len - self.cfg.vision.num_image_tokens - 3)
+
     def generate_ids(self, prompt: str, sampling: SamplingConfig | None = None, seed: int = 0,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prompt -> N image-code ids [1, N], sampled between <img_start> and <img_end>."""
         s = sampling or SamplingConfig()
-        t, n = self.cfg.text, self.cfg.vision.num_image_tokens
-        text = self._prompt_ids(prompt, self.max_len - n - 3)
+        t = self.cfg.text
+        text = self.generation_prompt_ids(prompt)
+        n = self.cfg.vision.num_image_tokens
         cond = [t.bos_id, *text, t.img_start_id]
         guided = s.token_guidance != 1.0
         rows = [cond, [t.bos_id, t.img_start_id]] if guided else [cond]
