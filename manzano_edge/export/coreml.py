@@ -155,29 +155,27 @@ def emulated_module(module: nn.Module, weights: dict[str, np.ndarray], fp16: boo
 
 
 def decompression_errors(module: nn.Module, weights: dict[str, np.ndarray], recipe: str) -> dict:
-    """Check the decompressed weights against the float ones: each must lie within the
-    recipe's quantization step (int8: max|w|/127 per channel, int4: per block of 32; the
-    palette gets no closed-form bound, so its relative error is reported)."""
+    """Check the decompressed weights against the float ones: each must lie within about half
+    a quantization step (int8: max|w|/127, int4: max|w|/7, per output channel); the palette
+    gets no closed-form bound, so its relative error is reported."""
     worst, checked = 0.0, 0
     for name, tensor in module.state_dict().items():
         stored = weights.get(name.replace(".", "_"))
         if stored is None or tensor.dim() < 2 or tuple(stored.shape) != tuple(tensor.shape):
             continue
         w = tensor.float().numpy()
-        err = np.abs(stored.astype(np.float32) - w)
-        if recipe == "w8":
-            step = np.abs(w).reshape(w.shape[0], -1).max(1) / 127.0
-            ratio = (err.reshape(w.shape[0], -1).max(1) / np.maximum(step, 1e-12)).max()
-        elif recipe == "w4":
-            flat = w.reshape(w.shape[0], -1)
-            blocks = flat.reshape(flat.shape[0], -1, 32) if flat.shape[1] % 32 == 0 else flat[:, None, :]
-            step = np.abs(blocks).max(-1, keepdims=True) / 7.0
-            ratio = (err.reshape(blocks.shape) / np.maximum(step, 1e-12)).max()
+        err = np.abs(stored.astype(np.float32) - w).reshape(w.shape[0], -1)
+        if recipe in ("w8", "w4"):
+            # Step per output channel from the row max: a block's max never exceeds it, so this
+            # bounds per-block (w4) quantization too, whatever axis Core ML blocks along.
+            levels = 127.0 if recipe == "w8" else 7.0
+            step = np.abs(w).reshape(w.shape[0], -1).max(1, keepdims=True) / levels
+            ratio = float((err / np.maximum(step, 1e-12)).max())
         else:
             ratio = float(err.max() / max(np.abs(w).max(), 1e-12))
-        worst, checked = max(worst, float(ratio)), checked + 1
-    # Bound for linear recipes: half a step plus fp16 rounding of the scale -> under 0.51 steps.
-    bound = {"w8": 0.51, "w4": 0.51}.get(recipe)
+        worst, checked = max(worst, ratio), checked + 1
+    # Half a step, plus fp16 rounding of the scale and of the decompressed product (~0.06 step each).
+    bound = {"w8": 0.65, "w4": 0.65}.get(recipe)
     return {"checked": checked, "worst": worst, "bound": bound, "ok": checked > 0 and (bound is None or worst <= bound)}
 
 

@@ -52,6 +52,7 @@ class TensorSpec:
     name: str
     shape: tuple[int | Dim, ...]
     dtype: str = "float32"
+    allow_inf: bool = False  # additive attention masks carry -inf by design (never NaN)
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype,
@@ -75,8 +76,10 @@ class TensorSpec:
                 rng = f"{want.name} in [{want.min}, {want.max}]" if isinstance(want, Dim) else str(want)
                 raise UserError(f"{graph}: input '{self.name}' has shape {list(value.shape)}; expected "
                                 f"{self.to_json()['shape']} with {rng}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise UserError(f"{graph}: input '{self.name}' contains NaN or Inf")
+        if value.is_floating_point():
+            bad = torch.isnan(value).any() if self.allow_inf else not torch.isfinite(value).all()
+            if bad:
+                raise UserError(f"{graph}: input '{self.name}' contains NaN{'' if self.allow_inf else ' or Inf'}")
 
 
 @dataclass
@@ -177,7 +180,8 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   outputs=(TensorSpec("embeds", (1, seq, width)),),
                   build=_Embed),
         GraphSpec("decoder", "decoder",
-                  inputs=(TensorSpec("inputs_embeds", (1, seq, width)), TensorSpec("causal_mask", (1, 1, seq, end))),
+                  inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
+                          TensorSpec("causal_mask", (1, 1, seq, end), allow_inf=True)),
                   outputs=(TensorSpec("logits", (1, seq, cfg.vocab_size)),),
                   states=(TensorSpec("k_cache", cache), TensorSpec("v_cache", cache)),
                   build=lambda m: StatefulDecoder(m.decoder), build_explicit=lambda m: ExplicitKVDecoder(m.decoder)),
