@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import export_program
+from manzano_edge.export.common import TorchProgram, export_program
 from manzano_edge.export.spec import Dim, GraphSpec
 
 SUFFIX = ".mlpackage"
@@ -179,23 +179,17 @@ def decompression_errors(module: nn.Module, weights: dict[str, np.ndarray], reci
     return {"checked": checked, "worst": worst, "bound": bound, "ok": checked > 0 and (bound is None or worst <= bound)}
 
 
-class EmulatedProgram:
+class EmulatedProgram(TorchProgram):
     """Linux stand-in for Core ML: the reference graph with Core ML's weights and precision."""
 
     def __init__(self, spec: GraphSpec, module: nn.Module, fp16: bool) -> None:
-        self.spec, self.module, self.fp16 = spec, module, fp16
+        super().__init__(spec, module)
+        self.fp16 = fp16
 
-    def reset(self) -> None:
-        if hasattr(self.module, "reset"):
-            self.module.reset()
-
-    @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args = [inputs[t.name].half() if self.fp16 and inputs[t.name].is_floating_point() else inputs[t.name]
-                for t in self.spec.inputs]
-        out = self.module(*args)
-        out = out if isinstance(out, tuple) else (out,)
-        return {t.name: o.float() if o.is_floating_point() else o for t, o in zip(self.spec.outputs, out)}
+        if self.fp16:
+            inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
+        return {k: v.float() if v.is_floating_point() else v for k, v in super().run(inputs).items()}
 
 
 def predict_available() -> tuple[bool, str]:

@@ -55,11 +55,14 @@ class OrtProgram:
     def reset(self) -> None:
         self.state = {k: v.numpy() for k, v in initial_states(self.spec).items()}
 
+    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(None, feed)))
+
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
         feed.update(self.state)
-        names = [o.name for o in self.session.get_outputs()]
-        values = dict(zip(names, self.session.run(None, feed)))
+        values = self._evaluate(feed)
         for s in self.spec.states:
             self.state[s.name] = values.pop(f"{s.name}_out")
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
@@ -75,10 +78,5 @@ class ReferenceProgram(OrtProgram):
         self.evaluator = ReferenceEvaluator(str(path))
         self.reset()
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
-        feed.update(self.state)
-        values = dict(zip(self.evaluator.output_names, self.evaluator.run(None, feed)))
-        for s in self.spec.states:
-            self.state[s.name] = values.pop(f"{s.name}_out")
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
+    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.evaluator.output_names, self.evaluator.run(None, feed)))
