@@ -101,3 +101,18 @@ def test_generation_batch_weights_image_tokens_half(tiny_codec):
     image = targets >= cfg.image_token_offset
     assert image.sum() == 32 and torch.all(weights[image] == 0.5)
     assert torch.all(weights[targets == cfg.text.img_end_id] == 1.0)
+
+
+def test_understanding_batch_has_one_row_per_question(tiny_codec):
+    cfg = preset("tiny")
+    src = SceneSource(cfg.vision.image_size, seed=3, questions_per_image=3)
+    examples = [src.sample() for _ in range(4)]
+    batch = understanding_batch(examples, tiny_codec, cfg)
+    assert batch["pixels"].shape[0] == 4 and batch["tokens"].shape[0] == 12
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # each row's answer tokens are exactly its own pair's answer
+    answers = [answer for ex in examples for _, answer in ex.qa]
+    for row, answer in enumerate(answers):
+        target = batch["targets"][row]
+        ids = target[target != -100].tolist()
+        assert ids == tiny_codec.encode(answer) + [cfg.text.eos_id]

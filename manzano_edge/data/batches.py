@@ -2,6 +2,7 @@
 
 Sequence layouts over the joint vocabulary (one place, shared by training and the runtime):
 - understanding: <bos> <img_start> [N image embeddings] <img_end> question <sep> answer <eos>
+  (one row per question; a scene carries several, so one image pass feeds several rows)
 - generation:    <bos> prompt <img_start> [N image-code tokens] <img_end>
 - text:          <bos> text <eos>
 Loss weights follow the paper: text 1.0, image tokens 0.5.
@@ -30,26 +31,38 @@ UNDERSTANDING_IMAGE_SLOT = 2  # image embeddings start after <bos> <img_start>
 @dataclass
 class Example:
     pixels: torch.Tensor  # [3, H, W]
-    question: str
-    answer: str
+    qa: list[tuple[str, str]]  # (question, answer) pairs about this image; a caption is one of them
     prompt: str  # text-to-image prompt for this image
+
+    @property
+    def question(self) -> str:
+        return self.qa[0][0]
+
+    @property
+    def answer(self) -> str:
+        return self.qa[0][1]
 
 
 class SceneSource:
     """Endless procedural examples; a given seed always yields the same stream."""
 
-    def __init__(self, image_size: int, seed: int) -> None:
+    def __init__(self, image_size: int, seed: int, questions_per_image: int = 3) -> None:
         self.image_size = image_size
         self.rng = np.random.default_rng(seed)
+        # Several questions per scene: the image encoder dominates a step's cost, and one pass
+        # then supervises several answers (VQA stalled at ~57% with one question per image).
+        self.questions_per_image = questions_per_image
 
     def sample(self, caption_prob: float = 0.4) -> Example:
         scene = scenes.sample_scene(self.rng)
         pixels = to_pixels(scenes.render(scene, self.image_size), self.image_size)[0]
-        if self.rng.random() < caption_prob:
-            question, answer = scenes.caption_question(self.rng), scenes.caption(scene)
-        else:
-            question, answer = scenes.question_answer(scene, self.rng)
-        return Example(pixels, question, answer, scenes.generation_prompt(scene, self.rng))
+        qa = []
+        for _ in range(self.questions_per_image):
+            if self.rng.random() < caption_prob:
+                qa.append((scenes.caption_question(self.rng), scenes.caption(scene)))
+            else:
+                qa.append(scenes.question_answer(scene, self.rng))
+        return Example(pixels, qa, scenes.generation_prompt(scene, self.rng))
 
 
 class FolderSource:
@@ -83,7 +96,7 @@ class FolderSource:
             q, a = str(rec["question"]), str(rec["answer"])
         else:
             q, a = scenes.caption_question(self.rng), str(rec["caption"])
-        return Example(pixels, q, a, str(rec["caption"]))
+        return Example(pixels, [(q, a)], str(rec["caption"]))
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -92,18 +105,21 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def understanding_batch(examples: list[Example], codec: TextCodec, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """tokens with placeholder ids at the N image slots (filled with embeddings by the model)."""
+    """One row per (question, answer) pair, with placeholder ids at the N image slots (filled
+    with embeddings by the model); `image_index[row]` is the row's image in `pixels`."""
     t, n = cfg.text, cfg.vision.num_image_tokens
-    tokens, targets = [], []
-    for ex in examples:
-        prefix = [t.bos_id, t.img_start_id] + [t.pad_id] * n + [t.img_end_id] + codec.encode(ex.question) + [t.sep_id]
-        answer = codec.encode(ex.answer) + [t.eos_id]
-        seq = prefix + answer
-        tokens.append(seq[:-1])
-        targets.append([IGNORE] * (len(prefix) - 1) + answer)
+    tokens, targets, image_index = [], [], []
+    for i, ex in enumerate(examples):
+        for question, answer_text in ex.qa:
+            prefix = [t.bos_id, t.img_start_id] + [t.pad_id] * n + [t.img_end_id] + codec.encode(question) + [t.sep_id]
+            answer = codec.encode(answer_text) + [t.eos_id]
+            seq = prefix + answer
+            tokens.append(seq[:-1])
+            targets.append([IGNORE] * (len(prefix) - 1) + answer)
+            image_index.append(i)
     toks, tgts = _pad(tokens, t.pad_id), _pad(targets, IGNORE)
     return {"pixels": torch.stack([ex.pixels for ex in examples]), "tokens": toks, "targets": tgts,
-            "weights": (tgts != IGNORE).float()}
+            "weights": (tgts != IGNORE).float(), "image_index": torch.tensor(image_index, dtype=torch.long)}
 
 
 def generation_batch(prompts: list[str], image_ids: torch.Tensor, codec: TextCodec, cfg: ModelConfig,

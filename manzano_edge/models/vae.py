@@ -62,9 +62,10 @@ class VAE(nn.Module):
         self.encoder = VAEEncoder(cfg)
         self.decoder = VAEDecoder(cfg)
 
-    def loss(self, pixels: torch.Tensor, kl_weight: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: pixels -> (reconstruction through a sampled latent, KL to N(0, I)).
+        The reconstruction loss is the caller's choice (the trainer weights the foreground)."""
         mean, logvar = self.encoder(pixels)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        recon = self.decoder(z)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + kl_weight * kl, recon
+        return self.decoder(z), kl

@@ -55,9 +55,9 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 200
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
-        "tokenizer": StageBudget(steps=1500, batch_size=32, lr=1e-3),
-        "decoder": StageBudget(steps=1400, batch_size=32, lr=1e-3),
-        "vae": StageBudget(steps=300, batch_size=16, lr=1e-3),
+        "tokenizer": StageBudget(steps=2000, batch_size=32, lr=1e-3),
+        "decoder": StageBudget(steps=1800, batch_size=32, lr=1e-3),
+        "vae": StageBudget(steps=600, batch_size=16, lr=1e-3),
         "dit": StageBudget(steps=800, batch_size=32, lr=5e-4),
     })
 
@@ -203,7 +203,8 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
     """Run (or resume) every stage; returns the final checkpoint directory."""
     maybe_init_distributed()
     rank, world = dist_info()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1:  # split the cores between ranks; a single process keeps torch's default (honours OMP_NUM_THREADS)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = run_dir / "model"

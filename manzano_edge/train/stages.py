@@ -113,7 +113,7 @@ class TokenizerStage(nn.Module):
         discrete = self.tokenizer.discrete.codes_to_features(codes)
         # One adapter per sample, picked at random (paper); both are computed so DDP sees every param used.
         use_discrete = torch.from_numpy(rng.random(len(examples)) < 0.5)[:, None, None]
-        image_embeds = torch.where(use_discrete, discrete, continuous)
+        image_embeds = torch.where(use_discrete, discrete, continuous)[batch["image_index"]]
         embeds = splice_image_embeddings(self.helper_lm.embed(batch["tokens"]), image_embeds)
         lm_loss = weighted_lm_loss(self.helper_lm(inputs_embeds=embeds), batch["targets"], batch["weights"])
         recon, target = self.pixel_decoder(codes), self.pixel_decoder.target(batch["pixels"])
@@ -143,7 +143,8 @@ class DecoderStage(nn.Module):
             features = self.encoder(pixels)
             ids = self.discrete.fsq.codes_to_indices(self.discrete.codes(features[half:]))
         ub = understanding_batch(und, self.codec, self.cfg)
-        embeds = splice_image_embeddings(self.decoder.embed(ub["tokens"]), self.continuous(features[:half]))
+        image_embeds = self.continuous(features[:half])[ub["image_index"]]
+        embeds = splice_image_embeddings(self.decoder.embed(ub["tokens"]), image_embeds)
         und_loss = weighted_lm_loss(self.decoder(inputs_embeds=embeds), ub["targets"], ub["weights"])
         gb = generation_batch([ex.prompt for ex in gen], ids, self.codec, self.cfg, rng)
         gen_loss = weighted_lm_loss(self.decoder(tokens=gb["tokens"]), gb["targets"], gb["weights"])
@@ -155,14 +156,20 @@ class DecoderStage(nn.Module):
 
 
 class VAEStage(nn.Module):
+    """Foreground-weighted like the tokenizer's reconstruction head: with a plain mean the VAE
+    decoded every latent to background and reconstructions through tokens scored 0."""
+
+    KL_WEIGHT = 1e-4
+
     def __init__(self, model: Manzano) -> None:
         super().__init__()
         self.vae = model.vae
 
     def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         pixels = torch.stack([ex.pixels for ex in examples])
-        loss, _ = self.vae.loss(pixels)
-        return loss, {"vae": loss.item()}
+        recon, kl = self.vae.reconstruct(pixels)
+        recon_loss = foreground_weighted_loss(recon, pixels)
+        return recon_loss + self.KL_WEIGHT * kl, {"recon": recon_loss.item(), "kl": kl.item()}
 
 
 class DiTStage(nn.Module):
