@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,7 +36,10 @@ from manzano_edge.export.spec import GraphSpec, graph_specs, real_examples
 from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
 from manzano_edge.metrics import compare
 from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
-from manzano_edge.quant.recipes import FLOAT_RECIPES, FORMATS, SUPPORT, check_supported
+from manzano_edge.quant import calibration as calib
+from manzano_edge.quant import onnx_ptq, xnnpack_ptq
+from manzano_edge.quant.overrides import KeepFloat, check_all_matched, parse_keep_float, resolve_layers
+from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, FLOAT_RECIPES, FORMATS, SUPPORT, check_mode, check_supported
 
 MANIFEST = "manifest.json"
 NULL_CONDITION_FILE = "diffusion_null_condition.safetensors"
@@ -60,6 +64,10 @@ class ExportOptions:
     decode_steps: int = 16
     show_progress: bool = True
     parity: bool = True  # False: structure only (for random-weight, paper-sized presets)
+    keep_float: str | None = None  # "lm_head,layers.0,graph:vae_decoder" (quant/overrides.py)
+    calibration_samples: int = 8  # generated calibration samples (static w8a8)
+    calibration_file: str | None = None  # safetensors <graph>.<sample>.<input>, replaces the generated ones
+    w8a8_mode: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_W8A8_MODE))
 
 
 @dataclass
@@ -159,12 +167,104 @@ def judge(entry: Entry, recipe: str, fp16_compute: bool) -> None:
     entry.passed = (worst is None or worst >= db_bar) and (p.get("id_agreement") is None or p["id_agreement"] >= id_bar)
 
 
+@dataclass
+class QuantPlan:
+    """What a quantized export needs per graph: the recipe, layers kept float, calibration."""
+
+    recipe: str
+    keep: KeepFloat
+    modes: dict[str, str]
+    calibration: dict[str, list] = field(default_factory=dict)
+    calibration_source: str = ""
+    layer_modules: dict[tuple[str, bool], list[str]] = field(default_factory=dict)  # (graph, explicit) -> names
+
+    def recipe_for(self, graph: str) -> str:
+        return "fp32" if graph in self.keep.graphs else self.recipe
+
+    def keep_modules(self, spec: GraphSpec, model: Manzano, explicit_state: bool) -> list[str]:
+        key = (spec.name, explicit_state)
+        if key not in self.layer_modules:
+            module = build_module(spec, model, explicit_state)
+            self.layer_modules[key] = resolve_layers(module, self.keep).modules
+        return self.layer_modules[key]
+
+    def manifest(self, graph: str, fmt: str, info: dict) -> dict:
+        out = {"name": self.recipe_for(graph), "requested": self.recipe}
+        if graph in self.keep.graphs:
+            out["kept_float"] = f"--keep-float graph:{graph}"
+        if info:
+            out["details"] = info
+        if not self.keep.empty:
+            out["keep_float"] = self.keep.to_json()
+        return out
+
+
+def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSpec], graphs: list[str],
+                      opts: ExportOptions) -> QuantPlan | None:
+    if opts.recipe in FLOAT_RECIPES:
+        if opts.keep_float:
+            raise UserError(f"--keep-float only applies to quantized recipes; '{opts.recipe}' is float already")
+        return None
+    keep = parse_keep_float(opts.keep_float, list(specs))
+    if keep.layers and "coreml" in opts.formats:
+        raise UserError("per-layer --keep-float is not implemented for coreml; keep whole graphs with graph:NAME")
+    modes = {fmt: check_mode(fmt, opts.w8a8_mode.get(fmt, DEFAULT_W8A8_MODE.get(fmt, "dynamic")))
+             for fmt in ("onnx", "executorch")}
+    plan = QuantPlan(opts.recipe, keep, modes)
+    matched: set[str] = set()
+    for name in graphs:
+        if name not in keep.graphs:
+            matched |= resolve_layers(build_module(specs[name], model, False), keep).matched_items
+    check_all_matched(keep, matched, [g for g in graphs if g not in keep.graphs])
+    needs_calibration = opts.recipe == "w8a8" and any(modes.get(f) == "static" for f in opts.formats)
+    if needs_calibration:
+        if opts.calibration_file:
+            plan.calibration = calib.from_file(opts.calibration_file, specs)
+            plan.calibration_source = f"file {Path(opts.calibration_file).name}"
+        else:
+            plan.calibration = calib.generated(model, codec, opts.calibration_samples)
+            plan.calibration_source = f"generated: {opts.calibration_samples} samples (seeds from {calib.CALIBRATION_SEED})"
+        for name in graphs:
+            if name not in keep.graphs:
+                if not plan.calibration.get(name):
+                    raise UserError(f"calibration data has no samples for graph '{name}'")
+                calib.check_shapes(specs[name], plan.calibration[name])
+    return plan
+
+
+def _cannot_quantize(spec: GraphSpec, fmt: str, recipe: str, why: str) -> UserError:
+    return UserError(f"recipe '{recipe}' cannot quantize graph '{spec.name}' on {fmt}: {why}; keep it float with "
+                     f"--keep-float graph:{spec.name} or leave it out with --graphs")
+
+
+def _check_smaller(entry: Entry, float_bytes: int) -> None:
+    entry.extra["float_bytes"] = float_bytes
+    if entry.bytes >= float_bytes:
+        entry.passed = False
+        entry.error = f"quantized file ({entry.bytes} B) is not smaller than the float one ({float_bytes} B)"
+
+
 # -- per format ----------------------------------------------------------------------------------
-def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = True) -> Entry:
+def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = True,
+                plan: QuantPlan | None = None) -> Entry:
     entry = Entry(spec.name, "onnx")
     path = out / "onnx" / f"{spec.name}{onnx.SUFFIX}"
     module = build_module(spec, model, explicit_state=True)
-    onnx.export(spec, module, examples[0], path)
+    if recipe in FLOAT_RECIPES:
+        onnx.export(spec, module, examples[0], path)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path = Path(tmp) / path.name
+            onnx.export(spec, module, examples[0], float_path)
+            mode = plan.modes["onnx"] if recipe == "w8a8" else "nbits"
+            info = onnx_ptq.quantize(spec, float_path, path, recipe, mode, plan.calibration.get(spec.name),
+                                     plan.keep_modules(spec, model, True))
+            if not onnx_ptq.quantized_anything(info):
+                why = "MatMulNBits covers MatMul weights only" if mode == "nbits" else \
+                    f"no {'/'.join(info['op_types'])} node with constant weights"
+                raise _cannot_quantize(spec, "onnx", recipe, why)
+            entry.extra["quantization"] = info
+            float_bytes = path_digest(float_path)[1]
     if not check:
         entry.parity = dict(SKIPPED)
     else:
@@ -178,14 +278,21 @@ def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = Tru
     entry.extra["opset"] = onnx.OPSET
     entry.extra["verified_by"] = "onnxruntime"
     judge(entry, recipe, fp16_compute=False)
-    return _finish(entry, path, out)
+    entry = _finish(entry, path, out)
+    if recipe not in FLOAT_RECIPES:
+        _check_smaller(entry, float_bytes)
+    return entry
 
 
-def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool = True) -> list[Entry]:
+def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool = True,
+                      plan: QuantPlan | None = None) -> list[Entry]:
     entries = []
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
-    xnn.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack")
+    if recipe in FLOAT_RECIPES:
+        xnn.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack")
+    else:
+        _quantized_xnnpack(spec, model, examples, path, recipe, plan, xnn)
     xnn.parity = dict(SKIPPED) if not check else run_parity(
         spec, TorchProgram(spec, build_module(spec, model, False)), executorch.EtProgram(spec, path), examples)
     xnn.extra["io"] = spec.manifest_io(explicit_state=False)
@@ -193,6 +300,9 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     xnn.extra["verified_by"] = "executorch.runtime"
     judge(xnn, recipe, fp16_compute=False)
     entries.append(_finish(xnn, path, out))
+    if recipe not in FLOAT_RECIPES:
+        _check_smaller(xnn, xnn.extra.pop("_float_bytes"))
+        return entries  # the Core ML delegate program is float-only here; Core ML recipes go through `coreml`
     apple = Entry(spec.name, "executorch-coreml")
     path = out / "executorch-coreml" / f"{spec.name}{executorch.SUFFIX}"
     apple.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "coreml")
@@ -201,6 +311,22 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     apple.extra["verified_by"] = "structure only: CoreMLBackend runs on Apple hardware"
     entries.append(_finish(apple, path, out))
     return entries
+
+
+def _quantized_xnnpack(spec, model, examples, path: Path, recipe: str, plan: QuantPlan, entry: Entry) -> None:
+    module = build_module(spec, model, False)
+    mode = plan.modes["executorch"] if recipe == "w8a8" else "8da4w"
+    program, info = xnnpack_ptq.quantize(spec, module, examples[0], recipe, mode, plan.calibration.get(spec.name),
+                                         plan.keep_modules(spec, model, False))
+    buffer, delegates, graph = executorch.lower_program(program, executorch.xnnpack_partitioner())
+    info["delegation"] = xnnpack_ptq.delegation(graph)
+    if info["delegation"]["quant_ops_delegated"] == 0:
+        raise _cannot_quantize(spec, "executorch", recipe, "no quantized op ends up inside an XNNPACK delegate "
+                               f"({info['delegation']['quant_ops_not_delegated']} left on portable kernels)")
+    path.write_bytes(buffer)
+    entry.extra.update({"delegates": delegates, "quantization": info})
+    # An fp32 .pte is its float weights plus a small program: compare against that.
+    entry.extra["_float_bytes"] = sum(t.numel() * 4 for t in module.state_dict().values() if t.is_floating_point())
 
 
 def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, check: bool = True) -> Entry:
@@ -288,6 +414,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
         for p in model.parameters():
             p.requires_grad_(False)
         examples = real_examples(model, codec, decode_steps=opts.decode_steps).per_graph
+        plan = plan_quantization(model, codec, specs, graphs, opts)
         entries: list[Entry] = []
         tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
         bar = tqdm(tasks, desc="export", disable=not opts.show_progress, dynamic_ncols=True)
@@ -295,14 +422,16 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             bar.set_description(f"export {name} -> {fmt}")
             spec = specs[name]
             t0 = time.time()
+            recipe = plan.recipe_for(name) if plan else opts.recipe
             try:
                 if fmt == "onnx":
-                    new = [export_onnx(spec, model, examples[name], tmp, opts.recipe, opts.parity)]
+                    new = [export_onnx(spec, model, examples[name], tmp, recipe, opts.parity, plan)]
                 elif fmt == "executorch":
-                    new = export_executorch(spec, model, examples[name], tmp, opts.recipe, opts.parity)
+                    new = export_executorch(spec, model, examples[name], tmp, recipe, opts.parity, plan)
                 else:
-                    new = [export_coreml(spec, model, examples[name], tmp, opts.recipe,
-                                         fp16=opts.coreml_precision == "fp16", check=opts.parity)]
+                    new = [export_coreml(spec, model, examples[name], tmp, recipe,
+                                         fp16=opts.coreml_precision == "fp16" or recipe != opts.recipe,
+                                         check=opts.parity)]
             except UserError:
                 raise
             except Exception as exc:  # the converters raise anything; name graph, format and the op/cause
@@ -312,11 +441,11 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             for e in new:
                 e.seconds = round(time.time() - t0, 2)
             entries.extend(new)
-        manifest = build_manifest(model, opts, entries)
+        manifest = build_manifest(model, opts, entries, plan)
         failed = [e for e in entries if not e.passed]
         if failed:
             print_summary(manifest)
-            names = ", ".join(f"{e.graph}/{e.fmt}" for e in failed)
+            names = ", ".join(f"{e.graph}/{e.fmt}" + (f" ({e.error})" if e.error else "") for e in failed)
             raise ExportFailed(f"parity check failed for {names}; nothing was written to {out}")
         model.cfg.save(tmp / CONFIG_FILE)
         (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
@@ -333,21 +462,26 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
     return manifest
 
 
-def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry]) -> dict:
+def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], plan: QuantPlan | None = None) -> dict:
     graphs: dict[str, dict] = {}
     specs = graph_specs(model.cfg)
     for e in entries:
         g = graphs.setdefault(e.graph, {"family": specs[e.graph].family, "formats": {}})
-        how = SUPPORT[(e.fmt.split("-")[0], opts.recipe)].how
-        if e.fmt == "coreml" and opts.recipe in FLOAT_RECIPES:
+        recipe = plan.recipe_for(e.graph) if plan else opts.recipe
+        how = SUPPORT[(e.fmt.split("-")[0], recipe)].how
+        if e.fmt == "coreml" and recipe in FLOAT_RECIPES:
             how = f"mlprogram, {e.extra['compute_precision']} compute"
-        g["formats"][e.fmt] = {"file": e.file, "sha256": e.sha256, "bytes": e.bytes,
-                               "recipe": {"name": opts.recipe, "how": how},
+        info = e.extra.pop("quantization", {})
+        rec = {"name": recipe, "how": how, **(plan.manifest(e.graph, e.fmt, info) if plan else {})}
+        g["formats"][e.fmt] = {"file": e.file, "sha256": e.sha256, "bytes": e.bytes, "recipe": rec,
                                "export_seconds": e.seconds, "parity": e.parity, "passed": e.passed, **e.extra}
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": model.cfg.name, "config": CONFIG_FILE, "tokenizer": TOKENIZER_FILE,
                       "parameters": sum(p.numel() for p in model.parameters())},
             "recipe": opts.recipe, "coreml_compute_precision": opts.coreml_precision,
+            **({"quantization": {"keep_float": plan.keep.to_json(), "w8a8_mode": plan.modes,
+                                 "calibration": plan.calibration_source or "none (no static activations)"}}
+               if plan else {}),
             "tools": tool_versions(), "graphs": graphs}
 
 

@@ -33,13 +33,19 @@ def _exir():
 
 def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], partitioner) -> tuple[bytes, int]:
     """Returns (program bytes, number of delegated partitions)."""
+    buffer, delegates, _ = lower_program(export_program(spec, module, example, explicit_state=False), partitioner)
+    return buffer, delegates
+
+
+def lower_program(ep: torch.export.ExportedProgram, partitioner) -> tuple[bytes, int, torch.fx.GraphModule]:
+    """(program bytes, delegated partitions, the lowered edge graph for inspection)."""
     to_edge_transform_and_lower, BackendConfig, SymShapePass = _exir()
-    ep = export_program(spec, module, example, explicit_state=False)
     edge = to_edge_transform_and_lower(ep, partitioner=[partitioner])
-    delegates = sum(1 for n in edge.exported_program().graph.nodes
+    graph = edge.exported_program().graph_module
+    delegates = sum(1 for n in graph.graph.nodes
                     if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
     program = edge.to_executorch(BackendConfig(sym_shape_eval_pass=SymShapePass()))
-    return program.buffer, delegates
+    return program.buffer, delegates, graph
 
 
 def xnnpack_partitioner():

@@ -4,7 +4,7 @@
 |----------|-----------------------------|---------------------------------|
 | fp32     | float32                     | float32                         |
 | fp16     | float16                     | float16                         |
-| w8       | int8 per-channel            | float                           |
+| w8       | int8 per-channel / block 32 | float                           |
 | w8a8     | int8 per-channel            | int8 (dynamic per-token/static) |
 | w4       | int4 per-group (group 32)   | int8 dynamic (XNNPACK) / float  |
 | palette4 | 4-bit k-means LUT           | float                           |
@@ -39,16 +39,19 @@ SUPPORT: dict[tuple[str, str], Support] = {
                                        "it comes through the QAT route, which this release does not have yet"),
     ("onnx", "fp32"): Support(True, "torch.onnx dynamo export, float32"),
     ("onnx", "fp16"): Support(False, "onnxruntime's CPU provider has no fp16 kernels for most ops; use fp32"),
-    ("onnx", "w8"): Support(False, "weight-only int8 for onnxruntime is not in this release; use fp32"),
-    ("onnx", "w8a8"): Support(False, "onnxruntime int8 quantization is not in this release; use fp32"),
-    ("onnx", "w4"): Support(False, "onnxruntime 4-bit MatMulNBits is not in this release; use fp32"),
+    ("onnx", "w8"): Support(True, "onnxruntime MatMulNBits bits=8, block 32, symmetric (weight-only; MatMul weights)"),
+    ("onnx", "w8a8"): Support(True, "onnxruntime.quantization int8: dynamic (default) or static QDQ restricted to "
+                                    "MatMul/Gemm/Conv"),
+    ("onnx", "w4"): Support(True, "onnxruntime MatMulNBits bits=4, block 32, symmetric (weight-only; MatMul weights)"),
     ("onnx", "palette4"): Support(False, "palettization is a Core ML format; ONNX has no LUT weights"),
     ("executorch", "fp32"): Support(True, "XNNPACK fp32 (+ Core ML delegate program)"),
     ("executorch", "fp16"): Support(False, "XNNPACK fp16 kernels do not run on x86 hosts; use fp32"),
     ("executorch", "w8"): Support(False, "torchao weight-only int8 lowered to XNNPACK gives wrong numbers "
                                          "(TOOLCHAIN gotcha 3); use w8a8"),
-    ("executorch", "w8a8"): Support(False, "torchao/pt2e int8 for XNNPACK is not in this release; use fp32"),
-    ("executorch", "w4"): Support(False, "torchao 8da4w for XNNPACK is not in this release; use fp32"),
+    ("executorch", "w8a8"): Support(True, "pt2e XNNPACKQuantizer int8 per-channel on linear/conv, dynamic (default) "
+                                          "or static activations"),
+    ("executorch", "w4"): Support(True, "torchao Int8DynamicActivationIntxWeightConfig int4 group 32 (8da4w) on "
+                                        "Linear"),
     ("executorch", "palette4"): Support(False, "palettization is a Core ML format; XNNPACK has no LUT weights"),
 }
 
@@ -67,3 +70,15 @@ def check_supported(fmt: str, recipe: str) -> None:
     support = SUPPORT[(fmt, recipe)]
     if not support.ok:
         raise UserError(f"recipe '{recipe}' is not available for {fmt}: {support.how}")
+
+
+# Measured on the embedded tiny model (README "Quantization"): per-call (dynamic) activation
+# scales beat MinMax-calibrated static ones on every graph, on both backends.
+DEFAULT_W8A8_MODE = {"onnx": "dynamic", "executorch": "dynamic"}
+W8A8_MODES = ("dynamic", "static")
+
+
+def check_mode(fmt: str, mode: str) -> str:
+    if mode not in W8A8_MODES:
+        raise UserError(f"unknown w8a8 activation mode '{mode}' for {fmt}; choose from {', '.join(W8A8_MODES)}")
+    return mode

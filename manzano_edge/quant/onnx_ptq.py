@@ -1,0 +1,166 @@
+"""ONNX recipes through onnxruntime.quantization (no hand-written quantizer).
+
+- w8a8 static:  quant_pre_process + quantize_static, QDQ, int8 per-channel symmetric weights,
+                uint8 activations calibrated (MinMax) on real inputs, restricted to
+                MatMul/Gemm/Conv: quantizing every op type (the mask add, softmax, norms, the
+                KV-cache I/O) ruins the decoder (TOOLCHAIN gotcha 2).
+- w8a8 dynamic: quantize_dynamic, int8 per-channel weights, activations quantized per call
+                (DynamicQuantizeLinear + MatMulInteger / ConvInteger).
+- w8 / w4:      MatMulNBits (bits 8 / 4, block 32, symmetric), weight-only, float activations.
+                Only MatMul weights are covered: Conv/Gemm stay float.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from manzano_edge.errors import UserError
+from manzano_edge.export.spec import GraphSpec
+from manzano_edge.quant.calibration import Sequences
+
+W8A8_MODES = ("static", "dynamic")
+STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
+DYNAMIC_OP_TYPES = ["MatMul", "Conv"]  # Gemm has no integer kernel in ORT's dynamic path
+BLOCK = 32
+INTEGER_OPS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
+               "MatMulNBits", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul")
+
+
+# -- calibration feeds ----------------------------------------------------------------------------
+def explicit_feeds(spec: GraphSpec, float_path: Path, sequences: Sequences) -> list[dict[str, np.ndarray]]:
+    """Full ONNX feeds (KV-cache inputs included) for each calibration step: the float model is
+    run over each sequence so the decoder's cache inputs hold real values."""
+    from manzano_edge.export.onnx import OrtProgram
+
+    program = OrtProgram(spec, float_path)
+    feeds = []
+    for seq in sequences:
+        program.reset()
+        for step in seq:
+            feeds.append({**{t.name: step[t.name].numpy() for t in spec.inputs}, **dict(program.state)})
+            program.run(step)
+    return feeds
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over precomputed feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+# -- keep-float ------------------------------------------------------------------------------------
+def nodes_in_modules(model: onnx.ModelProto, modules: list[str], op_types: tuple[str, ...]) -> list[str]:
+    """Names of `op_types` nodes that the dynamo exporter attributes to one of `modules` (its
+    `pkg.torch.onnx.name_scopes` metadata lists the module path of each node)."""
+    wanted = set(modules)
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if any(f"'{m}'" in scopes for m in wanted):
+            out.append(node.name)
+    return out
+
+
+# -- the recipes -----------------------------------------------------------------------------------
+def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mode: str,
+             calibration: Sequences | None, keep_modules: list[str]) -> dict:
+    """Quantize `float_path` into `out_path`; returns what was done (for the manifest)."""
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    model = onnx.load(str(float_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        _pre_process(float_path, pre)
+        if recipe == "w8a8" and mode == "static":
+            exclude = nodes_in_modules(model, keep_modules, tuple(STATIC_OP_TYPES))
+            _static(spec, float_path, pre, out_path, calibration, STATIC_OP_TYPES, exclude)
+        elif recipe == "w8a8" and mode == "dynamic":
+            exclude = nodes_in_modules(model, keep_modules, tuple(DYNAMIC_OP_TYPES))
+            _dynamic(pre, out_path, exclude)
+        elif recipe in ("w8", "w4"):
+            exclude = nodes_in_modules(model, keep_modules, ("MatMul",))
+            _nbits(pre, out_path, 8 if recipe == "w8" else 4, exclude)
+        else:
+            raise UserError(f"recipe '{recipe}' (mode {mode}) has no onnxruntime implementation")
+    onnx.checker.check_model(str(out_path))
+    ops = integer_ops(onnx.load(str(out_path)))
+    info = {"tool": "onnxruntime.quantization", "mode": mode, "integer_ops": ops, "kept_float_nodes": exclude}
+    if recipe == "w8a8" and mode == "static":
+        info.update(op_types=STATIC_OP_TYPES, activations="uint8 per-tensor, MinMax calibration",
+                    weights="int8 symmetric per-channel", calibration_steps=sum(len(s) for s in calibration or []))
+    elif recipe == "w8a8":
+        info.update(op_types=DYNAMIC_OP_TYPES, activations="uint8 dynamic per-call", weights="int8 per-channel")
+    else:
+        info.update(op_types=["MatMul"], activations="float", weights=f"int{8 if recipe == 'w8' else 4} "
+                    f"symmetric, block {BLOCK} (MatMulNBits)")
+    return info
+
+
+def _pre_process(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # skip_optimization keeps node names, which keep-float exclusions refer to.
+    try:
+        quant_pre_process(str(src), str(dst), skip_optimization=True)
+    except Exception:  # symbolic shape inference gives up on some dynamo graphs: quantize the export as is
+        shutil.copy(src, dst)
+
+
+def _static(spec: GraphSpec, float_path: Path, pre: Path, out: Path, calibration: Sequences | None,
+            op_types: list[str], exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise UserError(f"{spec.name}: static w8a8 needs calibration data (--calibration-samples >= 1)")
+    feeds = explicit_feeds(spec, float_path, calibration)
+    quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                    nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"WeightSymmetric": True})
+
+
+def _dynamic(pre: Path, out: Path, exclude: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OP_TYPES, per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+
+
+def _nbits(pre: Path, out: Path, bits: int, exclude: list[str]) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=bits, block_size=BLOCK, is_symmetric=True,
+                             nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+# -- inspection ------------------------------------------------------------------------------------
+def integer_ops(model: onnx.ModelProto) -> dict:
+    """Op histogram of the integer machinery plus how many initializers are stored as integers
+    (a 'quantized' graph with none of these is float in disguise)."""
+    ops = Counter(n.op_type for n in model.graph.node if n.op_type in INTEGER_OPS)
+    int_inits = [i for i in model.graph.initializer
+                 if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4,
+                                    onnx.TensorProto.UINT4)]
+    return {"ops": dict(ops), "integer_initializers": len(int_inits),
+            "integer_weight_bytes": int(sum(np.prod(i.dims) for i in int_inits))}
+
+
+def quantized_anything(info: dict) -> bool:
+    ops = info["integer_ops"]["ops"]
+    compute = {"QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulNBits",
+               "DynamicQuantizeMatMul", "DequantizeLinear"}
+    return bool(compute & set(ops)) and info["integer_ops"]["integer_initializers"] > 0
