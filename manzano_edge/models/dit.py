@@ -12,11 +12,10 @@ The sampling loop lives in the runtime, never in the graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from manzano_edge.config import ModelConfig
-from manzano_edge.models.layers import GeluMLP, MultiHeadAttention, sinusoidal_embedding
+from manzano_edge.models.layers import GeluMLP, MultiHeadAttention, RMSNorm, sinusoidal_embedding
 
 TIME_EMBED_DIM = 256
 
@@ -52,9 +51,13 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(self.patch * self.patch * c, d.width)
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, d.width) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(TIME_EMBED_DIM, d.width), nn.SiLU(), nn.Linear(d.width, d.width))
+        # The condition arrives at the token-embedding scale (~0.02 RMS, the adapter's RMSNorm
+        # gain): normalise it first, or cross-attention sees only its own bias and the DiT
+        # learns the unconditional distribution (reconstructions ignored their tokens).
+        self.cond_norm = RMSNorm(cfg.decoder.hidden_size)
         self.cond_proj = nn.Linear(cfg.decoder.hidden_size, d.width)
         # Learned "no condition" token: classifier-free guidance's unconditional branch.
-        self.null_cond = nn.Parameter(torch.zeros(1, 1, cfg.decoder.hidden_size))
+        self.null_cond = nn.Parameter(torch.randn(1, 1, cfg.decoder.hidden_size) * 0.02)
         n_mod = 1 if d.share_adaln else d.depth
         self.adaln = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(d.width, 6 * d.width)) for _ in range(n_mod))
         self.blocks = nn.ModuleList(DiTBlock(d.width, d.heads, d.mlp_ratio) for _ in range(d.depth))
@@ -87,7 +90,7 @@ class DiT(nn.Module):
         """latent [B, C, h, w], timestep [B] in [0, 1], cond [B, M, llm width] -> velocity [B, C, h, w]."""
         x = self.patch_embed(self._patchify(latent)) + self.pos_embed
         temb = self.time_mlp(sinusoidal_embedding(timestep * 1000.0, TIME_EMBED_DIM).to(x.dtype))
-        ctx = self.cond_proj(cond)
+        ctx = self.cond_proj(self.cond_norm(cond))
         for i, block in enumerate(self.blocks):
             x = block(x, self.adaln[0 if len(self.adaln) == 1 else i](temb), ctx)
         shift, scale = self.final_mod(temb).chunk(2, dim=-1)
@@ -95,7 +98,8 @@ class DiT(nn.Module):
 
 
 def flow_matching_loss(dit: DiT, data_latent: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-                       cond_dropout: float = 0.1) -> torch.Tensor:
+                       cond_dropout: float = 0.1, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Velocity MSE; `weight` [B, 1, h, w] (optional) re-weights latent cells, normalised to mean 1."""
     b = data_latent.shape[0]
     noise = torch.randn(data_latent.shape, generator=generator)
     # Logit-normal timesteps (SD3): more weight on the middle of the path.
@@ -103,4 +107,7 @@ def flow_matching_loss(dit: DiT, data_latent: torch.Tensor, cond: torch.Tensor, 
     x_t = (1 - t)[:, None, None, None] * noise + t[:, None, None, None] * data_latent
     drop = torch.rand(b, generator=generator) < cond_dropout
     cond = torch.where(drop[:, None, None], dit.unconditional(b, cond.shape[1]), cond)
-    return F.mse_loss(dit(x_t, t, cond), data_latent - noise)
+    err = (dit(x_t, t, cond) - (data_latent - noise)) ** 2
+    if weight is None:
+        return err.mean()
+    return (err * weight).mean() / weight.mean()

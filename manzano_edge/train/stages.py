@@ -78,13 +78,21 @@ class CodePixelDecoder(nn.Module):
 FOREGROUND_WEIGHT = 30.0
 
 
-def foreground_weighted_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 + L2 with pixels that differ from the image's border colour weighted 30x. Objects
-    cover ~5% of a scene: with a plain mean the codes learned to draw only the background."""
-    border = torch.cat([target[..., 0, :], target[..., -1, :], target[..., :, 0], target[..., :, -1]], dim=-1)
+def foreground_weight(pixels: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> [B, 1, size, size]: 1 on the background, 1 + 30 where a pixel
+    differs from the image's border colour. Objects cover ~5% of a scene: every reconstruction
+    loss here (codes, VAE, DiT) learned to draw only the background under a plain mean."""
+    border = torch.cat([pixels[..., 0, :], pixels[..., -1, :], pixels[..., :, 0], pixels[..., :, -1]], dim=-1)
     background = border.median(dim=-1).values[..., None, None]  # [B, 3, 1, 1]
-    foreground = ((target - background).abs().sum(1, keepdim=True) > 0.15).float()
-    weight = 1.0 + FOREGROUND_WEIGHT * foreground
+    foreground = ((pixels - background).abs().sum(1, keepdim=True) > 0.15).float()
+    if size is not None and size != pixels.shape[-1]:
+        foreground = F.adaptive_max_pool2d(foreground, size)  # a latent cell touching an object counts
+    return 1.0 + FOREGROUND_WEIGHT * foreground
+
+
+def foreground_weighted_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 + L2, weighted by `foreground_weight`."""
+    weight = foreground_weight(target)
     err = (recon - target).abs() + (recon - target) ** 2
     return (err * weight).mean() / weight.mean()
 
@@ -186,8 +194,9 @@ class DiTStage(nn.Module):
             ids = self.tokenizer.image_to_ids(pixels)
             cond = self.tokenizer.discrete.ids_to_features(ids)
             latent = self.vae.encoder(pixels)[0] * self.scale
+            weight = foreground_weight(pixels, latent.shape[-1])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        loss = flow_matching_loss(self.dit, latent, cond, generator=gen)
+        loss = flow_matching_loss(self.dit, latent, cond, generator=gen, weight=weight)
         return loss, {"flow": loss.item()}
 
 
