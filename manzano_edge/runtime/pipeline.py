@@ -8,6 +8,7 @@ and for the flow-matching steps (one DiT call on a batch of 2), and the VAE deco
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from manzano_edge.errors import UserError
 from manzano_edge.runtime.graphs import GraphRunner
 
 NEG_INF = float("-inf")
+SEED_MAX = (1 << 63) - 1
 
 
 @dataclass
@@ -32,6 +34,28 @@ class SamplingConfig:
     token_guidance: float = 1.0  # CFG scale on image-token logits; 1 = off (no uncond pass)
     flow_steps: int = 20
     flow_guidance: float = 1.0  # CFG scale on the DiT velocity; 1 = off
+
+    MAX_FLOW_STEPS = 1000
+
+    def validate(self) -> SamplingConfig:
+        """Refuse settings that would reach the graphs as NaN or crash the sampler."""
+        for name in ("temperature", "top_p", "token_guidance", "flow_guidance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"sampling {name} must be a finite number, got {value!r}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        check_int("top_k", self.top_k, 0, 1 << 31)
+        check_int("flow steps", self.flow_steps, 1, self.MAX_FLOW_STEPS)
+        return self
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -82,10 +106,15 @@ class Pipeline:
     def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         size = self.cfg.vision.image_size
         if isinstance(image, Image.Image):
+            if min(image.size) < 1:
+                raise UserError(f"the image is empty ({image.size[0]}x{image.size[1]} pixels); pass a real image")
             return to_pixels(image, size)
-        if image.shape != (1, 3, size, size) or not image.is_floating_point():
-            raise UserError(f"image tensor must be float [1, 3, {size}, {size}] in [-1, 1], got "
-                            f"{image.dtype} {list(image.shape)}; pass a PIL image to have it converted")
+        if not isinstance(image, torch.Tensor):
+            raise UserError(f"image must be a PIL image or a float32 tensor [1, 3, {size}, {size}], "
+                            f"got {type(image).__name__}")
+        if image.shape != (1, 3, size, size) or image.dtype != torch.float32:
+            raise UserError(f"image tensor must be float32 [1, 3, {size}, {size}] in [-1, 1], got "
+                            f"{str(image.dtype)[6:]} {list(image.shape)}; pass a PIL image to have it converted")
         if not torch.isfinite(image).all():
             raise UserError("image tensor contains NaN or Inf values; pass finite pixels in [-1, 1]")
         return image
@@ -102,7 +131,9 @@ class Pipeline:
     # -- understanding -------------------------------------------------------------------------
     def understand(self, image: Image.Image | torch.Tensor, prompt: str, max_new_tokens: int = 48,
                    sampling: SamplingConfig | None = None, seed: int = 0) -> str:
-        s = sampling or SamplingConfig(temperature=0.0)
+        s = (sampling or SamplingConfig(temperature=0.0)).validate()
+        check_int("max_new_tokens", max_new_tokens, 0, self.max_len)
+        check_int("seed", seed, 0, SEED_MAX)
         t, n = self.cfg.text, self.cfg.vision.num_image_tokens
         fixed = 2 + n + 1 + 1  # <bos> <img_start> image <img_end> ... <sep>
         question = self._prompt_ids(prompt, self.max_len - fixed - 1)
@@ -134,7 +165,8 @@ class Pipeline:
     def generate_ids(self, prompt: str, sampling: SamplingConfig | None = None, seed: int = 0,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prompt -> N image-code ids [1, N], sampled between <img_start> and <img_end>."""
-        s = sampling or SamplingConfig()
+        s = (sampling or SamplingConfig()).validate()
+        check_int("seed", seed, 0, SEED_MAX)
         t = self.cfg.text
         text = self.generation_prompt_ids(prompt)
         n = self.cfg.vision.num_image_tokens
@@ -163,7 +195,12 @@ class Pipeline:
     def render_ids(self, ids: torch.Tensor, sampling: SamplingConfig | None = None, seed: int = 0,
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Image-code ids [1, N] -> pixels [1, 3, H, W]: flow-matching Euler steps, then the VAE decoder."""
-        s = sampling or SamplingConfig()
+        s = (sampling or SamplingConfig()).validate()
+        check_int("seed", seed, 0, SEED_MAX)
+        n = self.cfg.vision.num_image_tokens
+        if not isinstance(ids, torch.Tensor) or ids.shape != (1, n) or ids.dtype not in (torch.int32, torch.int64):
+            raise UserError(f"image-code ids must be an int64 tensor [1, {n}], got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)} {list(getattr(ids, 'shape', []))}")
         if ids.min() < 0 or ids.max() >= self.cfg.vision.codebook_size:
             raise UserError(f"image-code ids must lie in [0, {self.cfg.vision.codebook_size})")
         c, h = self.cfg.vae.latent_channels, self.cfg.latent_size
