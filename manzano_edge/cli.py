@@ -135,13 +135,49 @@ def cmd_export(args) -> None:
     opts = ExportOptions(formats=parse_list(args.format, FORMATS, "format"), recipe=args.recipe,
                          graphs=args.graphs.split(",") if args.graphs else None,
                          coreml_precision=args.coreml_precision, overwrite=args.overwrite,
-                         show_progress=not args.quiet, parity=not args.no_parity)
+                         show_progress=not args.quiet, parity=not args.no_parity, keep_float=args.keep_float,
+                         calibration_samples=args.calibration_samples, calibration_file=args.calibration,
+                         w8a8_mode=_w8a8_modes(args))
     if args.recipe not in RECIPES:
         raise UserError(f"unknown recipe '{args.recipe}'; choose from {', '.join(RECIPES)}")
     model, tokenizer_json = _load_for_export(args)
     manifest = export_bundle(model, tokenizer_json, args.output, opts)
     print_summary(manifest)
     print(f"wrote {args.output}")
+
+
+def _w8a8_modes(args) -> dict[str, str]:
+    from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, check_mode
+
+    modes = dict(DEFAULT_W8A8_MODE)
+    if args.onnx_w8a8:
+        modes["onnx"] = check_mode("onnx", args.onnx_w8a8)
+    if args.xnnpack_w8a8:
+        modes["executorch"] = check_mode("executorch", args.xnnpack_w8a8)
+    return modes
+
+
+def cmd_validate(args) -> None:
+    from manzano_edge.quant.recipes import FORMATS, parse_list
+    from manzano_edge.validate.core import Settings, Thresholds, validate
+    from manzano_edge.validate.report import write_report
+
+    th = Thresholds.parse(args.thresholds)
+    st = Settings(samples=args.samples, greedy_tokens=args.greedy_tokens, vqa=args.vqa, captions=args.captions,
+                  generation=args.generation, flow_steps=args.steps, seed=args.seed,
+                  formats=parse_list(args.format, FORMATS, "format") if args.format else None,
+                  end_to_end=not args.no_end_to_end)
+    if min(st.samples, st.greedy_tokens, st.vqa + st.captions, st.generation) < 1 and st.end_to_end:
+        raise UserError("--samples, --greedy-tokens, --generation and --vqa + --captions must be at least 1")
+    result = validate(args.bundle, args.reference, th, st, show=not args.quiet)
+    write_report(result.report, args.output, overwrite=args.overwrite)
+    print(f"validation {'PASSED' if result.passed else 'FAILED'}; wrote {args.output}/report.json, report.md")
+    if not result.passed:
+        raise ThresholdFailed("a validation threshold failed; see report.md")
+
+
+class ThresholdFailed(UserError):
+    exit_code = 1
 
 
 def _load_for_export(args):
@@ -245,8 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the numeric parity check (structure only); for random-weight paper-sized presets")
+    p.add_argument("--keep-float", help="quantized recipes: keep layers/graphs float, e.g. lm_head,graph:vae_decoder")
+    p.add_argument("--calibration-samples", type=int, default=8, help="generated calibration samples (static w8a8)")
+    p.add_argument("--calibration", help="safetensors file of <graph>.<sample>.<input> calibration tensors")
+    p.add_argument("--onnx-w8a8", help="ONNX w8a8 activations: dynamic (default) | static (QDQ, calibrated)")
+    p.add_argument("--xnnpack-w8a8", help="ExecuTorch w8a8 activations: dynamic (default) | static (calibrated)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("validate", help="accuracy of a bundle vs its float reference, per graph and end to end")
+    p.add_argument("bundle")
+    p.add_argument("--reference", help="float checkpoint the bundle came from (default: the embedded tiny model)")
+    p.add_argument("-o", "--output", required=True, help="report directory: report.json, report.md, plots")
+    p.add_argument("--thresholds", help="e.g. psnr_db=35,top1=0.99,e2e_drop_w8a8=1,e2e_drop_w4=3,psnr_db_w4=20")
+    p.add_argument("--format", help="comma-separated subset of the bundle's formats")
+    p.add_argument("--samples", type=int, default=4, help="validation samples per graph")
+    p.add_argument("--greedy-tokens", type=int, default=16)
+    p.add_argument("--vqa", type=int, default=24)
+    p.add_argument("--captions", type=int, default=12)
+    p.add_argument("--generation", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="flow-matching steps in end-to-end generation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-end-to-end", action="store_true", help="per-graph metrics only")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("demo", help="the main job on the embedded model: caption, generate, evaluate")
     p.add_argument("-o", "--output", default="out/demo")

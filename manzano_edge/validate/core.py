@@ -1,0 +1,394 @@
+"""`manzano-edge validate`: how much accuracy did the bundle's recipe cost, per graph and end to end.
+
+Per graph x format, on real inputs (scenes, prompts, greedy decodes from seeds that calibration
+never used), against eager PyTorch on the float reference checkpoint:
+- every float output: PSNR (DESIGN §5: 20*log10(max|ref|/RMSE)), SQNR and cosine;
+- integer outputs (FSQ ids): agreement;
+- decoder: top-1 agreement under teacher forcing (the float model's own tokens), mean KL of the
+  next-token distributions, and greedy exact match of >= 16 free-running tokens.
+End to end (ONNX Runtime / ExecuTorch), float and bundle pipelines side by side on held-out
+scenes: VQA + caption accuracy, ShapesEval, and image PSNR/SSIM of images rendered from the
+same (float) tokens and seed.
+
+Core ML cannot run on Linux: its graphs are validated by emulation (the .mlpackage's stored,
+decompressed weights in PyTorch, fp16 compute); the report says so. On macOS `predict` is used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+from manzano_edge.export import coreml
+from manzano_edge.export.common import GraphProgram, TorchProgram, build_module
+from manzano_edge.export.spec import GraphSpec, real_examples
+from manzano_edge.metrics import compare, psnr
+from manzano_edge.models.manzano import Manzano, load_checkpoint
+from manzano_edge.quant.recipes import FLOAT_RECIPES, RECIPES
+from manzano_edge.runtime.bundle import Bundle
+
+SCHEMA = "manzano-edge/validate@1"
+VALIDATION_SEED = 20_000  # calibration uses 10_000+, parity 7
+RUNNABLE = {"onnx": "ort", "executorch": "executorch"}  # format -> runtime backend
+
+
+@dataclass
+class Thresholds:
+    psnr_db: float = 35.0  # per float-valued graph output, w8a8 / w8 / float recipes
+    psnr_db_w4: float = 20.0  # int4 weights: a sanity bar; the decoder is judged by top-1 and e2e
+    top1: float = 0.99
+    e2e_drop_w8a8: float = 1.0  # accuracy points (percent)
+    e2e_drop_w4: float = 3.0
+
+    @classmethod
+    def parse(cls, text: str | None) -> Thresholds:
+        t = cls()
+        for item in (text or "").split(","):
+            if not item.strip():
+                continue
+            key, _, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in t.__dataclass_fields__:
+                raise UserError(f"unknown threshold '{key}'; choose from {', '.join(t.__dataclass_fields__)}")
+            try:
+                setattr(t, key, float(value))
+            except ValueError as exc:
+                raise UserError(f"threshold {key} needs a number, got '{value}'") from exc
+        return t
+
+    def graph_db(self, recipe: str) -> float:
+        return self.psnr_db_w4 if recipe == "w4" else self.psnr_db
+
+    def e2e_drop(self, recipe: str) -> float:
+        return self.e2e_drop_w4 if recipe == "w4" else self.e2e_drop_w8a8
+
+
+@dataclass
+class Settings:
+    samples: int = 4  # validation samples per graph (each: 2 scenes, a prompt and its decode)
+    greedy_tokens: int = 16
+    vqa: int = 24
+    captions: int = 12
+    generation: int = 8
+    flow_steps: int = 10
+    seed: int = 0
+    formats: list[str] | None = None
+    end_to_end: bool = True
+
+
+def check(name: str, value: float | None, bar: float, higher_is_better: bool = True) -> dict:
+    ok = value is not None and (value >= bar if higher_is_better else value <= bar)
+    return {"name": name, "value": value, "bar": bar, "passed": bool(ok)}
+
+
+# -- reference ------------------------------------------------------------------------------------
+def load_reference(bundle: Bundle, checkpoint: str | None) -> tuple[Manzano, str]:
+    model, tok = load_checkpoint(checkpoint)
+    name = checkpoint or "embedded default"
+    if model.cfg.to_dict() != bundle.cfg.to_dict():
+        raise UserError(f"reference checkpoint ({name}) does not match the bundle: different model config; "
+                        "pass the checkpoint the bundle was exported from with --reference")
+    # The bundle stores one float tensor of the model (the DiT's null condition): equal weights
+    # there are a cheap proof that the reference is the exported checkpoint, not a sibling.
+    null = bundle.null_condition()
+    if not torch.equal(null, model.dit.null_cond.detach().to(null.dtype)):
+        raise UserError(f"reference checkpoint ({name}) does not match the bundle: its weights differ "
+                        "(DiT null condition); pass the checkpoint the bundle was exported from with --reference")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def validation_examples(model: Manzano, codec: TextCodec, samples: int,
+                        decode_steps: int) -> dict[str, list[list[dict[str, torch.Tensor]]]]:
+    """Per graph, a list of sequences (decoder: prefill + greedy decode; others: one step)."""
+    out: dict[str, list] = {}
+    for i in range(samples):
+        per_graph = real_examples(model, codec, decode_steps=decode_steps, seed=VALIDATION_SEED + i).per_graph
+        for name, examples in per_graph.items():
+            seqs = out.setdefault(name, [])
+            if name == "decoder":
+                seqs.append(examples)
+            else:
+                seqs.extend([e] for e in examples)
+    return out
+
+
+# -- programs -------------------------------------------------------------------------------------
+def emulated_coreml(bundle: Bundle, spec: GraphSpec, model: Manzano, entry: dict) -> GraphProgram:
+    """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
+    path = bundle.verified_file(entry["file"], entry["sha256"])
+    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+    proto = mlmodel.get_spec()
+    mlmodel._mil_program = load_mil(proto, proto.specificationVersion, mlmodel.weights_dir)
+    module = build_module(spec, model, False)
+    fp16 = entry.get("compute_precision", "fp16") == "fp16"
+    emu, replaced, total = coreml.emulated_module(module, coreml.stored_weights(mlmodel), fp16=fp16)
+    if replaced == 0:
+        raise UserError(f"could not read the stored weights of {entry['file']} for emulation")
+    return coreml.EmulatedProgram(spec, emu, fp16)
+
+
+def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano) -> tuple[GraphProgram, str]:
+    entry = bundle.entry(spec.name, fmt)
+    if fmt == "coreml":
+        ok, why = coreml.predict_available()
+        if ok:
+            return bundle.program(spec.name, "coreml"), "coremltools predict"
+        return emulated_coreml(bundle, spec, model, entry), f"EMULATED (not Core ML itself): {why}"
+    return bundle.program(spec.name, RUNNABLE[fmt]), {"onnx": "onnxruntime", "executorch": "executorch.runtime"}[fmt]
+
+
+# -- per-graph metrics ----------------------------------------------------------------------------
+def _run(program: GraphProgram, spec: GraphSpec, seqs: list) -> dict[str, list[torch.Tensor]]:
+    outs: dict[str, list[torch.Tensor]] = {t.name: [] for t in spec.outputs}
+    for seq in seqs:
+        program.reset()
+        for step in seq:
+            o = program.run(step)
+            for t in spec.outputs:
+                outs[t.name].append(o[t.name].float())
+    return outs
+
+
+def graph_metrics(spec: GraphSpec, reference: GraphProgram, candidate: GraphProgram, seqs: list) -> dict:
+    refs, outs = _run(reference, spec, seqs), _run(candidate, spec, seqs)
+    metrics: dict = {}
+    for t in spec.outputs:
+        r = torch.cat([x.flatten() for x in refs[t.name]])
+        o = torch.cat([x.flatten() for x in outs[t.name]])
+        if t.dtype.startswith("int"):
+            metrics[t.name] = {"agreement": float((r == o).float().mean())}
+        else:
+            m = compare(r, o)
+            m["reference_constant"] = bool(r.numel() > 1 and float(r.std()) == 0.0)  # a PSNR here proves little
+            metrics[t.name] = m
+    if spec.name == "decoder":
+        metrics["teacher_forcing"] = teacher_forcing(refs["logits"], outs["logits"])
+    return metrics
+
+
+def teacher_forcing(refs: list[torch.Tensor], outs: list[torch.Tensor]) -> dict:
+    r = torch.cat([x.reshape(-1, x.shape[-1]) for x in refs])
+    o = torch.cat([x.reshape(-1, x.shape[-1]) for x in outs])
+    top1 = float((r.argmax(-1) == o.argmax(-1)).float().mean())
+    kl = F.kl_div(F.log_softmax(o.double(), -1), F.log_softmax(r.double(), -1), log_target=True,
+                  reduction="batchmean")
+    return {"positions": int(r.shape[0]), "top1_agreement": top1, "kl": float(kl)}
+
+
+def greedy_match(reference: GraphProgram, candidate: GraphProgram, model: Manzano, seqs: list, tokens: int) -> dict:
+    """Free-running greedy decode from each prompt, reference and candidate each on its own
+    tokens (both embedded with the float table, so only the decoder graph differs)."""
+    from manzano_edge.models.decoder import causal_mask
+
+    exact, prefix = 0, []
+    for seq in seqs:
+        prefill = seq[0]
+        runs = []
+        for program in (reference, candidate):
+            program.reset()
+            logits = program.run(prefill)["logits"]
+            past, ids = prefill["inputs_embeds"].shape[1], []
+            for _ in range(tokens):
+                nxt = logits[:, -1:].argmax(-1)
+                ids.append(int(nxt))
+                step = {"inputs_embeds": model.decoder.embed(nxt), "causal_mask": causal_mask(past, 1)}
+                logits = program.run(step)["logits"]
+                past += 1
+            runs.append(ids)
+        exact += runs[0] == runs[1]
+        same = next((i for i, (a, b) in enumerate(zip(*runs)) if a != b), tokens)
+        prefix.append(same / tokens)
+    return {"prompts": len(seqs), "tokens": tokens, "exact_match": exact / len(seqs),
+            "mean_matching_prefix": sum(prefix) / len(prefix)}
+
+
+def judge_graph(row: dict, spec: GraphSpec, recipe: str, th: Thresholds) -> None:
+    checks = []
+    bar = th.graph_db(recipe)
+    for t in spec.outputs:
+        m = row["metrics"][t.name]
+        if "psnr_db" in m:
+            checks.append(check(f"{t.name} PSNR dB", m["psnr_db"], bar))
+    if spec.name == "decoder":
+        checks.append(check("top-1 agreement", row["metrics"]["teacher_forcing"]["top1_agreement"], th.top1))
+    row["checks"] = checks
+    row["passed"] = all(c["passed"] for c in checks)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM over 7x7 windows (Wang et al. constants), images in [-1, 1] -> [0, 1]."""
+    a, b = (a.float() + 1) / 2, (b.float() + 1) / 2
+    c1, c2 = 0.01**2, 0.03**2
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, 7, 1)
+
+    mu_a, mu_b = pool(a), pool(b)
+    var_a, var_b = pool(a * a) - mu_a**2, pool(b * b) - mu_b**2
+    cov = pool(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def end_to_end(bundle: Bundle, model: Manzano, codec: TextCodec, fmt: str, st: Settings,
+               float_scores: dict | None) -> tuple[dict, dict]:
+    from manzano_edge.data import scenes
+    from manzano_edge.eval.evaluate import eval_generation, eval_understanding, held_out_rng
+    from manzano_edge.runtime.bundle import BundleGraphs
+    from manzano_edge.runtime.graphs import TorchGraphs
+    from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
+
+    sampling = SamplingConfig(temperature=0.0, flow_steps=st.flow_steps)
+    ref = Pipeline(TorchGraphs(model), model.cfg, codec)
+    cand = Pipeline(BundleGraphs(bundle, RUNNABLE[fmt]), bundle.cfg, codec)
+
+    def scores(pipe: Pipeline) -> dict:
+        u = eval_understanding(pipe, st.vqa, st.captions, st.seed, show=False)
+        g = eval_generation(pipe, st.generation, st.seed, sampling, show=False)
+        return {"vqa_accuracy": u["vqa_accuracy"], "caption_accuracy": u["caption_accuracy"],
+                "understanding_accuracy": u["understanding_accuracy"], "shapes_eval": g["shapes_eval"]}
+
+    float_scores = float_scores or scores(ref)
+    quant_scores = scores(cand)
+    rng = held_out_rng(st.seed, "generation")
+    psnrs, ssims = [], []
+    for i in range(st.generation):
+        prompt = scenes.generation_prompt(scenes.sample_scene(rng), rng)
+        ids = ref.generate_ids(prompt, sampling, seed=st.seed + i)  # the float tokens, for both
+        a = ref.render_ids(ids, sampling, seed=st.seed + i)
+        b = cand.render_ids(ids, sampling, seed=st.seed + i)
+        psnrs.append(psnr(a, b))
+        ssims.append(ssim(a, b))
+    image = {"psnr_db": sum(psnrs) / len(psnrs), "ssim": sum(ssims) / len(ssims), "images": len(psnrs),
+             "same_tokens_and_seed": True}
+    return {"float": float_scores, "bundle": quant_scores, "image_vs_float": image}, float_scores
+
+
+def judge_e2e(row: dict, recipe: str, th: Thresholds) -> None:
+    bar = th.e2e_drop(recipe)
+    drops = {k: 100.0 * (row["float"][k] - row["bundle"][k]) for k in ("understanding_accuracy", "shapes_eval")}
+    row["drop_points"] = drops
+    row["checks"] = [check(f"{k} drop (points)", v, bar, higher_is_better=False) for k, v in drops.items()]
+    row["passed"] = all(c["passed"] for c in row["checks"])
+
+
+# -- the whole validation -------------------------------------------------------------------------
+@dataclass
+class Validation:
+    report: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed"))
+
+
+def bundle_recipe(bundle: Bundle) -> str:
+    recipe = bundle.manifest.get("recipe")
+    if recipe not in RECIPES:
+        raise UserError(f"bundle {bundle.path} has unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
+    return recipe
+
+
+def verify_checksums(bundle: Bundle) -> None:
+    for graph in bundle.manifest.get("graphs", {}).values():
+        for f in graph.get("formats", {}).values():
+            bundle.verified_file(f["file"], f["sha256"])
+            for side in f.get("external_data", []):
+                bundle.verified_file(side["file"], side["sha256"])
+
+
+def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st: Settings,
+             show: bool = True) -> Validation:
+    bundle = Bundle(bundle_path)
+    recipe = bundle_recipe(bundle)
+    verify_checksums(bundle)
+    model, tok = load_reference(bundle, reference)
+    codec = TextCodec(tok, model.cfg.text)
+    present = sorted({f for g in bundle.manifest["graphs"].values() for f in g["formats"]})
+    formats = st.formats or [f for f in ("onnx", "executorch", "coreml") if f in present]
+    missing = [f for f in formats if f not in present]
+    if missing:
+        raise UserError(f"bundle has no {missing[0]} graphs; it has {', '.join(present)}")
+    seqs = validation_examples(model, codec, st.samples, max(st.greedy_tokens, 1))
+    notes = []
+    rows = []
+    for fmt in formats:
+        for name, g in bundle.manifest["graphs"].items():
+            if fmt not in g["formats"]:
+                continue
+            spec = bundle.specs[name]
+            entry = g["formats"][fmt]
+            program, verified_by = candidate_program(bundle, spec, fmt, model)
+            reference_program = TorchProgram(spec, build_module(spec, model, False))
+            row = {"graph": name, "format": fmt, "recipe": entry.get("recipe", {}).get("name", recipe),
+                   "verified_by": verified_by, "emulated": verified_by.startswith("EMULATED"),
+                   "bytes": entry["bytes"], "float_bytes": entry.get("float_bytes"),
+                   "metrics": graph_metrics(spec, reference_program, program, seqs[name])}
+            if name == "decoder":
+                row["metrics"]["greedy"] = greedy_match(reference_program, program, model, seqs[name],
+                                                        st.greedy_tokens)
+            judge_graph(row, spec, row["recipe"], th)
+            rows.append(row)
+            if show:
+                print(f"  {name:<14} {fmt:<11} {_summary(row)}", flush=True)
+    if "coreml" in formats and any(r["emulated"] for r in rows):
+        notes.append("Core ML was validated by EMULATION on this machine (Core ML predict needs macOS): the "
+                     "PyTorch graph with the .mlpackage's stored, decompressed weights in fp16. It checks the "
+                     "weight compression, not Core ML's kernels.")
+    if any(m.get("reference_constant") for r in rows for m in r["metrics"].values() if isinstance(m, dict)):
+        notes.append("Some reference outputs are constant on the validation inputs (e.g. a saturated VAE "
+                     "decoder); their PSNR carries little information.")
+    e2e = []
+    if st.end_to_end:
+        float_scores = None
+        for fmt in formats:
+            if fmt not in RUNNABLE:
+                notes.append(f"end to end: {fmt} is not run here (no runtime on this machine); per-graph only.")
+                continue
+            if show:
+                print(f"  end to end on {fmt} ...", flush=True)
+            row, float_scores = end_to_end(bundle, model, codec, fmt, st, float_scores)
+            row = {"format": fmt, "recipe": recipe, **row}
+            judge_e2e(row, recipe, th)
+            e2e.append(row)
+    passed = all(r["passed"] for r in rows) and all(r["passed"] for r in e2e)
+    report = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "bundle": {"path": str(Path(bundle_path).resolve()), "recipe": recipe,
+                         "quantization": bundle.manifest.get("quantization"), "model": bundle.manifest.get("model")},
+              "reference": {"checkpoint": reference or "embedded default", "matches_bundle": True},
+              "thresholds": vars(th), "settings": {k: v for k, v in vars(st).items()},
+              "graphs": rows, "end_to_end": e2e, "notes": notes, "passed": passed,
+              "float_recipe": recipe in FLOAT_RECIPES}
+    return Validation(_finite(report))
+
+
+def _summary(row: dict) -> str:
+    parts = []
+    for c in row["checks"]:
+        v = c["value"]
+        parts.append(f"{c['name']} {v:.3f}" if v is not None else f"{c['name']} n/a")
+    return ("PASS " if row["passed"] else "FAIL ") + "; ".join(parts)
+
+
+def _finite(obj):
+    """JSON has no inf/nan: map them to None (PSNR of an exact match is capped at 200 already)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

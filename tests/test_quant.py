@@ -1,0 +1,192 @@
+"""Backend-native PTQ (ONNX Runtime, pt2e/torchao for XNNPACK): real integer graphs, smaller
+files, numbers close to float, and the TOOLCHAIN silent failures caught."""
+
+from __future__ import annotations
+
+import onnx as onnx_lib
+import pytest
+import torch
+
+from manzano_edge.cli import main
+from manzano_edge.data.text import TextCodec
+from manzano_edge.errors import UserError
+from manzano_edge.export import onnx
+from manzano_edge.export.bundle import Entry, ExportOptions, export_bundle, judge, run_parity
+from manzano_edge.export.common import TorchProgram, build_module
+from manzano_edge.export.spec import graph_specs, real_examples
+from manzano_edge.quant import calibration, onnx_ptq
+from manzano_edge.quant.overrides import parse_keep_float, resolve_layers
+from manzano_edge.quant.recipes import SUPPORT, check_supported
+
+W8A8_DB = 35.0  # the validate bar; export itself only applies a 20 dB sanity bar
+
+
+def test_onnx_w8a8_is_integer_smaller_and_close(quant_bundle):
+    out, manifest = quant_bundle["onnx"]
+    for name in ("decoder", "code_features"):
+        f = manifest["graphs"][name]["formats"]["onnx"]
+        q = f["recipe"]["details"]
+        assert f["recipe"]["name"] == "w8a8" and q["mode"] == "dynamic"
+        assert f["bytes"] < f["float_bytes"] / 3, (name, f["bytes"], f["float_bytes"])  # int8 weights: ~4x
+        model = onnx_lib.load(str(out / f["file"]))
+        ops = {n.op_type for n in model.graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
+        int8 = [i for i in model.graph.initializer if i.data_type == onnx_lib.TensorProto.INT8]
+        assert len(int8) >= (29 if name == "decoder" else 2), len(int8)  # every Linear of the decoder
+        assert f["parity"]["psnr_db"] >= W8A8_DB, (name, f["parity"])
+    dec = manifest["graphs"]["decoder"]["formats"]["onnx"]["parity"]
+    assert dec["greedy_match"] == 1.0 and dec["min_step_psnr_db"] >= W8A8_DB
+
+
+def test_executorch_w8a8_quantized_ops_are_delegated(quant_bundle):
+    _, manifest = quant_bundle["executorch"]
+    f = manifest["graphs"]["code_features"]["formats"]["executorch"]
+    d = f["recipe"]["details"]["delegation"]
+    assert d["quant_ops_delegated"] > 0 and d["quant_ops_not_delegated"] == 0, d
+    assert f["delegates"] >= 1 and f["bytes"] < f["float_bytes"] / 2
+    assert f["parity"]["psnr_db"] >= W8A8_DB, f["parity"]
+    assert "executorch-coreml" not in manifest["graphs"]["code_features"]["formats"]  # float-only program
+
+
+def _ort_parity(tiny, path, spec_name="decoder"):
+    model, tok = tiny
+    spec = graph_specs(model.cfg)[spec_name]
+    examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph[spec_name]
+    entry = Entry(spec_name, "onnx")
+    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
+                              onnx.OrtProgram(spec, path), examples)
+    return entry
+
+
+def test_static_qdq_on_all_op_types_is_caught(tiny, quant_bundle, tmp_path):
+    """TOOLCHAIN gotcha 2: static QDQ over every op type (mask add, softmax, norms, cache I/O)
+    wrecks the decoder. Quantize it that way with ORT directly: the w8a8 bar must reject it,
+    while our restricted static recipe passes the export sanity bar."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    model, tok = tiny
+    spec = graph_specs(model.cfg)["decoder"]
+    float_path = tmp_path / "decoder.onnx"
+    onnx.export(spec, build_module(spec, model, True), real_examples(
+        model, TextCodec(tok, model.cfg.text)).per_graph["decoder"][0], float_path)
+    cal = calibration.generated(model, TextCodec(tok, model.cfg.text), 2)["decoder"]
+    bad = tmp_path / "all_ops.onnx"
+    quantize_static(str(float_path), str(bad), onnx_ptq._Reader(onnx_ptq.explicit_feeds(spec, float_path, cal)),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    entry = _ort_parity(tiny, bad)
+    worst = min(entry.parity["psnr_db"], entry.parity["min_step_psnr_db"])
+    assert worst < W8A8_DB, entry.parity
+    judge(entry, "w8a8", fp16_compute=False)
+    good = tmp_path / "restricted.onnx"
+    onnx_ptq.quantize(spec, float_path, good, "w8a8", "static", cal, [])
+    restricted = _ort_parity(tiny, good)
+    assert min(restricted.parity["psnr_db"], restricted.parity["min_step_psnr_db"]) > worst + 5, restricted.parity
+
+
+def test_corrupted_quantization_fails_export(tiny, tmp_path, monkeypatch):
+    """A quantizer that returns wrong numbers must not produce a bundle."""
+    model, tok = tiny
+    real_quantize = onnx_ptq.quantize
+
+    def wrong(spec, float_path, out_path, *args):
+        info = real_quantize(spec, float_path, out_path, *args)
+        m = onnx_lib.load(str(out_path))
+        for init in m.graph.initializer:  # flip the sign of every int8 weight
+            if init.data_type == onnx_lib.TensorProto.INT8:
+                arr = onnx_lib.numpy_helper.to_array(init)
+                init.CopyFrom(onnx_lib.numpy_helper.from_array(-arr.clip(-127, 127), init.name))
+        onnx_lib.save(m, str(out_path))
+        return info
+
+    monkeypatch.setattr(onnx_ptq, "quantize", wrong)
+    with pytest.raises(UserError, match="parity check failed for code_features/onnx"):
+        export_bundle(model, tok, tmp_path / "o", ExportOptions(formats=["onnx"], recipe="w8a8",
+                                                                graphs=["code_features"], show_progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_smaller_fails_export(tiny, tmp_path, monkeypatch):
+    """A 'quantized' file that is not smaller than the float one is refused."""
+    import shutil
+
+    model, tok = tiny
+
+    def float_in_disguise(spec, float_path, out_path, *args):
+        shutil.copy(float_path, out_path)
+        return {"integer_ops": {"ops": {"MatMulInteger": 1}, "integer_initializers": 1}, "op_types": ["MatMul"]}
+
+    monkeypatch.setattr(onnx_ptq, "quantize", float_in_disguise)
+    with pytest.raises(UserError, match="not smaller than the float one"):
+        export_bundle(model, tok, tmp_path / "o", ExportOptions(formats=["onnx"], recipe="w8a8",
+                                                                graphs=["code_features"], show_progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unquantizable_graph_is_an_error_not_float(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(UserError, match="cannot quantize graph 'embed_tokens' on onnx.*--keep-float graph:embed_tokens"):
+        export_bundle(model, tok, tmp_path / "o", ExportOptions(formats=["onnx"], recipe="w8a8",
+                                                                graphs=["embed_tokens"], show_progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_float_graph_and_layer(tiny, tmp_path):
+    model, tok = tiny
+    manifest = export_bundle(model, tok, tmp_path / "o", ExportOptions(
+        formats=["onnx"], recipe="w4", graphs=["embed_tokens", "code_features"],
+        keep_float="graph:embed_tokens,fc2", show_progress=False))
+    emb = manifest["graphs"]["embed_tokens"]["formats"]["onnx"]["recipe"]
+    assert emb["name"] == "fp32" and emb["requested"] == "w4" and emb["kept_float"]
+    cf = manifest["graphs"]["code_features"]["formats"]["onnx"]
+    assert cf["recipe"]["name"] == "w4" and cf["recipe"]["keep_float"]["layers"] == ["fc2"]
+    assert cf["recipe"]["details"]["integer_ops"]["ops"] == {"MatMulNBits": 1}  # fc1 int4, fc2 float
+    assert len(cf["recipe"]["details"]["kept_float_nodes"]) == 1
+    assert manifest["quantization"]["keep_float"]["graphs"] == ["embed_tokens"]
+
+
+def test_keep_float_resolution(tiny):
+    model, _ = tiny
+    specs = graph_specs(model.cfg)
+    keep = parse_keep_float("lm_head,layers.0,graph:vae_decoder", list(specs))
+    assert keep.graphs == {"vae_decoder"}
+    names = resolve_layers(build_module(specs["decoder"], model, False), keep).modules
+    assert "decoder.lm_head" in names and all(n == "decoder.lm_head" or ".layers.0." in n for n in names)
+    with pytest.raises(UserError, match="unknown graph 'vae'"):
+        parse_keep_float("graph:vae", list(specs))
+
+
+def test_weight_only_torchao_to_xnnpack_is_refused():
+    """TOOLCHAIN gotcha 3: torchao IntxWeightOnly lowered to XNNPACK gives wrong numbers."""
+    assert not SUPPORT[("executorch", "w8")].ok
+    with pytest.raises(UserError, match="wrong numbers"):
+        check_supported("executorch", "w8")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "executorch", "--recipe", "w8"], "not available for executorch"),
+    (["--format", "onnx", "--recipe", "palette4"], "not available for onnx"),
+    (["--format", "onnx", "--recipe", "w8a8", "--onnx-w8a8", "lukewarm"], "unknown w8a8 activation mode"),
+    (["--format", "onnx", "--recipe", "w8a8", "--keep-float", "no_such_layer", "--graphs", "code_features"],
+     "no Linear/Conv layer named 'no_such_layer'"),
+    (["--format", "onnx", "--recipe", "fp32", "--keep-float", "lm_head"], "only applies to quantized recipes"),
+])
+def test_bad_quant_options_fail_cleanly(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code = main(["export", "-o", str(out), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_file_of_wrong_shape(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "calib.safetensors"
+    save_file({"code_features.0.image_ids": torch.zeros(1, 7, dtype=torch.int32)}, str(bad))
+    out = tmp_path / "out"
+    code = main(["export", "-o", str(out), "--quiet", "--format", "onnx", "--recipe", "w8a8", "--onnx-w8a8",
+                 "static", "--graphs", "code_features", "--calibration", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "image_ids" in err and "[1, 7]" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

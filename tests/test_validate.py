@@ -1,0 +1,122 @@
+"""`manzano-edge validate`: report schema, thresholds -> exit code, and clean refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from manzano_edge.cli import main
+from manzano_edge.validate.core import SCHEMA, Thresholds, judge_e2e, ssim
+
+FAST = ["--samples", "1", "--greedy-tokens", "16", "--no-end-to-end", "--quiet"]
+
+
+def run(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.fixture(scope="module")
+def report(quant_bundle, tmp_path_factory):
+    bundle, _ = quant_bundle["onnx"]
+    out = tmp_path_factory.mktemp("validate") / "report"
+    code = main(["validate", str(bundle), "-o", str(out), *FAST])
+    return code, out, json.loads((out / "report.json").read_text())
+
+
+def test_report_is_well_formed(report):
+    code, out, rep = report
+    assert rep["schema"] == SCHEMA and rep["bundle"]["recipe"] == "w8a8"
+    assert {(r["graph"], r["format"]) for r in rep["graphs"]} == {("decoder", "onnx"), ("code_features", "onnx")}
+    dec = next(r for r in rep["graphs"] if r["graph"] == "decoder")
+    m = dec["metrics"]
+    assert set(m["logits"]) >= {"psnr_db", "sqnr_db", "cosine"}
+    assert 0.0 <= m["teacher_forcing"]["top1_agreement"] <= 1.0 and m["teacher_forcing"]["kl"] >= 0.0
+    assert m["greedy"]["tokens"] >= 16 and m["greedy"]["prompts"] == 1
+    assert {c["name"] for c in dec["checks"]} == {"logits PSNR dB", "top-1 agreement"}
+    assert rep["passed"] == all(r["passed"] for r in rep["graphs"])
+    assert code == (0 if rep["passed"] else 1)
+    text = (out / "report.md").read_text()
+    assert "| decoder | onnx | w8a8 |" in text and (out / "graphs_psnr.png").stat().st_size > 1000
+
+
+def test_w8a8_onnx_meets_default_bars(report):
+    _, _, rep = report
+    for r in rep["graphs"]:
+        for c in r["checks"]:
+            assert c["passed"], (r["graph"], c)
+
+
+def test_failed_threshold_exits_nonzero(quant_bundle, tmp_path, capsys):
+    bundle, _ = quant_bundle["onnx"]
+    code, err = run(["validate", str(bundle), "-o", str(tmp_path / "r"), "--thresholds", "psnr_db=150",
+                     "--format", "onnx", *FAST], capsys)
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert code == 1 and not rep["passed"] and "threshold failed" in err
+    failed = [c for r in rep["graphs"] for c in r["checks"] if not c["passed"]]
+    assert failed and all(c["bar"] == 150 for c in failed)
+
+
+def _copy(quant_bundle, tmp_path):
+    src, _ = quant_bundle["onnx"]
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no_manifest", "has no manifest.json"),
+    ("checksum", "does not match its manifest checksum"),
+    ("recipe", "unknown recipe 'int3'"),
+    ("reference", "does not match the bundle"),
+    ("threshold", "unknown threshold 'psnr'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(quant_bundle, tmp_path, capsys, damage, message):
+    bundle = _copy(quant_bundle, tmp_path)
+    extra = []
+    if damage == "no_manifest":
+        (bundle / "manifest.json").unlink()
+    elif damage == "checksum":
+        with open(bundle / "onnx" / "code_features.onnx", "ab") as fh:
+            fh.write(b"\0")
+    elif damage == "recipe":
+        m = json.loads((bundle / "manifest.json").read_text())
+        m["recipe"] = "int3"
+        (bundle / "manifest.json").write_text(json.dumps(m))
+    elif damage == "reference":
+        from manzano_edge.models.manzano import EMBEDDED_DEFAULT
+
+        ref = tmp_path / "ref"
+        shutil.copytree(EMBEDDED_DEFAULT, ref)
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(ref / "model.safetensors"))
+        weights["dit.null_cond"] = weights["dit.null_cond"] + 1  # same config, different weights
+        save_file(weights, str(ref / "model.safetensors"))
+        extra = ["--reference", str(ref)]
+    else:
+        extra = ["--thresholds", "psnr=3"]
+    out = tmp_path / "report"
+    code, err = run(["validate", str(bundle), "-o", str(out), *FAST, *extra], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".report*"))
+
+
+def test_thresholds_and_e2e_judgement():
+    th = Thresholds.parse("psnr_db=30,e2e_drop_w4=5")
+    assert th.graph_db("w8a8") == 30 and th.e2e_drop("w4") == 5 and th.e2e_drop("w8a8") == 1
+    row = {"float": {"understanding_accuracy": 0.80, "shapes_eval": 0.50},
+           "bundle": {"understanding_accuracy": 0.785, "shapes_eval": 0.50}}
+    judge_e2e(row, "w8a8", Thresholds())
+    assert not row["passed"] and row["drop_points"]["understanding_accuracy"] == pytest.approx(1.5)
+    judge_e2e(row, "w4", Thresholds())
+    assert row["passed"]
+
+
+def test_ssim():
+    a = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert ssim(a, -a) < 0.2
