@@ -196,6 +196,25 @@ def _load_for_export(args):
     return load_checkpoint(args.checkpoint)
 
 
+def cmd_bench(args) -> None:
+    from manzano_edge.bench.report import MD_FILE
+    from manzano_edge.bench.run import BenchOptions, parse_threads, run_bench
+    from manzano_edge.quant.recipes import parse_list
+
+    default, per = parse_threads(args.threads)
+    opts = BenchOptions(backends=parse_list(args.backends, ("torch", "ort", "executorch", "coreml"), "backend"),
+                        runs=args.runs, warmup=args.warmup, threads=per, decode_tokens=args.decode_tokens,
+                        flow_steps=args.flow_steps, flow_guidance=args.guidance, reference=args.reference, seed=args.seed,
+                        overwrite=args.overwrite, log=not args.quiet)
+    if default:
+        opts.default_threads = default
+    report = run_bench(args.bundles, args.output, opts)
+    if not args.quiet:
+        print((Path(args.output) / MD_FILE).read_text())
+    bad = [r["label"] for r in report["results"] if r["status"] == "error"]
+    print(f"wrote {args.output}" + (f" ({len(bad)} backend(s) failed: {', '.join(bad)})" if bad else ""))
+
+
 def cmd_demo(args) -> None:
     from manzano_edge.data.text import TextCodec
     from manzano_edge.demo import print_summary, run_demo
@@ -322,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_llama)
+    p = sub.add_parser("bench", help="latency, throughput, memory and roofline of bundles vs eager PyTorch")
+    p.add_argument("bundles", nargs="+", help="bundle directories (one per recipe) written by `manzano-edge export`")
+    p.add_argument("-o", "--output", required=True, help="report directory: bench.json, bench.md, plots")
+    p.add_argument("--backends", default="torch,ort,executorch,coreml",
+                   help="comma-separated: torch (eager fp32 baseline), ort, executorch, coreml (macOS)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median and p90)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before each measurement")
+    p.add_argument("--threads", help="N for every backend, or per backend: torch=2,ort=2,executorch=2 "
+                                     "(default: all logical CPUs)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens decoded after the caption prefill")
+    p.add_argument("--flow-steps", type=int, default=20, help="flow-matching steps in the text-to-image run")
+    p.add_argument("--guidance", type=float, default=2.0, help="DiT CFG scale in the text-to-image run (1 = off)")
+    p.add_argument("--reference", help="checkpoint the bundles were exported from (eager fp32 baseline); default: the "
+                                       "embedded model, or the preset re-created with --seed")
+    p.add_argument("--seed", type=int, default=0, help="the --seed `export --preset` used")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`manzano-edge bench`: latency, throughput, memory and roofline of exported bundles vs eager PyTorch."""
