@@ -64,8 +64,9 @@ def pt2e_w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tenso
     ep = export_program(spec, module, example, explicit_state=False)
     gm = prepare_pt2e(ep.module(), _quantizer(mode, keep_modules))
     steps = 0
+    # Weight observers only see weights during a forward pass: dynamic mode needs one too.
     with torch.no_grad():
-        for seq in calibration or []:
+        for seq in calibration or [[example]]:
             _reset_states(gm, spec)
             for step in seq:
                 gm(*(step[t.name] for t in spec.inputs))
