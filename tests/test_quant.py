@@ -27,7 +27,7 @@ def test_onnx_w8a8_is_integer_smaller_and_close(quant_bundle):
         f = manifest["graphs"][name]["formats"]["onnx"]
         q = f["recipe"]["details"]
         assert f["recipe"]["name"] == "w8a8" and q["mode"] == "dynamic"
-        assert f["bytes"] < f["float_bytes"] / 3, (name, f["bytes"], f["float_bytes"])  # int8 weights: ~4x
+        assert f["bytes"] < f["float_bytes"] / 2.5, (name, f["bytes"], f["float_bytes"])  # int8 weights: ~4x
         model = onnx_lib.load(str(out / f["file"]))
         ops = {n.op_type for n in model.graph.node}
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
