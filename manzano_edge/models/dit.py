@@ -1,8 +1,9 @@
 """Latent diffusion transformer trained with conditional flow matching.
 
 DiT blocks with adaLN-Zero timestep modulation and cross-attention to the image-token
-features (the discrete adapter's output). DiT-Air style, one adaLN modulation network is
-shared by all blocks, which each add a learned per-block bias to it.
+features (the discrete adapter's output), which are also resampled onto the latent patch
+grid and added at the input. DiT-Air style, one adaLN modulation network is shared by all
+blocks, which each add a learned per-block bias to it.
 
 Flow convention (rectified flow): x_t = (1 - t) * noise + t * data, t in [0, 1]; the network
 predicts the velocity data - noise; sampling integrates from t=0 (noise) to t=1 (data).
@@ -12,6 +13,7 @@ The sampling loop lives in the runtime, never in the graph.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from manzano_edge.config import ModelConfig
@@ -22,6 +24,15 @@ TIME_EMBED_DIM = 256
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def token_to_patch_matrix(num_tokens: int, patch_grid: int) -> torch.Tensor:
+    """[patch_grid^2, num_tokens]: bilinear resampling of a square token grid onto the latent
+    patch grid, as one constant matmul (exports the same everywhere, unlike an interpolate op)."""
+    side = int(round(num_tokens ** 0.5))
+    basis = torch.eye(num_tokens).reshape(num_tokens, 1, side, side)
+    resampled = F.interpolate(basis, size=(patch_grid, patch_grid), mode="bilinear", align_corners=False)
+    return resampled.reshape(num_tokens, patch_grid * patch_grid).T.contiguous()
 
 
 class DiTBlock(nn.Module):
@@ -58,6 +69,10 @@ class DiT(nn.Module):
         self.cond_proj = nn.Linear(cfg.decoder.hidden_size, d.width)
         # Learned "no condition" token: classifier-free guidance's unconditional branch.
         self.null_cond = nn.Parameter(torch.randn(1, 1, cfg.decoder.hidden_size) * 0.02)
+        # Each latent patch also adds the (bilinearly resampled) condition of the image tokens
+        # over it. With cross-attention alone the tiny DiT never learned to use its condition
+        # (loss with shuffled conditions was the same); the token grid is spatial, so say so.
+        self.register_buffer("token_to_patch", token_to_patch_matrix(cfg.vision.num_image_tokens, grid), persistent=False)
         n_mod = 1 if d.share_adaln else d.depth
         self.adaln = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(d.width, 6 * d.width)) for _ in range(n_mod))
         self.blocks = nn.ModuleList(DiTBlock(d.width, d.heads, d.mlp_ratio) for _ in range(d.depth))
@@ -88,9 +103,9 @@ class DiT(nn.Module):
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """latent [B, C, h, w], timestep [B] in [0, 1], cond [B, M, llm width] -> velocity [B, C, h, w]."""
-        x = self.patch_embed(self._patchify(latent)) + self.pos_embed
-        temb = self.time_mlp(sinusoidal_embedding(timestep * 1000.0, TIME_EMBED_DIM).to(x.dtype))
         ctx = self.cond_proj(self.cond_norm(cond))
+        x = self.patch_embed(self._patchify(latent)) + self.pos_embed + torch.matmul(self.token_to_patch.to(ctx.dtype), ctx)
+        temb = self.time_mlp(sinusoidal_embedding(timestep * 1000.0, TIME_EMBED_DIM).to(x.dtype))
         for i, block in enumerate(self.blocks):
             x = block(x, self.adaln[0 if len(self.adaln) == 1 else i](temb), ctx)
         shift, scale = self.final_mod(temb).chunk(2, dim=-1)

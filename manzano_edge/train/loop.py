@@ -58,7 +58,7 @@ class TrainConfig:
         "tokenizer": StageBudget(steps=2000, batch_size=32, lr=1e-3),
         "decoder": StageBudget(steps=1800, batch_size=32, lr=1e-3),
         "vae": StageBudget(steps=600, batch_size=16, lr=1e-3),
-        "dit": StageBudget(steps=800, batch_size=32, lr=5e-4),
+        "dit": StageBudget(steps=1500, batch_size=32, lr=5e-4),
     })
 
     def scaled(self, factor: float) -> TrainConfig:
