@@ -137,7 +137,7 @@ def cmd_export(args) -> None:
                          coreml_precision=args.coreml_precision, overwrite=args.overwrite,
                          show_progress=not args.quiet, parity=not args.no_parity, keep_float=args.keep_float,
                          calibration_samples=args.calibration_samples, calibration_file=args.calibration,
-                         w8a8_mode=_w8a8_modes(args))
+                         w8a8_mode=_w8a8_modes(args), bundled_io=args.bundled_io)
     if args.recipe not in RECIPES:
         raise UserError(f"unknown recipe '{args.recipe}'; choose from {', '.join(RECIPES)}")
     model, tokenizer_json = _load_for_export(args)
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the numeric parity check (structure only); for random-weight paper-sized presets")
+    p.add_argument("--bundled-io", action="store_true",
+                   help="also write ExecuTorch bundled programs (.bpte: inputs + expected outputs) for on-device runners")
     p.add_argument("--keep-float", help="quantized recipes: keep layers/graphs float, e.g. lm_head,graph:vae_decoder")
     p.add_argument("--calibration-samples", type=int, default=8, help="generated calibration samples (static w8a8)")
     p.add_argument("--calibration", help="safetensors file of <graph>.<sample>.<input> calibration tensors")

@@ -247,3 +247,33 @@ def test_executorch_coreml_delegate_runs_on_macos(bundle, tiny):
     program = EtProgram(spec, out / manifest["graphs"]["vae_decoder"]["formats"]["executorch-coreml"]["file"])
     latent = torch.zeros(1, *spec.inputs[0].shape[1:])
     assert program.run({"latent": latent})["pixels"].shape == (1, 3, 96, 96)
+
+
+def test_bundled_programs_for_device_runners(tiny, tmp_path):
+    """`--bundled-io` writes .bpte files (inputs + expected outputs inside) that ExecuTorch's
+    runners verify; a program whose expectation is wrong must fail that verification."""
+    from manzano_edge.export import executorch as et
+    from manzano_edge.export.bundle import ExportOptions, export_bundle
+    from manzano_edge.export.spec import graph_specs
+
+    model, tok = tiny
+    out = tmp_path / "b"
+    manifest = export_bundle(model, tok, out, ExportOptions(formats=["executorch"], graphs=["code_features"],
+                                                            bundled_io=True, show_progress=False))
+    info = manifest["graphs"]["code_features"]["formats"]["executorch"]["bundled_program"]
+    assert info["verified_on_host"] and (out / info["file"]).stat().st_size > 0
+    et.verify_bundled_program(out / info["file"])
+
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    spec = graph_specs(model.cfg)["code_features"]
+    ids = torch.zeros(1, model.cfg.vision.num_image_tokens, dtype=torch.int32)
+    wrong = et.EtProgram(spec, out / "executorch" / "code_features.pte").run({"image_ids": ids})
+    case = MethodTestCase(inputs=[ids], expected_outputs=[v + 1.0 for v in wrong.values()])
+    bad = tmp_path / "bad.bpte"
+    bad.write_bytes(serialize_from_bundled_program_to_flatbuffer(
+        BundledProgram(None, [MethodTestSuite("forward", [case])], pte_file_path=str(out / "executorch" / "code_features.pte"))))
+    with pytest.raises(UserError, match="does not reproduce"):
+        et.verify_bundled_program(bad)

@@ -68,6 +68,7 @@ class ExportOptions:
     calibration_samples: int = 8  # generated calibration samples (static w8a8)
     calibration_file: str | None = None  # safetensors <graph>.<sample>.<input>, replaces the generated ones
     w8a8_mode: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_W8A8_MODE))
+    bundled_io: bool = False  # also write ExecuTorch bundled programs (.bpte) for on-device runners
 
 
 @dataclass
@@ -285,7 +286,7 @@ def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = Tru
 
 
 def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool = True,
-                      plan: QuantPlan | None = None) -> list[Entry]:
+                      plan: QuantPlan | None = None, bundled_io: bool = False) -> list[Entry]:
     entries = []
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
@@ -299,6 +300,11 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     xnn.extra["backend"] = "xnnpack"
     xnn.extra["verified_by"] = "executorch.runtime"
     judge(xnn, recipe, fp16_compute=False)
+    if bundled_io:
+        bpte = path.with_suffix(executorch.BUNDLED_SUFFIX)
+        info = executorch.write_bundled_program(spec, path, examples[0], bpte)
+        digest, size = path_digest(bpte)
+        xnn.extra["bundled_program"] = {"file": str(bpte.relative_to(out)), "sha256": digest, "bytes": size, **info}
     entries.append(_finish(xnn, path, out))
     if recipe not in FLOAT_RECIPES:
         _check_smaller(xnn, xnn.extra.pop("_float_bytes"))
@@ -427,7 +433,8 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                 if fmt == "onnx":
                     new = [export_onnx(spec, model, examples[name], tmp, recipe, opts.parity, plan)]
                 elif fmt == "executorch":
-                    new = export_executorch(spec, model, examples[name], tmp, recipe, opts.parity, plan)
+                    new = export_executorch(spec, model, examples[name], tmp, recipe, opts.parity, plan,
+                                            bundled_io=opts.bundled_io)
                 else:
                     new = [export_coreml(spec, model, examples[name], tmp, recipe,
                                          fp16=opts.coreml_precision == "fp16" or recipe != opts.recipe,

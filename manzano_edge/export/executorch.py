@@ -75,6 +75,41 @@ def export(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor],
     return delegates
 
 
+BUNDLED_SUFFIX = ".bpte"
+
+
+def write_bundled_program(spec: GraphSpec, pte: Path, inputs: dict[str, torch.Tensor], path: Path) -> dict:
+    """A bundled program for ExecuTorch's on-device runners (`executor_runner --bundleio`, the
+    benchmark apps): the .pte plus one test case, the real example inputs with the outputs this
+    host's ExecuTorch runtime produced for them. The device run then checks that it reproduces
+    the host numbers. Stateful graphs start from their initial (zero) KV cache."""
+    try:
+        from executorch.devtools import BundledProgram
+        from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+        from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+    except ImportError as exc:
+        raise UserError("executorch devtools are not installed; pip install 'manzano-edge[export]'") from exc
+    outputs = EtProgram(spec, pte).run(inputs)
+    case = MethodTestCase(inputs=[inputs[t.name].contiguous() for t in spec.inputs],
+                          expected_outputs=[outputs[t.name] for t in spec.outputs])
+    program = BundledProgram(None, [MethodTestSuite("forward", [case])], pte_file_path=str(pte))
+    path.write_bytes(serialize_from_bundled_program_to_flatbuffer(program))
+    verify_bundled_program(path)
+    return {"test_cases": 1, "verified_on_host": True}
+
+
+def verify_bundled_program(path: Path, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Load the bundled program the way a device runner does, feed its bundled input, and check
+    the outputs against the bundled expectation (raises if they differ)."""
+    from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
+
+    bundle = _load_bundled_program_from_buffer(Path(path).read_bytes())
+    try:  # executorch 1.5: loads the bundled input, executes, compares
+        bundle.verify_result_with_bundled_expected_output("forward", 0, rtol, atol)
+    except RuntimeError as exc:
+        raise UserError(f"bundled program {Path(path).name} does not reproduce its expected outputs ({exc})") from exc
+
+
 class EtProgram:
     """A loaded .pte method. Its mutable buffers (the KV cache) persist across `run` calls;
     `reset` loads the method afresh, which restores their initial (zero) values."""
