@@ -29,9 +29,16 @@ Sequences = list[list[dict[str, torch.Tensor]]]
 def generated(model: Manzano, codec: TextCodec, samples: int, decode_steps: int = 8) -> dict[str, Sequences]:
     if samples < 1:
         raise UserError(f"--calibration-samples must be at least 1, got {samples}")
+    return example_sequences(model, codec, samples, decode_steps, CALIBRATION_SEED)
+
+
+def example_sequences(model: Manzano, codec: TextCodec, samples: int, decode_steps: int,
+                      first_seed: int) -> dict[str, Sequences]:
+    """Per graph, a list of sequences from `samples` real-example seeds (decoder: prefill +
+    greedy decode steps, in order; every other graph: one step per sequence)."""
     out: dict[str, Sequences] = {}
     for i in range(samples):
-        per_graph = real_examples(model, codec, decode_steps=decode_steps, seed=CALIBRATION_SEED + i).per_graph
+        per_graph = real_examples(model, codec, decode_steps=decode_steps, seed=first_seed + i).per_graph
         for name, examples in per_graph.items():
             seqs = out.setdefault(name, [])
             if name == "decoder":

@@ -28,9 +28,10 @@ from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.export import coreml
 from manzano_edge.export.common import GraphProgram, TorchProgram, build_module
-from manzano_edge.export.spec import GraphSpec, real_examples
+from manzano_edge.export.spec import GraphSpec
 from manzano_edge.metrics import compare, psnr
 from manzano_edge.models.manzano import Manzano, load_checkpoint
+from manzano_edge.quant.calibration import example_sequences
 from manzano_edge.quant.recipes import FLOAT_RECIPES, RECIPES
 from manzano_edge.runtime.bundle import Bundle
 
@@ -109,16 +110,7 @@ def load_reference(bundle: Bundle, checkpoint: str | None) -> tuple[Manzano, str
 def validation_examples(model: Manzano, codec: TextCodec, samples: int,
                         decode_steps: int) -> dict[str, list[list[dict[str, torch.Tensor]]]]:
     """Per graph, a list of sequences (decoder: prefill + greedy decode; others: one step)."""
-    out: dict[str, list] = {}
-    for i in range(samples):
-        per_graph = real_examples(model, codec, decode_steps=decode_steps, seed=VALIDATION_SEED + i).per_graph
-        for name, examples in per_graph.items():
-            seqs = out.setdefault(name, [])
-            if name == "decoder":
-                seqs.append(examples)
-            else:
-                seqs.extend([e] for e in examples)
-    return out
+    return example_sequences(model, codec, samples, decode_steps, VALIDATION_SEED)
 
 
 # -- programs -------------------------------------------------------------------------------------
