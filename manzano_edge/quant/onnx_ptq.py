@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -79,8 +81,9 @@ def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mod
              calibration: Sequences | None, keep_modules: list[str]) -> dict:
     """Quantize `float_path` into `out_path`; returns what was done (for the manifest)."""
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    float_path, out_path = Path(float_path).resolve(), Path(out_path).resolve()  # the quantizers run in a scratch cwd
     model = onnx.load(str(float_path))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp):
         pre = Path(tmp) / "pre.onnx"
         _pre_process(float_path, pre)
         if recipe == "w8a8" and mode == "static":
@@ -106,6 +109,18 @@ def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mod
         info.update(op_types=["MatMul"], activations="float", weights=f"int{8 if recipe == 'w8' else 4} "
                     f"symmetric, block {BLOCK} (MatMulNBits)")
     return info
+
+
+@contextlib.contextmanager
+def _working_directory(path: str):
+    """ORT's shape inference writes scratch files (sym_shape_infer_temp.onnx, <uuid>.data) into
+    the current directory; keep them in our temporary directory instead of the user's."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _pre_process(src: Path, dst: Path) -> None:
