@@ -16,8 +16,8 @@ from manzano_edge.data import scenes
 from manzano_edge.data.images import to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.eval.evaluate import eval_understanding, held_out_rng
-from manzano_edge.eval.shapes_eval import ShapesScore, detect
+from manzano_edge.eval.evaluate import eval_generation, eval_understanding
+from manzano_edge.eval.shapes_eval import detect
 from manzano_edge.models.manzano import EMBEDDED_DEFAULT, WEIGHTS_FILE, load_checkpoint
 from manzano_edge.runtime.graphs import TorchGraphs
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
@@ -55,23 +55,14 @@ def test_understanding_meets_the_target(understanding):
 
 def test_generation_draws_the_requested_colors_where_asked(pipe):
     # Regression floor: on 100 held-out prompts the detector finds position 0.95, color 0.78.
-    rng, score = held_out_rng(1, "generation"), ShapesScore()
-    for i in range(12):
-        scene = scenes.sample_scene(rng)
-        prompt = scenes.generation_prompt(scene, rng)
-        score.add(scenes.parse_objects(prompt), detect(pipe.generate(prompt, SamplingConfig(temperature=0), seed=i)))
-    summary = score.summary()
+    summary = eval_generation(pipe, 12, seed=1, sampling=SamplingConfig(temperature=0), show=False)
     assert summary["position"] >= 0.75 and summary["color"] >= 0.5, summary
 
 
 @pytest.mark.xfail(strict=True, reason=TARGETS_NOT_MET)
 def test_generation_on_held_out_prompts(pipe):
-    rng, score = held_out_rng(1, "generation"), ShapesScore()
-    for i in range(20):
-        scene = scenes.sample_scene(rng)
-        prompt = scenes.generation_prompt(scene, rng)
-        score.add(scenes.parse_objects(prompt), detect(pipe.generate(prompt, SamplingConfig(temperature=0), seed=i)))
-    assert score.summary()["shapes_eval"] >= 0.7, score.summary()
+    summary = eval_generation(pipe, 20, seed=1, sampling=SamplingConfig(temperature=0), show=False)
+    assert summary["shapes_eval"] >= 0.7, summary
 
 
 def users_drawing() -> Image.Image:
