@@ -66,6 +66,20 @@ def cmd_train(args) -> None:
     print(f"checkpoint: {final}")
 
 
+def cmd_qat(args) -> None:
+    from manzano_edge.quant.qat import QATRunConfig, qat
+
+    qcfg = QATRunConfig(recipe=args.recipe, seed=args.seed,
+                        graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
+                        keep_float=tuple(k.strip() for k in (args.keep_float or "").split(",") if k.strip()))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {args.steps}")
+        qcfg = qcfg.scaled(args.steps)
+    final = qat(args.checkpoint, args.output, qcfg.validate())
+    print(f"checkpoint: {final}  (export it with: manzano-edge export {final} --recipe {args.recipe} -o BUNDLE)")
+
+
 def cmd_eval(args) -> None:
     from manzano_edge.eval.evaluate import EvalConfig, evaluate
 
@@ -257,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of your images (with --captions)")
     p.add_argument("--captions", help="JSONL: {\"image\": \"a.png\", \"caption\": \"...\"} per line")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("qat", help="quantization-aware fine-tuning (distillation from the float model) for a recipe")
+    p.add_argument("checkpoint", nargs="?", help="float checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--recipe", required=True, help="w8a8 | w4")
+    p.add_argument("-o", "--output", required=True, help="run directory (resumes if it exists); writes OUTPUT/checkpoint")
+    p.add_argument("--graphs", default="tokenizer,decoder,dit", help="comma-separated subset of tokenizer,decoder,dit")
+    p.add_argument("--steps", type=int, help="steps per graph (default: tokenizer 150, decoder 200, dit 200)")
+    p.add_argument("--keep-float", help="Linear layers to leave unquantized, as for export (e.g. lm_head,layers.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_qat)
 
     p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")

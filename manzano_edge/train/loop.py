@@ -145,10 +145,11 @@ def build_stage(name: str, model: Manzano, codec: TextCodec) -> nn.Module:
     return DiTStage(model)
 
 
-def run_stage(name: str, model: Manzano, codec: TextCodec, budget: StageBudget, run_dir: Path, tcfg: TrainConfig,
+def run_stage(name: str, stage: nn.Module, budget: StageBudget, run_dir: Path, tcfg: TrainConfig,
               make_source) -> dict:
+    """Train `stage` (forward(examples, rng) -> loss, logs) for `budget`; resumable from run_dir/stage-<name>.
+    Shared by `train` and `qat`."""
     rank, world = dist_info()
-    stage = build_stage(name, model, codec)
     stage.train()
     params = [p for p in stage.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -233,7 +234,8 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
     for name in stages:
         if stage_done(run_dir, name):
             continue
-        report.append(run_stage(name, model, codec, tcfg.stages[name], run_dir, tcfg, make_source))
+        report.append(run_stage(name, build_stage(name, model, codec), tcfg.stages[name], run_dir, tcfg,
+                                make_source))
         if name == "vae":
             model.cfg.vae.scaling_factor = measure_latent_scale(model, cfg.vision.image_size)
         if rank == 0:
