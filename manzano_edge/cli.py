@@ -80,6 +80,27 @@ def cmd_qat(args) -> None:
     print(f"checkpoint: {final}  (export it with: manzano-edge export {final} --recipe {args.recipe} -o BUNDLE)")
 
 
+def cmd_sensitivity(args) -> None:
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.models.manzano import load_checkpoint
+    from manzano_edge.quant.sensitivity import GRAPHS, Target, sensitivity, write_report
+
+    model, tok = load_checkpoint(args.checkpoint)
+    graphs = [g.strip() for g in (args.graphs or ",".join(GRAPHS)).split(",") if g.strip()]
+    target = Target(psnr_db=args.target_psnr if args.target_psnr is not None else
+                    (35.0 if args.recipe == "w8a8" else 20.0), top1=args.target_top1)
+    report = sensitivity(model, TextCodec(tok, model.cfg.text), args.recipe, graphs, samples=args.samples,
+                         granularity=args.granularity, target=target, source=args.checkpoint or "embedded default",
+                         show=not args.quiet)
+    write_report(report, args.output, overwrite=args.overwrite)
+    for g in report["graphs"]:
+        p = g["proposal"]
+        print(f"{g['graph']:>14}: all quantized {g['all_quantized']['psnr_db']:.1f} dB -> keep "
+              f"{len(p['keep_float'])} float -> {p['after']['psnr_db']:.1f} dB "
+              f"({'meets' if p['meets_target'] else 'MISSES'} target)")
+    print(f"--keep-float {report['keep_float'] or '(none needed)'}; wrote {args.output}/report.json, report.md")
+
+
 def cmd_eval(args) -> None:
     from manzano_edge.eval.evaluate import EvalConfig, evaluate
 
@@ -281,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-float", help="Linear layers to leave unquantized, as for export (e.g. lm_head,layers.0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_qat)
+
+    p = sub.add_parser("sensitivity", help="rank layers by the accuracy a recipe costs; propose --keep-float")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--recipe", required=True, help="w8a8 | w4")
+    p.add_argument("-o", "--output", required=True, help="report directory: report.json, report.md, sensitivity.png")
+    p.add_argument("--graphs", help="comma-separated subset of tokenizer,decoder,code_features,dit")
+    p.add_argument("--granularity", default="layer", help="layer (each Linear) | block (layers.N / blocks.N)")
+    p.add_argument("--samples", type=int, default=4, help="validation samples per graph")
+    p.add_argument("--target-psnr", type=float, help="dB per graph output (default 35 for w8a8, 20 for w4)")
+    p.add_argument("--target-top1", type=float, default=0.99, help="decoder top-1 agreement")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")

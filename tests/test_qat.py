@@ -89,3 +89,44 @@ def test_bad_qat_options_fail_cleanly(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_sensitivity_ranks_layers_and_proposes_an_override_export_accepts(tiny, tiny_codec):
+    from manzano_edge.export.common import build_module
+    from manzano_edge.export.spec import graph_specs
+    from manzano_edge.quant.overrides import parse_keep_float, resolve_layers
+    from manzano_edge.quant.sensitivity import Target, sensitivity
+
+    model, tok = tiny
+    from manzano_edge.data.text import TextCodec
+
+    codec = TextCodec(tok, model.cfg.text)
+    easy = sensitivity(model, codec, "w4", ["code_features"], samples=1, target=Target(psnr_db=0.0), show=False)
+    graph = easy["graphs"][0]
+    psnrs = [u["psnr_db"] for u in graph["units"]]
+    assert psnrs == sorted(psnrs) and len(psnrs) == 2  # discrete.mlp.fc1/fc2, most sensitive first
+    assert all(0 < p < 200 for p in psnrs), "a fake-quantized layer left the output exact: quantization inactive"
+    assert graph["proposal"]["keep_float"] == [] and graph["proposal"]["meets_target"]
+    hard = sensitivity(model, codec, "w4", ["code_features"], samples=1, target=Target(psnr_db=150.0), show=False)
+    proposal = hard["graphs"][0]["proposal"]
+    # Everything kept float is the float graph again: exact, so the target is met only then.
+    assert len(proposal["keep_float"]) == 2 and proposal["after"]["psnr_db"] == 200.0
+    assert hard["graphs"][0]["all_quantized"]["psnr_db"] < min(psnrs) + 1e-6
+    spec = graph_specs(model.cfg)["code_features"]
+    keep = parse_keep_float(hard["keep_float"], list(graph_specs(model.cfg)))
+    assert len(resolve_layers(build_module(spec, model, False), keep).modules) == 2
+
+
+def test_sensitivity_cli_writes_report_or_fails_in_one_line(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "--recipe", "w8a8", "--graphs", "code_features", "--samples", "1", "-o", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == "manzano-edge/sensitivity@1" and (out / "sensitivity.png").stat().st_size > 0
+    assert "code_features" in (out / "report.md").read_text()
+    assert main(["sensitivity", "--recipe", "w8a8", "--graphs", "vae_decoder", "-o", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err
+    assert "unknown graph 'vae_decoder'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

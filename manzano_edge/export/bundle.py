@@ -326,7 +326,8 @@ def _quantized_xnnpack(spec, model, examples, path: Path, recipe: str, plan: Qua
     mode = plan.modes["executorch"] if recipe == "w8a8" else "8da4w"
     program, info = xnnpack_ptq.quantize(spec, module, examples[0], recipe, mode, plan.calibration.get(spec.name),
                                          plan.keep_modules(spec, model, False))
-    buffer, delegates, graph = executorch.lower_program(program, executorch.xnnpack_partitioner())
+    partitioner = executorch.xnnpack_partitioner(dynamic_quant=mode in ("dynamic", "8da4w"))
+    buffer, delegates, graph = executorch.lower_program(program, partitioner)
     info["delegation"] = xnnpack_ptq.delegation(graph)
     if info["delegation"]["quant_ops_delegated"] == 0:
         raise _cannot_quantize(spec, "executorch", recipe, "no quantized op ends up inside an XNNPACK delegate "

@@ -40,7 +40,8 @@ def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], 
 def lower_program(ep: torch.export.ExportedProgram, partitioner) -> tuple[bytes, int, torch.fx.GraphModule]:
     """(program bytes, delegated partitions, the lowered edge graph for inspection)."""
     to_edge_transform_and_lower, BackendConfig, SymShapePass = _exir()
-    edge = to_edge_transform_and_lower(ep, partitioner=[partitioner])
+    partitioners = partitioner if isinstance(partitioner, list) else [partitioner]
+    edge = to_edge_transform_and_lower(ep, partitioner=partitioners)
     graph = edge.exported_program().graph_module
     delegates = sum(1 for n in graph.graph.nodes
                     if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
@@ -48,9 +49,18 @@ def lower_program(ep: torch.export.ExportedProgram, partitioner) -> tuple[bytes,
     return program.buffer, delegates, graph
 
 
-def xnnpack_partitioner():
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def xnnpack_partitioner(dynamic_quant: bool = False):
+    """Dynamically quantized programs take ExecuTorch's two-pass recipe (its llama export's):
+    the dynamically-quantized linears first, then everything else. One pass over the DiT's w8a8
+    graph fails with "Invalid partition, found dependency cycles" (several dynamically quantized
+    linears read the same condition tensor)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner,
+        XnnpackPartitioner,
+    )
 
+    if dynamic_quant:
+        return [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()]
     return XnnpackPartitioner()
 
 
