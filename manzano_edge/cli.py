@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -76,6 +77,10 @@ def cmd_qat(args) -> None:
         if args.steps < 1:
             raise UserError(f"--steps must be at least 1, got {args.steps}")
         qcfg = qcfg.scaled(args.steps)
+    if args.lr is not None:
+        if not args.lr > 0:
+            raise UserError(f"--lr must be positive, got {args.lr}")
+        qcfg.stages = {k: dataclasses.replace(v, lr=args.lr) for k, v in qcfg.stages.items()}
     final = qat(args.checkpoint, args.output, qcfg.validate())
     print(f"checkpoint: {final}  (export it with: manzano-edge export {final} --recipe {args.recipe} -o BUNDLE)")
 
@@ -299,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run directory (resumes if it exists); writes OUTPUT/checkpoint")
     p.add_argument("--graphs", default="tokenizer,decoder,dit", help="comma-separated subset of tokenizer,decoder,dit")
     p.add_argument("--steps", type=int, help="steps per graph (default: tokenizer 150, decoder 200, dit 200)")
+    p.add_argument("--lr", type=float, help="peak learning rate for every graph (default 5e-5)")
     p.add_argument("--keep-float", help="Linear layers to leave unquantized, as for export (e.g. lm_head,layers.0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_qat)

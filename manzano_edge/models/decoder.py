@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manzano_edge.config import DecoderConfig
-from manzano_edge.models.layers import RMSNorm, attention
+from manzano_edge.models.layers import RMSNorm, attention, dims
 
 
 def rope_tables(cfg: DecoderConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,14 +68,14 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 layer: int, kv_writer: KVCacheWriter | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(dims(b, t, self.n_heads, self.hd)).transpose(1, 2)
+        k = self.k_proj(x).view(dims(b, t, self.n_kv, self.hd)).transpose(1, 2)
+        v = self.v_proj(x).view(dims(b, t, self.n_kv, self.hd)).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_writer is not None:
             k, v = kv_writer(layer, k, v)
         out = attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(dims(b, t, self.n_heads * self.hd)))
 
 
 class LlamaMLP(nn.Module):

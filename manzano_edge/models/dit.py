@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manzano_edge.config import ModelConfig
-from manzano_edge.models.layers import GeluMLP, MultiHeadAttention, RMSNorm, sinusoidal_embedding
+from manzano_edge.models.layers import GeluMLP, LayerNorm, MultiHeadAttention, RMSNorm, dims, sinusoidal_embedding
 
 TIME_EMBED_DIM = 256
 
@@ -38,16 +38,17 @@ def token_to_patch_matrix(num_tokens: int, patch_grid: int) -> torch.Tensor:
 class DiTBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = MultiHeadAttention(width, heads)
-        self.norm_cross = nn.LayerNorm(width, eps=1e-6)
+        self.norm_cross = LayerNorm(width, eps=1e-6)
         self.cross_attn = MultiHeadAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = GeluMLP(width, width * mlp_ratio)
         self.mod_bias = nn.Parameter(torch.zeros(6, width))
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod.view(mod.shape[0], 6, -1) + self.mod_bias).unbind(1)
+        mod = mod.view(dims(mod.shape[0], 6, self.mod_bias.shape[1])) + self.mod_bias
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + self.cross_attn(self.norm_cross(x), cond)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -76,7 +77,7 @@ class DiT(nn.Module):
         n_mod = 1 if d.share_adaln else d.depth
         self.adaln = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(d.width, 6 * d.width)) for _ in range(n_mod))
         self.blocks = nn.ModuleList(DiTBlock(d.width, d.heads, d.mlp_ratio) for _ in range(d.depth))
-        self.final_norm = nn.LayerNorm(d.width, elementwise_affine=False, eps=1e-6)
+        self.final_norm = LayerNorm(d.width, elementwise_affine=False, eps=1e-6)
         self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(d.width, 2 * d.width))
         self.final = nn.Linear(d.width, self.patch * self.patch * c)
         for mod in [*self.adaln, self.final_mod, self.final]:
@@ -89,14 +90,14 @@ class DiT(nn.Module):
         """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], features ordered (row-in-patch, col-in-patch, channel)."""
         b, c, h, w = x.shape
         p, g = self.patch, h // self.patch
-        x = x.reshape(b * c, g, p, g, p).permute(0, 1, 3, 2, 4)  # [B*C, g, g, p, p]
-        return x.reshape(b, c, g * g, p * p).permute(0, 2, 3, 1).reshape(b, g * g, p * p * c)
+        x = x.reshape(dims(b * c, g, p, g, p)).permute(0, 1, 3, 2, 4)  # [B*C, g, g, p, p]
+        return x.reshape(dims(b, c, g * g, p * p)).permute(0, 2, 3, 1).reshape(dims(b, g * g, p * p * c))
 
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, c, g = x.shape[0], self.patch, self.channels, self.size // self.patch
-        x = x.reshape(b, g * g, p * p, c).permute(0, 3, 1, 2)  # [B, C, g*g, p*p]
-        x = x.reshape(b * c, g, g, p, p).permute(0, 1, 3, 2, 4)  # [B*C, g, p, g, p]
-        return x.reshape(b, c, g * p, g * p)
+        x = x.reshape(dims(b, g * g, p * p, c)).permute(0, 3, 1, 2)  # [B, C, g*g, p*p]
+        x = x.reshape(dims(b * c, g, g, p, p)).permute(0, 1, 3, 2, 4)  # [B*C, g, p, g, p]
+        return x.reshape(dims(b, c, g * p, g * p))
 
     def unconditional(self, batch: int, tokens: int) -> torch.Tensor:
         return self.null_cond.expand(batch, tokens, -1)

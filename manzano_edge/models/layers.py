@@ -1,8 +1,13 @@
 """Building blocks shared by the ViT, the decoder and the DiT.
 
-Attention is written as explicit matmul + softmax rather than F.scaled_dot_product_attention:
-F.sdpa decomposes into `_safe_softmax` (eq/any/where) that XNNPACK does not delegate, and
-the explicit form converts identically in Core ML, ONNX and ExecuTorch (TOOLCHAIN.md §2).
+Written so XNNPACK delegates every op of a graph (TOOLCHAIN.md §2), which is what lets one
+delegate run a whole block instead of dozens of partitions handing tensors to portable kernels:
+- attention is explicit bmm + softmax, not F.scaled_dot_product_attention (F.sdpa decomposes
+  into `_safe_softmax`'s eq/any/where, which XNNPACK does not take);
+- views write their one dynamic size as -1 (`dims`): XNNPACK rejects symbolic reshapes;
+- norms compute their means with `mean_last`, the one `mean` form XNNPACK takes (a keepdim
+  mean over the two innermost dims of a 4-D tensor); `native_layer_norm` is never delegated.
+The same code converts unchanged to Core ML and ONNX.
 """
 
 from __future__ import annotations
@@ -14,16 +19,49 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def dims(*sizes: int | torch.SymInt) -> list[int]:
+    """A view/reshape shape with its one dynamic (symbolic) size written as -1: XNNPACK's reshape
+    takes a single inferred dim and no symbolic sizes. Eager sizes are all ints: unchanged."""
+    symbolic = [i for i, d in enumerate(sizes) if not isinstance(d, int)]
+    out = list(sizes)
+    if len(symbolic) == 1:
+        out[symbolic[0]] = -1
+    return out
+
+
+def mean_last(x: torch.Tensor) -> torch.Tensor:
+    """x.mean(-1, keepdim=True), for [B, N, D] inputs as a 4-D [B, N, D, 1] mean over the two
+    innermost dims: XNNPACK lowers that to global average pooling and delegates it."""
+    if x.dim() != 3:
+        return x.mean(-1, keepdim=True)
+    b, n, _ = x.shape
+    # view, not squeeze: XNNPACK takes view_copy but not squeeze_copy.
+    return x.unsqueeze(-1).mean(dim=(-2, -1), keepdim=True).view(dims(b, n, 1))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [B, H, T, hd], k/v: [B, Hkv, S, hd] (Hkv divides H), mask: additive, broadcastable to [B, H, T, S]."""
-    groups = q.shape[1] // k.shape[1]
+    """q: [B, H, T, hd], k/v: [B, Hkv, S, hd] (Hkv divides H), mask: additive [1 or B, 1, T, S].
+
+    3-D bmm over [B*H, T, hd]: a 4-D matmul decomposes into expand_copy + bmm, and XNNPACK does
+    not take expand_copy. Grouped-query k/v are repeated per query head (Hugging Face's
+    repeat_kv); that copy sits next to the KV-cache reads, which stay outside the delegate anyway.
+    (Folding the query groups into the sequence axis instead made torch.export emit an
+    unprovable stride guard on the dynamic length.)"""
+    b, h, t, hd = q.shape
+    groups = h // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    s = k.shape[2]
+    scores = torch.bmm(q.reshape(dims(b * h, t, hd)), k.reshape(dims(b * h, s, hd)).transpose(1, 2))
+    scores = scores * (1.0 / math.sqrt(hd))
     if mask is not None:
-        scores = scores + mask
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+        if mask.shape[0] == 1:  # the graphs' case: broadcast over B*H without a 4-D view
+            scores = scores + mask[:, 0]
+        else:
+            scores = (scores.view(b, h, t, s) + mask).view(b * h, t, s)
+    out = torch.bmm(torch.softmax(scores.float(), dim=-1).to(q.dtype), v.reshape(dims(b * h, s, hd)))
+    return out.view(dims(b, h, t, hd))
 
 
 class MultiHeadAttention(nn.Module):
@@ -40,13 +78,13 @@ class MultiHeadAttention(nn.Module):
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        return x.view(b, n, self.heads, -1).transpose(1, 2)
+        return x.view(dims(b, n, self.heads, x.shape[-1] // self.heads)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         out = attention(self._split(self.q(x)), self._split(self.k(context)), self._split(self.v(context)))
         b, _, n, _ = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.proj(out.transpose(1, 2).reshape(dims(b, n, out.shape[1] * out.shape[3])))
 
 
 class GeluMLP(nn.Module):
@@ -70,8 +108,23 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt(mean_last(x * x) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm (same parameters and state-dict keys) with means XNNPACK delegates."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - mean_last(x)
+        y = centred * torch.rsqrt(mean_last(centred * centred) + self.eps)
+        return y if self.weight is None else y * self.weight + self.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from manzano_edge.config import VisionConfig
-from manzano_edge.models.layers import GeluMLP, MultiHeadAttention
+from manzano_edge.models.layers import GeluMLP, LayerNorm, MultiHeadAttention
 
 
 class ViTBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = LayerNorm(width)
         self.attn = MultiHeadAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = LayerNorm(width)
         self.mlp = GeluMLP(width, width * mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(in_ch, cfg.width, kernel_size=patch, stride=patch)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(ViTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.norm = LayerNorm(cfg.width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: [B, 3, H, W] in [-1, 1] -> patch features [B, grid*grid, width]."""
