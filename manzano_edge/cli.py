@@ -266,7 +266,7 @@ def cmd_demo(args) -> None:
     model, tok = load_checkpoint(args.checkpoint)
     pipe = Pipeline(TorchGraphs(model), model.cfg, TextCodec(tok, model.cfg.text))
     summary = run_demo(pipe, out, overwrite=args.overwrite, eval_size=args.eval_size,
-                       export=None if args.no_export else (model, tok))
+                       export=None if args.no_export else (model, tok), checkpoint=args.checkpoint)
     print_summary(summary, out)
 
 

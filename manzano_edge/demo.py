@@ -23,8 +23,10 @@ from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 
 
 def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int = 40,
-             export: tuple[Manzano, str] | None = None) -> dict:
-    """`export` = (model, tokenizer.json) to also export a bundle to every format."""
+             export: tuple[Manzano, str] | None = None, checkpoint: str | None = None) -> dict:
+    """`export` = (model, tokenizer.json) to also export a bundle to every format, validate an
+    int8 (w8a8) ONNX bundle against the float model (`checkpoint`; None = embedded) and
+    benchmark the float bundle against eager PyTorch."""
     tmp = begin_output_dir(out, overwrite)
     try:
         t0 = time.time()
@@ -60,6 +62,8 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
             summary["export"] = {f"{g}/{fmt}": {"bytes": f["bytes"], "passed": f["passed"],
                                                 "psnr_db": (f["parity"] or {}).get("psnr_db")}
                                  for g, graph in manifest["graphs"].items() for fmt, f in graph["formats"].items()}
+            summary["validate_w8a8"] = validate_int8(*export, tmp, checkpoint)
+            summary["bench"] = quick_bench(tmp)
         summary["seconds"] = round(time.time() - t0, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         commit_output_dir(tmp, out)
@@ -67,6 +71,38 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
         abort_output_dir(tmp)
         raise
     return summary
+
+
+def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: str | None) -> dict:
+    """ONNX w8a8 (dynamic, the default) of every graph but the embedding lookup, validated
+    against the float model with the default thresholds; report in validate-w8a8/."""
+    from manzano_edge.validate.core import Settings, Thresholds, validate
+    from manzano_edge.validate.report import write_report
+
+    export_bundle(model, tokenizer_json, tmp / "bundle-w8a8", ExportOptions(
+        formats=["onnx"], recipe="w8a8", keep_float="graph:embed_tokens", show_progress=False))
+    result = validate(tmp / "bundle-w8a8", checkpoint, Thresholds(),
+                      Settings(samples=2, vqa=12, captions=6, generation=4), show=False)
+    write_report(result.report, tmp / "validate-w8a8")
+    graphs = {r["graph"]: min((m["psnr_db"] for m in r["metrics"].values() if isinstance(m, dict) and "psnr_db" in m),
+                              default=None) for r in result.report["graphs"] if r["recipe"] == "w8a8"}
+    decoder = next(r for r in result.report["graphs"] if r["graph"] == "decoder")
+    return {"passed": result.passed, "report": "validate-w8a8/report.md", "min_psnr_db": graphs,
+            "decoder_top1": decoder["metrics"]["teacher_forcing"]["top1_agreement"]}
+
+
+def quick_bench(tmp: Path) -> dict:
+    """The fp32 bundle on eager PyTorch, ONNX Runtime and ExecuTorch: 3 runs each (a smoke run of
+    `manzano-edge bench`; docs/bench-small/ holds the real measurement)."""
+    from manzano_edge.bench.run import BenchOptions, run_bench
+
+    report = run_bench([str(tmp / "bundle")], tmp / "bench", BenchOptions(
+        backends=["torch", "ort", "executorch"], runs=3, warmup=1, decode_tokens=16, flow_steps=10,
+        quick_roofline=True, log=False))
+    rows = {r["backend"]: r for r in report["results"] if r["status"] == "ok"}
+    return {"report": "bench/report.md",
+            "decode_tok_s": {b: r["decoder"]["decode_tok_s"] for b, r in rows.items()},
+            "text_to_image_ms": {b: r["e2e"]["text_to_image_ms"]["median_ms"] for b, r in rows.items()}}
 
 
 def print_summary(summary: dict, out: Path) -> None:
@@ -82,4 +118,12 @@ def print_summary(summary: dict, out: Path) -> None:
         dbs = [v["psnr_db"] for v in ex.values() if v["psnr_db"] is not None]
         print(f"export    {ok}/{len(ex)} graph x format files passed parity (worst {min(dbs):.1f} dB) "
               f"-> {out / 'bundle'}")
+        v = summary["validate_w8a8"]
+        worst = min((db for db in v["min_psnr_db"].values() if db is not None), default=float("nan"))
+        print(f"int8      ONNX w8a8 vs float: {'PASSED' if v['passed'] else 'FAILED'} (worst graph {worst:.1f} dB, "
+              f"decoder top-1 {v['decoder_top1']:.3f}) -> {out / v['report']}")
+        b = summary["bench"]
+        tok = ", ".join(f"{k} {v:.0f}" if v else f"{k} n/a" for k, v in b["decode_tok_s"].items())
+        t2i = ", ".join(f"{k} {v:.0f} ms" for k, v in b["text_to_image_ms"].items())
+        print(f"bench     decode tok/s: {tok}; text-to-image: {t2i} (3 runs; -> {out / b['report']})")
     print(f"wrote {out} in {summary['seconds']} s")

@@ -104,3 +104,33 @@ def test_reconstruction_losses_weight_the_objects():
     ones = flow_matching_loss(dit, latent, cond, torch.Generator().manual_seed(0), weight=torch.ones(2, 1, 12, 12), **args)
     assert torch.allclose(plain, ones)
     np.testing.assert_array_less(0, plain.item())
+
+
+@pytest.mark.slow
+def test_qat_under_torchrun(tmp_path):
+    """`qat` runs the same loop under DDP (fake-quantized linears inside DistributedDataParallel)."""
+    from manzano_edge.config import preset
+    from manzano_edge.data.text import domain_corpus, train_bpe
+    from manzano_edge.models.manzano import Manzano, save_checkpoint
+
+    cfg = micro_config()
+    torch.manual_seed(0)
+    source = save_checkpoint(Manzano(cfg), tmp_path / "micro",
+                             train_bpe(preset("tiny").text.text_vocab_size, domain_corpus(200)).to_str())
+    script = tmp_path / "ddp_qat.py"
+    script.write_text(textwrap.dedent(f"""
+        from manzano_edge.quant.qat import QATBudget, QATRunConfig, qat
+        cfg = QATRunConfig(recipe="w4", save_every=1)
+        cfg.stages = {{k: QATBudget(steps=2, batch_size=4, lr=1e-3, warmup=1) for k in cfg.stages}}
+        qat({str(source)!r}, {str(tmp_path / 'qat')!r}, cfg)
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, _ = load_checkpoint(tmp_path / "qat" / "checkpoint")
+    record = json.loads((tmp_path / "qat" / "qat.json").read_text())
+    assert record["world_size"] == 2 and [s["stage"] for s in record["stages"]] == ["qat-tokenizer", "qat-decoder",
+                                                                                    "qat-dit"]
+    original, _ = load_checkpoint(source)
+    assert not torch.equal(model.decoder.lm_head.weight, original.decoder.lm_head.weight)
+    assert torch.equal(model.dit.null_cond, original.dit.null_cond)

@@ -129,7 +129,7 @@ def to_markdown(rep: dict) -> str:
                      f"| {d['decode_tok_s']:.1f} | {_f(df.get('batch1', {}).get('steps_per_s'))} / "
                      f"{_f(df.get('batch2', {}).get('steps_per_s'))} | {e['caption_ms']['median_ms']:.0f} "
                      f"| {e['text_to_image_ms']['median_ms']:.0f} | {r['memory']['peak_rss_mb']:.0f} | {_f(files, '.2f')} |")
-    lines += _latency_table(ok) + _comparison_lines(rep["comparisons"]) + _consistency_lines(ok)
+    lines += _latency_table(ok) + _partition_lines(ok) + _comparison_lines(rep["comparisons"]) + _consistency_lines(ok)
     skipped = [r for r in rep["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "## Not measured", ""] + [f"- {r['label']}: {r['status']}: {r['reason']}" for r in skipped]
@@ -151,6 +151,18 @@ def _latency_table(ok: list[dict]) -> list[str]:
         lines.append(f"| {c} | " + " | ".join(_ms(r["latency"].get(c)) for r in ok) + " |")
     lines.append("| load s (per graph) | " + " | ".join(
         ", ".join(f"{g} {v:.2f}" for g, v in r["load_s"].items()) for r in ok) + " |")
+    return lines
+
+
+def _partition_lines(ok: list[dict]) -> list[str]:
+    rows = [r for r in ok if r.get("partitions")]
+    if not rows:
+        return []
+    graphs = list(dict.fromkeys(g for r in rows for g in r["partitions"]))
+    lines = ["", "## ExecuTorch delegate partitions per graph (fewer = fewer hand-offs to portable kernels)", "",
+             "| backend recipe | " + " | ".join(graphs) + " |", "|---|" + "---:|" * len(graphs)]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join(str(r["partitions"].get(g, "–")) for g in graphs) + " |")
     return lines
 
 

@@ -224,6 +224,15 @@ def file_bytes(bundle: Bundle, backend: str) -> dict[str, int]:
     return {g: f[fmt]["bytes"] for g in bundle.specs if fmt and fmt in (f := _formats(bundle, g))}
 
 
+def partitions(bundle: Bundle, backend: str) -> dict[str, int]:
+    """Delegate partitions per graph (ExecuTorch; from the manifest): each boundary hands tensors
+    between XNNPACK and the portable kernels, so fewer is faster."""
+    if backend != "executorch":
+        return {}
+    return {g: f["executorch"]["delegates"] for g in bundle.specs
+            if "executorch" in (f := _formats(bundle, g)) and "delegates" in f["executorch"]}
+
+
 def add_roofline(row: dict, ref: Reference, roof: dict, flops_cache: dict) -> None:
     """Decode vs the bandwidth ceiling; prefill and the DiT vs the GEMM ceiling."""
     d, cfg = row["decoder"], ref.model.cfg.decoder
@@ -341,7 +350,8 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
             bundle = next(b for b in bundles if str(b.path) == job["bundle"])
             row = {"label": job["label"], "backend": job["backend"], "compute_units": job["compute_units"],
                    "recipe": job["recipe"], "bundle": bundle.path.name, "reference_key": job["reference_key"],
-                   "image_size": bundle.cfg.vision.image_size, "files": file_bytes(bundle, job["backend"]), **result}
+                   "image_size": bundle.cfg.vision.image_size, "files": file_bytes(bundle, job["backend"]),
+                   "partitions": partitions(bundle, job["backend"]), **result}
             if row["status"] == "ok":
                 add_roofline(row, refs[job["reference_key"]], roof, flops)
             else:

@@ -16,6 +16,7 @@ at the end; if any graph fails to convert or misses its parity bar, nothing is w
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import platform
 import tempfile
@@ -293,7 +294,7 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
     if recipe in FLOAT_RECIPES:
-        xnn.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack")
+        xnn.extra.update(executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack"))
     else:
         _quantized_xnnpack(spec, model, examples, path, recipe, plan, xnn)
     xnn.parity = dict(SKIPPED) if not check else run_parity(
@@ -308,12 +309,13 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
         digest, size = path_digest(bpte)
         xnn.extra["bundled_program"] = {"file": str(bpte.relative_to(out)), "sha256": digest, "bytes": size, **info}
     entries.append(_finish(xnn, path, out))
+    gc.collect()  # FX graphs hold reference cycles: free the XNNPACK program's weight copies now
     if recipe not in FLOAT_RECIPES:
         _check_smaller(xnn, xnn.extra.pop("_float_bytes"))
         return entries  # the Core ML delegate program is float-only here; Core ML recipes go through `coreml`
     apple = Entry(spec.name, "executorch-coreml")
     path = out / "executorch-coreml" / f"{spec.name}{executorch.SUFFIX}"
-    apple.extra["delegates"] = executorch.export(spec, build_module(spec, model, False), examples[0], path, "coreml")
+    apple.extra.update(executorch.export(spec, build_module(spec, model, False), examples[0], path, "coreml"))
     apple.extra["io"] = spec.manifest_io(explicit_state=False)
     apple.extra["backend"] = "coreml"
     apple.extra["verified_by"] = "structure only: CoreMLBackend runs on Apple hardware"
@@ -329,6 +331,7 @@ def _quantized_xnnpack(spec, model, examples, path: Path, recipe: str, plan: Qua
     partitioner = executorch.xnnpack_partitioner(dynamic_quant=mode in ("dynamic", "8da4w"))
     buffer, delegates, graph = executorch.lower_program(program, partitioner)
     info["delegation"] = xnnpack_ptq.delegation(graph)
+    entry.extra["non_delegated_ops"] = executorch.non_delegated_ops(graph)
     if info["delegation"]["quant_ops_delegated"] == 0:
         raise _cannot_quantize(spec, "executorch", recipe, "no quantized op ends up inside an XNNPACK delegate "
                                f"({info['delegation']['quant_ops_not_delegated']} left on portable kernels)")
@@ -444,6 +447,9 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                                          check=opts.parity)]
             except UserError:
                 raise
+            except MemoryError as exc:
+                raise ExportFailed(f"graph '{name}' ran out of memory converting to {fmt}; export one format at a "
+                                   "time (--format) on a machine with more RAM") from exc
             except Exception as exc:  # the converters raise anything; name graph, format and the op/cause
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportFailed(f"graph '{name}' failed to convert to {fmt}: {type(exc).__name__}: {first[:300]}") \
@@ -451,6 +457,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             for e in new:
                 e.seconds = round(time.time() - t0, 2)
             entries.extend(new)
+            gc.collect()
         manifest = build_manifest(model, opts, entries, plan)
         failed = [e for e in entries if not e.passed]
         if failed:

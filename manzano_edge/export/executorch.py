@@ -31,10 +31,19 @@ def _exir():
     return to_edge_transform_and_lower, ExecutorchBackendConfig, ConstraintBasedSymShapeEvalPass
 
 
-def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], partitioner) -> tuple[bytes, int]:
-    """Returns (program bytes, number of delegated partitions)."""
-    buffer, delegates, _ = lower_program(export_program(spec, module, example, explicit_state=False), partitioner)
-    return buffer, delegates
+def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], partitioner) -> tuple[bytes, dict]:
+    """Returns (program bytes, {"delegates": partitions, "non_delegated_ops": {op: count}})."""
+    buffer, delegates, graph = lower_program(export_program(spec, module, example, explicit_state=False), partitioner)
+    return buffer, {"delegates": delegates, "non_delegated_ops": non_delegated_ops(graph)}
+
+
+def non_delegated_ops(graph: torch.fx.GraphModule) -> dict[str, int]:
+    """The ops left on ExecuTorch's portable kernels, by count (ExecuTorch devtools): each one
+    between two delegated ops is a partition boundary."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    rows = get_delegation_info(graph).delegation_by_operator
+    return {op: row.non_delegated for op, row in sorted(rows.items()) if row.non_delegated and op != "getitem"}
 
 
 def lower_program(ep: torch.export.ExportedProgram, partitioner) -> tuple[bytes, int, torch.fx.GraphModule]:
@@ -76,13 +85,13 @@ def coreml_partitioner(fp16: bool = True):
 
 
 def export(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], path: Path,
-           backend: str = "xnnpack", fp16: bool = True) -> int:
-    """Returns the number of delegated partitions; 0 is legitimate (e.g. XNNPACK does not take
-    `embedding`, so embed_tokens runs on ExecuTorch's portable kernels) and is recorded."""
+           backend: str = "xnnpack", fp16: bool = True) -> dict:
+    """Returns {"delegates": partitions, "non_delegated_ops": ...}; 0 partitions is legitimate
+    (XNNPACK does not take `embedding`, so embed_tokens runs on the portable kernels) and is recorded."""
     partitioner = xnnpack_partitioner() if backend == "xnnpack" else coreml_partitioner(fp16)
-    buffer, delegates = lower(spec, module, example, partitioner)
+    buffer, delegation = lower(spec, module, example, partitioner)
     path.write_bytes(buffer)
-    return delegates
+    return delegation
 
 
 BUNDLED_SUFFIX = ".bpte"
