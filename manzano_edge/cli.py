@@ -255,6 +255,19 @@ def cmd_bench(args) -> None:
     print(f"wrote {args.output}" + (f" ({len(bad)} backend(s) failed: {', '.join(bad)})" if bad else ""))
 
 
+def cmd_profile(args) -> None:
+    from manzano_edge.bench.profile import markdown, profile, write
+
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    graphs = [g.strip() for g in args.graphs.split(",") if g.strip()] if args.graphs else None
+    report = profile(args.bundle, graphs, runs=args.runs, threads=args.threads, position=args.position,
+                     etdumps=args.etdump, device=args.device)
+    write(report, args.output, overwrite=args.overwrite)
+    print(markdown(report, top=6))
+    print(f"wrote {args.output}/profile.json, profile.md")
+
+
 def cmd_demo(args) -> None:
     from manzano_edge.data.text import TextCodec
     from manzano_edge.demo import print_summary, run_demo
@@ -321,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("profile", help="ExecuTorch op breakdown from ETDump, here or from a device's ETDump files")
+    p.add_argument("bundle")
+    p.add_argument("-o", "--output", required=True, help="report directory: profile.json, profile.md")
+    p.add_argument("--graphs", help="comma-separated graphs to run here (default: every ExecuTorch graph)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--threads", type=int, help="XNNPACK threads (default: ExecuTorch's)")
+    p.add_argument("--position", type=int, default=32, help="decoder: KV-cache length of the profiled decode step")
+    p.add_argument("--etdump", action="append", help="import a device run instead: GRAPH=FILE.etdp (repeatable)")
+    p.add_argument("--device", help="device name for imported ETDumps (e.g. 'Pixel 8, XNNPACK 4 threads')")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")

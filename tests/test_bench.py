@@ -81,3 +81,38 @@ def test_bad_bench_input(bundle, tmp_path):
     assert parse_threads("torch=1,ort=2") == (None, {"torch": 1, "ort": 2})
     assert main(["bench", str(bundle[0]), "-o", str(tmp_path / "o"), "--backends", "torch,gpu"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_profile_here_and_import_a_device_etdump(bundle, tmp_path, capsys):
+    from manzano_edge.bench.profile import SCHEMA as PROFILE_SCHEMA
+    from manzano_edge.bench.profile import run_with_etdump, synthetic_inputs
+    from manzano_edge.runtime.bundle import Bundle
+
+    path, manifest = bundle
+    out = tmp_path / "prof"
+    assert main(["profile", str(path), "--graphs", "code_features,decoder", "--runs", "3", "-o", str(out)]) == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert report["schema"] == PROFILE_SCHEMA and set(report["graphs"]) == {"code_features", "decoder"}
+    dec = report["graphs"]["decoder"]
+    assert dec["execute"]["runs"] == 3 and dec["execute"]["median_ms"] > 0
+    assert dec["kernels"]["float_gemm_ms"] > 0 and dec["kernels"]["integer_gemm_ms"] == 0  # an fp32 bundle
+    assert any(v["delegated"] for v in dec["ops"].values()) and dec["delegates"] == \
+        manifest["graphs"]["decoder"]["formats"]["executorch"]["delegates"]
+    # A device's ETDump (here: one written the way a runner writes it) imports into the same report.
+    b = Bundle(path)
+    spec = b.specs["code_features"]
+    etdp = tmp_path / "device.etdp"
+    run_with_etdump(b.path / b.entry("code_features", "executorch")["file"], synthetic_inputs(spec, b, 32), spec, 4, etdp,
+                    None)
+    imported = tmp_path / "imported"
+    assert main(["profile", str(path), "--etdump", f"code_features={etdp}", "--device", "test phone", "-o",
+                 str(imported)]) == 0
+    report = json.loads((imported / "profile.json").read_text())
+    assert report["device"] == "test phone" and report["graphs"]["code_features"]["execute"]["runs"] == 4
+    assert "test phone" in report["graphs"]["code_features"]["source"]
+    capsys.readouterr()
+    assert main(["profile", str(path), "--etdump", f"nope={etdp}", "-o", str(tmp_path / "x")]) != 0
+    assert main(["profile", str(path), "--etdump", f"decoder={path / 'manifest.json'}", "-o", str(tmp_path / "y")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "GRAPH=FILE" in err[0] and "not a readable ETDump" in err[1]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

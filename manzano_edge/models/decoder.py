@@ -172,8 +172,11 @@ class StatefulDecoder(nn.Module):
         start = end - t
 
         def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self.k_cache[layer, :, :, start:end] = k
-            self.v_cache[layer, :, :, start:end] = v
+            # Slice (not select) the layer axis: a write through `cache[layer]` functionalises into
+            # select_scatter, which ExecuTorch lowers to a `where` over the whole cache of every
+            # layer (it took half of a decode step on the portable kernels).
+            self.k_cache[layer:layer + 1, :, :, start:end] = k.unsqueeze(0)
+            self.v_cache[layer:layer + 1, :, :, start:end] = v.unsqueeze(0)
             return self.k_cache[layer, :, :, :end], self.v_cache[layer, :, :, :end]
 
         return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)
