@@ -129,7 +129,8 @@ def to_markdown(rep: dict) -> str:
                      f"| {d['decode_tok_s']:.1f} | {_f(df.get('batch1', {}).get('steps_per_s'))} / "
                      f"{_f(df.get('batch2', {}).get('steps_per_s'))} | {e['caption_ms']['median_ms']:.0f} "
                      f"| {e['text_to_image_ms']['median_ms']:.0f} | {r['memory']['peak_rss_mb']:.0f} | {_f(files, '.2f')} |")
-    lines += _latency_table(ok) + _partition_lines(ok) + _comparison_lines(rep["comparisons"]) + _consistency_lines(ok)
+    lines += _latency_table(ok) + _partition_lines(ok) + _compute_plan_lines(ok)
+    lines += _comparison_lines(rep["comparisons"]) + _consistency_lines(ok)
     skipped = [r for r in rep["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "## Not measured", ""] + [f"- {r['label']}: {r['status']}: {r['reason']}" for r in skipped]
@@ -163,6 +164,18 @@ def _partition_lines(ok: list[dict]) -> list[str]:
              "| backend recipe | " + " | ".join(graphs) + " |", "|---|" + "---:|" * len(graphs)]
     for r in rows:
         lines.append(f"| {r['label']} | " + " | ".join(str(r["partitions"].get(g, "–")) for g in graphs) + " |")
+    return lines
+
+
+def _compute_plan_lines(ok: list[dict]) -> list[str]:
+    rows = [r for r in ok if r.get("compute_plan")]
+    if not rows:
+        return []
+    lines = ["", "## Core ML compute plan (ops per device, Core ML's estimate)", ""]
+    for r in rows:
+        for graph, plan in r["compute_plan"].items():
+            what = plan.get("unavailable") or ", ".join(f"{d} {n}" for d, n in sorted(plan["ops_per_device"].items()))
+            lines.append(f"- {r['label']} {graph}: {what}")
     return lines
 
 

@@ -241,9 +241,24 @@ def run_job(job: dict) -> dict:
               "inputs": {"question": question, "prompt": prompt}}
     if job["backend"] == "torch":
         result["kv_cache"] = kv_cache_comparison(graphs, pipe, pixels, question, n, w, r)
+    if job["backend"] == "coreml":
+        result["compute_plan"] = compute_plans(programs)
     result["memory"] = {"rss_at_start_mb": rss_start, "peak_rss_mb": peak_rss_mb(),
                         "note": "whole worker process (Python + torch + this backend's runtime and graphs)"}
     return result
+
+
+def compute_plans(programs: dict[str, GraphProgram]) -> dict[str, dict]:
+    """Core ML's per-graph compute plan (which ops it puts on the Neural Engine / GPU / CPU for
+    this compute unit). MLComputePlan needs macOS 14.4+; older systems record why it is missing."""
+    plans: dict[str, dict] = {}
+    for name, program in programs.items():
+        inner = getattr(program, "program", program)  # LoadedBundleGraphs wraps programs with input checks
+        try:
+            plans[name] = inner.compute_plan()
+        except Exception as exc:  # an OS without MLComputePlan raises from the native proxy
+            plans[name] = {"unavailable": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return plans
 
 
 def main(argv: list[str]) -> int:

@@ -221,6 +221,26 @@ class CoreMLProgram:
     def reset(self) -> None:
         self.state = self.model.make_state() if self.spec.states else None
 
+    def compute_plan(self) -> dict:
+        """Where Core ML plans to run each op for this compute unit (MLComputePlan, macOS 14.4+):
+        op counts and Core ML's estimated share of the work per device (CPU / GPU / NeuralEngine)."""
+        from coremltools.models.compute_plan import MLComputePlan
+
+        plan = MLComputePlan.load_from_path(self.model.get_compiled_model_path(),
+                                            compute_units=self.model.compute_unit)
+        ops: dict[str, int] = {}
+        cost: dict[str, float] = {}
+        for function in plan.model_structure.program.functions.values():
+            for op in function.block.operations:
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+                if usage is None:  # constants carry no device
+                    continue
+                device = type(usage.preferred_compute_device).__name__.removeprefix("ML").removesuffix("ComputeDevice")
+                ops[device] = ops.get(device, 0) + 1
+                estimate = plan.get_estimated_cost_for_mlprogram_operation(op)
+                cost[device] = cost.get(device, 0.0) + (estimate.weight if estimate else 0.0)
+        return {"ops_per_device": ops, "estimated_cost_share": cost}
+
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
         out = self.model.predict(feed, state=self.state) if self.state is not None else self.model.predict(feed)
