@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from manzano_edge.errors import UserError
@@ -33,3 +35,15 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
 
 def abort_output_dir(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """`with atomic_output_dir(OUT, overwrite) as tmp:` write into tmp; OUT appears only if the block succeeds."""
+    tmp = begin_output_dir(out, overwrite)
+    try:
+        yield tmp
+        commit_output_dir(tmp, out)
+    except BaseException:
+        abort_output_dir(tmp)
+        raise

@@ -28,7 +28,7 @@ import torch
 
 from manzano_edge.errors import UserError
 from manzano_edge.export.spec import GraphSpec, TensorSpec
-from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+from manzano_edge.fsutil import atomic_output_dir
 from manzano_edge.runtime.bundle import Bundle
 
 SCHEMA = "manzano-edge/profile@1"
@@ -176,12 +176,7 @@ def markdown(report: dict, top: int = 12) -> str:
 
 def write(report: dict, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
-    tmp = begin_output_dir(out, overwrite)
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "profile.md").write_text(markdown(report))
-        commit_output_dir(tmp, out)
-    except BaseException:
-        abort_output_dir(tmp)
-        raise
     return out

@@ -187,18 +187,13 @@ def write_report(report: dict, out, overwrite: bool = False):
     import json
     from pathlib import Path
 
-    from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+    from manzano_edge.fsutil import atomic_output_dir
 
     out = Path(out)
-    tmp = begin_output_dir(out, overwrite)
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         plot(report, tmp / "sensitivity.png")
         (tmp / "report.md").write_text(markdown(report))
-        commit_output_dir(tmp, out)
-    except BaseException:
-        abort_output_dir(tmp)
-        raise
     return out
 
 

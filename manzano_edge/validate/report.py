@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+from manzano_edge.fsutil import atomic_output_dir
 
 
 def write_report(report: dict, out: str | Path, overwrite: bool = False) -> Path:
     """All files appear together or not at all (temp directory, renamed at the end)."""
     out = Path(out)
-    tmp = begin_output_dir(out, overwrite)
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         plots = plot(report, tmp)
         (tmp / "report.md").write_text(markdown(report, plots))
-        commit_output_dir(tmp, out)
-    except BaseException:
-        abort_output_dir(tmp)
-        raise
     return out
 
 
