@@ -72,6 +72,9 @@ def test_qat_run_writes_a_checkpoint_validate_accepts(tiny, tmp_path):
     assert not torch.equal(model.dit.final.weight, source.dit.final.weight)
     assert torch.equal(model.tokenizer.continuous.mlp.fc1.weight, source.tokenizer.continuous.mlp.fc1.weight)
     assert torch.equal(model.dit.null_cond, source.dit.null_cond)
+    # Only the quantized Linear layers learn: embeddings (a float graph) and norms stay the reference's.
+    assert torch.equal(model.decoder.embed_tokens.weight, source.decoder.embed_tokens.weight)
+    assert torch.equal(model.decoder.norm.weight, source.decoder.norm.weight)
     record = (run / qat.RECORD_FILE).read_text()
     assert '"qat-decoder"' in record and '"fake_quantized_linears"' in record
     # The run directory belongs to this recipe: resuming it as another one is refused.
