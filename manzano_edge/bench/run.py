@@ -159,7 +159,10 @@ def _formats(bundle: Bundle, graph: str) -> dict:
 def plan_jobs(bundles: list[Bundle], refs: dict[str, Reference], opts: BenchOptions, workdir: Path) -> list[dict]:
     """One job per (bundle, backend[, compute unit]); the eager baseline once per reference."""
     jobs, seen = [], set()
+    recipes = [b.manifest.get("recipe") for b in bundles]
     for bundle in bundles:
+        # Two bundles of one recipe (e.g. before/after a graph change): their rows carry the bundle's name.
+        named = recipes.count(bundle.manifest.get("recipe")) > 1
         key = spec_key(reference_spec(bundle.cfg, opts.reference, opts.seed))
         ref = refs[key]
         for backend in opts.backends:
@@ -169,13 +172,14 @@ def plan_jobs(bundles: list[Bundle], refs: dict[str, Reference], opts: BenchOpti
                 seen.add(key)
             units = COMPUTE_UNITS if backend == "coreml" else (None,)
             for cu in units:
-                jobs.append(_job(bundle, backend, cu, ref, opts, workdir, len(jobs)))
+                jobs.append(_job(bundle, backend, cu, ref, opts, workdir, len(jobs), named))
     return jobs
 
 
-def _job(bundle: Bundle, backend: str, cu: str | None, ref: Reference, opts: BenchOptions, workdir: Path, i: int) -> dict:
+def _job(bundle: Bundle, backend: str, cu: str | None, ref: Reference, opts: BenchOptions, workdir: Path, i: int,
+         named: bool = False) -> dict:
     recipe = "fp32" if backend == "torch" else bundle.manifest.get("recipe", "?")
-    label = f"{backend}{'/' + cu if cu else ''} {recipe}"
+    label = f"{backend}{'/' + cu if cu else ''} {recipe}" + (f" [{bundle.path.name}]" if named and backend != "torch" else "")
     job = {"bundle": str(bundle.path), "backend": backend, "compute_units": cu, "recipe": recipe, "label": label,
            "threads": opts.threads_for(backend), "runs": opts.runs, "warmup": opts.warmup,
            "decode_tokens": opts.decode_tokens, "flow_steps": opts.flow_steps, "flow_guidance": opts.flow_guidance,
