@@ -1,7 +1,8 @@
 """Building blocks shared by the ViT, the decoder and the DiT.
 
-Written so XNNPACK delegates every op of a graph (TOOLCHAIN.md §2), which is what lets one
-delegate run a whole block instead of dozens of partitions handing tensors to portable kernels:
+Written so XNNPACK delegates as much of each graph as it can (TOOLCHAIN.md §2): every op left
+on the portable kernels between two delegated ones splits the graph into another partition,
+and the hand-offs cost time (README "Fast graphs" has the counts and what is still left out):
 - attention is explicit bmm + softmax, not F.scaled_dot_product_attention (F.sdpa decomposes
   into `_safe_softmax`'s eq/any/where, which XNNPACK does not take);
 - views write their one dynamic size as -1 (`dims`): XNNPACK rejects symbolic reshapes;
