@@ -41,9 +41,10 @@ def synthetic_inputs(spec: GraphSpec, bundle: Bundle, position: int) -> dict[str
     """Inputs with the declared shapes and valid values; timing does not depend on the values."""
     cfg = bundle.cfg
     gen = torch.Generator().manual_seed(0)
-    sizes = {"seq": 1, "cache_len": min(position + 1, spec.dims["cache_len"].max)} if "cache_len" in spec.dims else {}
-    sizes.update({name: d.max if name == "batch" else max(d.min, sizes.get(name, d.min)) for name, d in spec.dims.items()
-                  if name not in sizes})
+    # Smallest sizes (seq 1: a decode step), except the CFG batch and the decoder's cache length.
+    sizes = {name: d.max if name == "batch" else d.min for name, d in spec.dims.items()}
+    if "cache_len" in sizes:
+        sizes["cache_len"] = min(position + 1, spec.dims["cache_len"].max)
     out = {}
     for t in spec.inputs:
         shape = t.concrete(sizes)
