@@ -94,13 +94,14 @@ def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: st
 def quick_bench(tmp: Path) -> dict:
     """The fp32 bundle on eager PyTorch, ONNX Runtime and ExecuTorch: 3 runs each (a smoke run of
     `manzano-edge bench`; docs/bench-small/ holds the real measurement)."""
+    from manzano_edge.bench.report import MD_FILE
     from manzano_edge.bench.run import BenchOptions, run_bench
 
     report = run_bench([str(tmp / "bundle")], tmp / "bench", BenchOptions(
         backends=["torch", "ort", "executorch"], runs=3, warmup=1, decode_tokens=16, flow_steps=10,
         quick_roofline=True, log=False))
     rows = {r["backend"]: r for r in report["results"] if r["status"] == "ok"}
-    return {"report": "bench/report.md",
+    return {"report": f"bench/{MD_FILE}",
             "decode_tok_s": {b: r["decoder"]["decode_tok_s"] for b, r in rows.items()},
             "text_to_image_ms": {b: r["e2e"]["text_to_image_ms"]["median_ms"] for b, r in rows.items()}}
 
