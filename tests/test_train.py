@@ -119,9 +119,10 @@ def test_qat_under_torchrun(tmp_path):
                              train_bpe(preset("tiny").text.text_vocab_size, domain_corpus(200)).to_str())
     script = tmp_path / "ddp_qat.py"
     script.write_text(textwrap.dedent(f"""
-        from manzano_edge.quant.qat import QATBudget, QATRunConfig, qat
+        from manzano_edge.quant.qat import QATRunConfig, qat
+        from manzano_edge.train.loop import StageBudget
         cfg = QATRunConfig(recipe="w4", save_every=1)
-        cfg.stages = {{k: QATBudget(steps=2, batch_size=4, lr=1e-3, warmup=1) for k in cfg.stages}}
+        cfg.stages = {{k: StageBudget(steps=2, batch_size=4, lr=1e-3, warmup=1) for k in cfg.stages}}
         qat({str(source)!r}, {str(tmp_path / 'qat')!r}, cfg)
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", str(script)]

@@ -20,12 +20,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import statistics
 import tempfile
 from pathlib import Path
 
 import torch
 
+from manzano_edge.bench.measure import summarize as timing_stats
 from manzano_edge.errors import UserError
 from manzano_edge.export.spec import GraphSpec, TensorSpec
 from manzano_edge.fsutil import atomic_output_dir
@@ -79,12 +79,6 @@ def run_with_etdump(pte: Path, inputs: dict[str, torch.Tensor], spec: GraphSpec,
     program.write_etdump_result_to_file(str(etdump), str(etdump.with_suffix(".debug")))
 
 
-def _stats(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {"median_ms": statistics.median(ordered), "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
-            "runs": len(ordered)}
-
-
 def summarize(etdump: Path) -> dict:
     """Method::execute stats and the per-op breakdown (ms per run) of one ETDump."""
     from executorch.devtools import Inspector
@@ -112,7 +106,7 @@ def summarize(etdump: Path) -> dict:
     delegate_calls = next((list(r.raw)[skip:] for r in rows.itertuples() if r.event_name == "DELEGATE_CALL"), [])
     gemm = {k: v for k, v in ops.items() if "GEMM" in k or "Fully Connected" in k or "Batch Matrix" in k}
     integer = sum(v["ms_per_run"] for k, v in gemm.items() if any(m in k for m in INTEGER_MARKERS))
-    return {"execute": _stats(execute[skip:]),
+    return {"execute": timing_stats([ms / 1e3 for ms in execute[skip:]]),
             "delegate_calls_per_run": round(len(delegate_calls) / max(1, runs - skip)) if delegate_calls else 0,
             "kernels": {"integer_gemm_ms": integer, "float_gemm_ms": sum(v["ms_per_run"] for v in gemm.values()) - integer,
                         "portable_ms": sum(v["ms_per_run"] for v in ops.values() if not v["delegated"])},

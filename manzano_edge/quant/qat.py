@@ -43,20 +43,13 @@ from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import Manzano, load_checkpoint, save_checkpoint
 from manzano_edge.models.vision_tokenizer import spatial_to_channel
 from manzano_edge.quant.overrides import _matches
+from manzano_edge.train.loop import StageBudget
 from manzano_edge.train.stages import DIT_FOREGROUND_WEIGHT, foreground_weight, freeze
 
 QAT_RECIPES = ("w8a8", "w4")
 QAT_GRAPHS = ("tokenizer", "decoder", "dit")  # graphs with Linear layers (code_features trains with tokenizer)
 GROUP = 32
 RECORD_FILE = "qat.json"
-
-
-@dataclass
-class QATBudget:
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int = 20
 
 
 @dataclass
@@ -67,10 +60,10 @@ class QATRunConfig:
     seed: int = 0
     save_every: int = 100
     # Low learning rates: the weights only have to move onto the grid, not learn anything new.
-    stages: dict[str, QATBudget] = field(default_factory=lambda: {
-        "tokenizer": QATBudget(steps=150, batch_size=16, lr=5e-5),
-        "decoder": QATBudget(steps=200, batch_size=16, lr=5e-5),
-        "dit": QATBudget(steps=200, batch_size=16, lr=5e-5),
+    stages: dict[str, StageBudget] = field(default_factory=lambda: {
+        "tokenizer": StageBudget(steps=150, batch_size=16, lr=5e-5, warmup=20),
+        "decoder": StageBudget(steps=200, batch_size=16, lr=5e-5, warmup=20),
+        "dit": StageBudget(steps=200, batch_size=16, lr=5e-5, warmup=20),
     })
 
     def validate(self) -> QATRunConfig:
@@ -301,7 +294,6 @@ def qat(checkpoint: str | None, run_dir: str | Path, qcfg: QATRunConfig) -> Path
     """Fine-tune `checkpoint` with fake quantization; returns `run_dir/checkpoint`."""
     from manzano_edge.data.batches import SceneSource
     from manzano_edge.train.loop import (
-        StageBudget,
         TrainConfig,
         barrier,
         dist_info,
@@ -336,11 +328,9 @@ def qat(checkpoint: str | None, run_dir: str | Path, qcfg: QATRunConfig) -> Path
 
     stages = []
     for graph in qcfg.graphs:
-        b = qcfg.stages[graph]
         stage = DISTILL[graph](model, teacher, codec)
         train_only_fake_quantized(stage)
-        budget = StageBudget(steps=b.steps, batch_size=b.batch_size, lr=b.lr, warmup=b.warmup)
-        stages.append(run_stage(f"qat-{graph}", stage, budget, run_dir, tcfg, make_source))
+        stages.append(run_stage(f"qat-{graph}", stage, qcfg.stages[graph], run_dir, tcfg, make_source))
     finalize(model)
     final = run_dir / "checkpoint"
     if rank == 0:

@@ -88,22 +88,14 @@ def units_of(names: list[str], granularity: str) -> dict[str, list[str]]:
 
 
 def _score(spec: GraphSpec, reference: dict, candidate: TorchProgram, seqs: list) -> dict:
-    from manzano_edge.metrics import psnr
-    from manzano_edge.validate.core import _run, teacher_forcing
+    """Worst float-output PSNR, integer-output agreement and (decoder) top-1, as `validate` computes them."""
+    from manzano_edge.validate.core import _run, output_metrics
 
-    outs = _run(candidate, spec, seqs)
-    score: dict = {}
-    float_outputs = [t.name for t in spec.outputs if not t.dtype.startswith("int")]
-    psnrs = [psnr(torch.cat([x.flatten() for x in reference[n]]), torch.cat([x.flatten() for x in outs[n]]))
-             for n in float_outputs]
-    score["psnr_db"] = min(psnrs)
-    for t in spec.outputs:
-        if t.dtype.startswith("int"):
-            r = torch.cat([x.flatten() for x in reference[t.name]])
-            o = torch.cat([x.flatten() for x in outs[t.name]])
-            score[f"{t.name}_agreement"] = float((r == o).float().mean())
+    metrics = output_metrics(spec, reference, _run(candidate, spec, seqs))
+    score: dict = {"psnr_db": min(metrics[t.name]["psnr_db"] for t in spec.outputs if not t.dtype.startswith("int"))}
+    score.update({f"{t.name}_agreement": metrics[t.name]["agreement"] for t in spec.outputs if t.dtype.startswith("int")})
     if spec.name == "decoder":
-        score["top1"] = teacher_forcing(reference["logits"], outs["logits"])["top1_agreement"]
+        score["top1"] = metrics["teacher_forcing"]["top1_agreement"]
     return score
 
 

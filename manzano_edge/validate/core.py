@@ -154,7 +154,11 @@ def _run(program: GraphProgram, spec: GraphSpec, seqs: list) -> dict[str, list[t
 
 
 def graph_metrics(spec: GraphSpec, reference: GraphProgram, candidate: GraphProgram, seqs: list) -> dict:
-    refs, outs = _run(reference, spec, seqs), _run(candidate, spec, seqs)
+    return output_metrics(spec, _run(reference, spec, seqs), _run(candidate, spec, seqs))
+
+
+def output_metrics(spec: GraphSpec, refs: dict[str, list[torch.Tensor]], outs: dict[str, list[torch.Tensor]]) -> dict:
+    """Per output: PSNR/SQNR/cosine (float) or agreement (integer); decoder: teacher forcing."""
     metrics: dict = {}
     for t in spec.outputs:
         r = torch.cat([x.flatten() for x in refs[t.name]])
