@@ -65,13 +65,13 @@ def _value(t: TensorSpec, shape: tuple[int, ...], cfg, gen: torch.Generator) -> 
 
 def run_with_etdump(pte: Path, inputs: dict[str, torch.Tensor], spec: GraphSpec, runs: int, etdump: Path,
                     threads: int | None) -> None:
-    from executorch.runtime import Runtime
+    from manzano_edge.export.executorch import runtime
 
     if threads:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
         _unsafe_reset_threadpool(threads)
-    program = Runtime.get().load_program(pte, enable_etdump=True, debug_buffer_size=0)
+    program = runtime().load_program(pte, enable_etdump=True, debug_buffer_size=0)
     method = program.load_method("forward")
     args = tuple(inputs[t.name] for t in spec.inputs)
     for _ in range(runs + 1):  # +1: the first run is warm-up, dropped in `summarize`

@@ -293,13 +293,17 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     entries = []
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
+    module = build_module(spec, model, False, executorch=True)
     if recipe in FLOAT_RECIPES:
-        xnn.extra.update(executorch.export(spec, build_module(spec, model, False), examples[0], path, "xnnpack"))
+        xnn.extra.update(executorch.export(spec, module, examples[0], path, "xnnpack"))
     else:
-        _quantized_xnnpack(spec, model, examples, path, recipe, plan, xnn)
+        _quantized_xnnpack(spec, model, module, examples, path, recipe, plan, xnn)
+    # Parity against the graph's reference build (the decoder's slice-assigned cache), so an
+    # ExecuTorch-only variant is checked against the module every other format exports.
     xnn.parity = dict(SKIPPED) if not check else run_parity(
         spec, TorchProgram(spec, build_module(spec, model, False)), executorch.EtProgram(spec, path), examples)
-    xnn.extra["io"] = spec.manifest_io(explicit_state=False)
+    xnn.extra["io"] = {**spec.manifest_io(explicit_state=False), "states": executorch.state_io(spec, module)}
+    del module
     xnn.extra["backend"] = "xnnpack"
     xnn.extra["verified_by"] = "executorch.runtime"
     judge(xnn, recipe, fp16_compute=False)
@@ -323,8 +327,7 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     return entries
 
 
-def _quantized_xnnpack(spec, model, examples, path: Path, recipe: str, plan: QuantPlan, entry: Entry) -> None:
-    module = build_module(spec, model, False)
+def _quantized_xnnpack(spec, model, module, examples, path: Path, recipe: str, plan: QuantPlan, entry: Entry) -> None:
     mode = plan.modes["executorch"] if recipe == "w8a8" else "8da4w"
     program, info = xnnpack_ptq.quantize(spec, module, examples[0], recipe, mode, plan.calibration.get(spec.name),
                                          plan.keep_modules(spec, model, False))

@@ -36,8 +36,15 @@ def trace_args(spec: GraphSpec, example: dict[str, torch.Tensor], explicit_state
     return tuple(values[t.name] for t in inputs)
 
 
-def build_module(spec: GraphSpec, model: Manzano, explicit_state: bool) -> nn.Module:
-    builder = spec.build_explicit if explicit_state and spec.build_explicit else spec.build
+def build_module(spec: GraphSpec, model: Manzano, explicit_state: bool, executorch: bool = False) -> nn.Module:
+    """The graph's module: stateful (Core ML, eager), explicit-state (ONNX) or, with
+    `executorch`, the ExecuTorch XNNPACK variant where the spec has one."""
+    if explicit_state and spec.build_explicit:
+        builder = spec.build_explicit
+    elif executorch and spec.build_executorch:
+        builder = spec.build_executorch
+    else:
+        builder = spec.build
     module = builder(model).eval()
     for p in module.parameters():
         p.requires_grad_(False)  # ExecuTorch refuses in-place buffer writes next to grad-requiring leaves

@@ -18,6 +18,7 @@ from torch import nn
 from manzano_edge.errors import UserError
 from manzano_edge.export.common import export_program
 from manzano_edge.export.spec import GraphSpec
+from manzano_edge.models.decoder import load_executorch_cache_ops
 
 SUFFIX = ".pte"
 
@@ -35,6 +36,15 @@ def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], 
     """Returns (program bytes, {"delegates": partitions, "non_delegated_ops": {op: count}})."""
     buffer, delegates, graph = lower_program(export_program(spec, module, example, explicit_state=False), partitioner)
     return buffer, {"delegates": delegates, "non_delegated_ops": non_delegated_ops(graph)}
+
+
+def state_io(spec: GraphSpec, module: nn.Module) -> list[dict]:
+    """The program's mutable state as it is laid out (the module's top-level buffers), for the
+    manifest: ExecuTorch variants may split or transpose the spec's states."""
+    if not spec.states:
+        return []
+    return [{"name": name, "dtype": str(buf.dtype).removeprefix("torch."), "shape": list(buf.shape)}
+            for name, buf in module._buffers.items() if buf is not None]
 
 
 def non_delegated_ops(graph: torch.fx.GraphModule) -> dict[str, int]:
@@ -122,6 +132,7 @@ def verify_bundled_program(path: Path, rtol: float = 1e-4, atol: float = 1e-5) -
     the outputs against the bundled expectation (raises if they differ)."""
     from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
 
+    load_executorch_cache_ops()
     bundle = _load_bundled_program_from_buffer(Path(path).read_bytes())
     try:  # executorch 1.5: loads the bundled input, executes, compares
         bundle.verify_result_with_bundled_expected_output("forward", 0, rtol, atol)
@@ -129,17 +140,25 @@ def verify_bundled_program(path: Path, rtol: float = 1e-4, atol: float = 1e-5) -
         raise UserError(f"bundled program {Path(path).name} does not reproduce its expected outputs ({exc})") from exc
 
 
+def runtime():
+    """ExecuTorch's runtime, with the kernels of the `llama::` ops our decoder program calls
+    registered (the Python runtime only knows them once their library is loaded; a device
+    runner must link ExecuTorch's `custom_ops` library, which its `llm` CMake preset builds)."""
+    try:
+        from executorch.runtime import Runtime
+    except ImportError as exc:
+        raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
+    load_executorch_cache_ops()
+    return Runtime.get()
+
+
 class EtProgram:
     """A loaded .pte method. Its mutable buffers (the KV cache) persist across `run` calls;
     `reset` loads the method afresh, which restores their initial (zero) values."""
 
     def __init__(self, spec: GraphSpec, path: Path) -> None:
-        try:
-            from executorch.runtime import Runtime
-        except ImportError as exc:
-            raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
         self.spec = spec
-        self.program = Runtime.get().load_program(Path(path))
+        self.program = runtime().load_program(Path(path))
         self.reset()
 
     def reset(self) -> None:

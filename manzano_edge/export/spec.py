@@ -34,7 +34,7 @@ from manzano_edge.data import scenes
 from manzano_edge.data.images import to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import ExplicitKVDecoder, StatefulDecoder, causal_mask
+from manzano_edge.models.decoder import ExplicitKVDecoder, InPlaceKVDecoder, StatefulDecoder, causal_mask
 from manzano_edge.models.manzano import Manzano
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
@@ -91,6 +91,8 @@ class GraphSpec:
     build: Callable[[Manzano], nn.Module]
     states: tuple[TensorSpec, ...] = ()
     build_explicit: Callable[[Manzano], nn.Module] | None = None  # stateless variant (ONNX)
+    # ExecuTorch XNNPACK variant: same I/O and numbers, states laid out for in-place kernels
+    build_executorch: Callable[[Manzano], nn.Module] | None = None
     dims: dict[str, Dim] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -184,7 +186,8 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                           TensorSpec("causal_mask", (1, 1, seq, end), allow_inf=True)),
                   outputs=(TensorSpec("logits", (1, seq, cfg.vocab_size)),),
                   states=(TensorSpec("k_cache", cache), TensorSpec("v_cache", cache)),
-                  build=lambda m: StatefulDecoder(m.decoder), build_explicit=lambda m: ExplicitKVDecoder(m.decoder)),
+                  build=lambda m: StatefulDecoder(m.decoder), build_explicit=lambda m: ExplicitKVDecoder(m.decoder),
+                  build_executorch=lambda m: InPlaceKVDecoder(m.decoder)),
         GraphSpec("code_features", "diffusion",
                   inputs=(TensorSpec("image_ids", (1, n), "int32"),),
                   outputs=(TensorSpec("condition", (1, n, width)),),

@@ -10,11 +10,16 @@ KV caches are pluggable through `KVCacheWriter`:
   `start = causal_mask.shape[-1] - T`. That one pattern becomes Core ML state, ExecuTorch
   mutable buffers (XNNPACK and the Core ML delegate), and runs in eager PyTorch
   (TOOLCHAIN.md gotcha 8: `index_copy` breaks Core ML);
+- `InPlaceKVDecoder` is ExecuTorch XNNPACK's build of the same step: functionalisation turns
+  a slice assignment into a `slice_scatter` over the whole cache plus a `copy_` back, two
+  full-cache copies per layer per token, so it writes through ExecuTorch's in-place
+  `llama::update_cache` and attends with `llama::custom_sdpa` instead;
 - ONNX keeps no state, so its exporter passes the cache as explicit inputs/outputs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -56,6 +61,10 @@ class KVCacheWriter(Protocol):
         ...
 
 
+# (q [B,H,T,hd], keys, values as the KV-cache writer returns them, additive mask [B,1,T,S]) -> [B,H,T,hd]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -66,7 +75,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                layer: int, kv_writer: KVCacheWriter | None) -> torch.Tensor:
+                layer: int, kv_writer: KVCacheWriter | None, attend: Attend = attention) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(dims(b, t, self.n_heads, self.hd)).transpose(1, 2)
         k = self.k_proj(x).view(dims(b, t, self.n_kv, self.hd)).transpose(1, 2)
@@ -74,7 +83,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_writer is not None:
             k, v = kv_writer(layer, k, v)
-        out = attention(q, k, v, mask)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(dims(b, t, self.n_heads * self.hd)))
 
 
@@ -97,8 +106,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer, kv_writer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, kv_writer)
+    def forward(self, x, cos, sin, mask, layer, kv_writer, attend=attention):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, kv_writer, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -128,7 +137,7 @@ class LlamaDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 start: int | torch.SymInt = 0, mask: torch.Tensor | None = None,
-                kv_writer: KVCacheWriter | None = None) -> torch.Tensor:
+                kv_writer: KVCacheWriter | None = None, attend: Attend = attention) -> torch.Tensor:
         """Logits [B, T, V] for T new positions starting at absolute position `start`.
 
         Give `tokens` [B, T] or `inputs_embeds` [B, T, D] (spliced image embeddings).
@@ -142,7 +151,7 @@ class LlamaDecoder(nn.Module):
         if mask is None:
             mask = causal_mask(0, t, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, i, kv_writer)
+            x = layer(x, cos, sin, mask, i, kv_writer, attend)
         return self.lm_head(self.norm(x))
 
 
@@ -180,6 +189,62 @@ class StatefulDecoder(nn.Module):
             return self.k_cache[layer, :, :, :end], self.v_cache[layer, :, :, :end]
 
         return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)
+
+
+def load_executorch_cache_ops() -> None:
+    """Registers ExecuTorch's `llama::` custom ops (eager, export and its runtime kernels)."""
+    try:
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    except ImportError as exc:
+        from manzano_edge.errors import UserError
+
+        raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
+
+
+class InPlaceKVDecoder(nn.Module):
+    """`StatefulDecoder`'s step for ExecuTorch XNNPACK, on ExecuTorch's LLM kernels: same inputs,
+    outputs and numbers (the export checks parity against `StatefulDecoder`).
+
+    - `llama::update_cache` writes this step's k/v in place, O(T) per step; a slice assignment
+      functionalises into `slice_scatter` over the whole cache plus a `copy_` back.
+    - `llama::custom_sdpa` attends over the first E cache rows with the graph's mask, grouped
+      query heads included, so no repeat_interleave and no transposed copies of the cache.
+    The kernels take a 4-D buffer, sequence on dim 1, and not a view of a bigger one (a layer
+    slice lowers to `as_strided`, which has no ExecuTorch kernel), so each layer owns
+    `k_cache_{i}` / `v_cache_{i}` [B, S, Hkv, hd].
+    """
+
+    def __init__(self, decoder: LlamaDecoder, batch_size: int = 1, max_len: int | None = None) -> None:
+        super().__init__()
+        load_executorch_cache_ops()
+        self.decoder = decoder
+        cfg = decoder.cfg
+        self.max_len = max_len or cfg.max_position_embeddings
+        shape = (batch_size, self.max_len, cfg.num_key_value_heads, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def reset(self) -> None:
+        for buf in self.buffers():
+            buf.zero_()
+
+    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        t, end = inputs_embeds.shape[1], causal_mask.shape[-1]
+        start = end - t
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, start)
+            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, start)
+            return k_cache[:, :end], v_cache[:, :end]  # [B, E, Hkv, hd]
+
+        def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # The mask is [1, 1, T, E] (batch 1, as the graph declares) and the kernel wants [T, E].
+            out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, 0, mask[0, 0], 0.0, False)
+            return out.transpose(1, 2)
+
+        return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write, attend=attend)
 
 
 class ExplicitKVDecoder(nn.Module):

@@ -47,9 +47,12 @@ def _quantizer(mode: str, keep_modules: list[str]):
 
 
 def _reset_states(gm: nn.Module, spec: GraphSpec) -> None:
+    """Zero the KV cache between calibration sequences: the spec's states, or their per-layer
+    split (`k_cache_3`) in the ExecuTorch build."""
     names = {s.name for s in spec.states}
     for name, buf in gm.named_buffers():
-        if name.split(".")[-1] in names:
+        leaf = name.split(".")[-1]
+        if leaf in names or leaf.rstrip("0123456789").rstrip("_") in names:
             buf.zero_()
 
 
