@@ -3,7 +3,7 @@ import torch
 
 from manzano_edge.config import ModelConfig, preset
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import StatefulDecoder, causal_mask
+from manzano_edge.models.decoder import InPlaceKVDecoder, StatefulDecoder, causal_mask
 from manzano_edge.models.fsq import FSQ
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.models.vision_tokenizer import spatial_to_channel
@@ -83,16 +83,19 @@ def test_tokenizer_branches(model):
     assert feats.shape == (2, 16, 256)
 
 
-def test_stateful_decoder_matches_full_forward(model):
-    stateful = StatefulDecoder(model.decoder).eval()
+@pytest.mark.parametrize("decoder_cls", [StatefulDecoder, InPlaceKVDecoder])
+def test_cached_decoders_match_full_forward(model, decoder_cls):
+    """Every KV-cache build (eager/Core ML slice assignment, ExecuTorch's llama kernels) gives the
+    full forward's logits step by step, and a reset gives the same prefill again."""
+    cached = decoder_cls(model.decoder).eval()
     tokens = torch.randint(0, 400, (1, 30))
     with torch.no_grad():
         full = model.decoder(tokens=tokens)
-        out = [stateful(model.decoder.embed(tokens[:, :10]), causal_mask(0, 10))]
-        out += [stateful(model.decoder.embed(tokens[:, i:i + 1]), causal_mask(i, 1)) for i in range(10, 30)]
+        out = [cached(model.decoder.embed(tokens[:, :10]), causal_mask(0, 10))]
+        out += [cached(model.decoder.embed(tokens[:, i:i + 1]), causal_mask(i, 1)) for i in range(10, 30)]
         torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-4)
-        stateful.reset()  # a reset cache gives the same prefill again
-        torch.testing.assert_close(stateful(model.decoder.embed(tokens[:, :10]), causal_mask(0, 10)), full[:, :10],
+        cached.reset()
+        torch.testing.assert_close(cached(model.decoder.embed(tokens[:, :10]), causal_mask(0, 10)), full[:, :10],
                                    atol=1e-5, rtol=1e-4)
 
 

@@ -211,22 +211,23 @@ class InPlaceKVDecoder(nn.Module):
       query heads included, so no repeat_interleave and no transposed copies of the cache.
     The kernels take a 4-D buffer, sequence on dim 1, and not a view of a bigger one (a layer
     slice lowers to `as_strided`, which has no ExecuTorch kernel), so each layer owns
-    `k_cache_{i}` / `v_cache_{i}` [B, S, Hkv, hd].
+    `k_cache_{i}` / `v_cache_{i}` [1, S, Hkv, hd]. Batch 1 only, as the graph declares:
+    `custom_sdpa` takes one [T, E] mask for every row, so per-row padding could not be honoured.
     """
 
-    def __init__(self, decoder: LlamaDecoder, batch_size: int = 1, max_len: int | None = None) -> None:
+    def __init__(self, decoder: LlamaDecoder, max_len: int | None = None) -> None:
         super().__init__()
         load_executorch_cache_ops()
         self.decoder = decoder
         cfg = decoder.cfg
         self.max_len = max_len or cfg.max_position_embeddings
-        shape = (batch_size, self.max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (1, self.max_len, cfg.num_key_value_heads, cfg.head_dim)
         for i in range(cfg.num_hidden_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
     def reset(self) -> None:
-        for buf in self.buffers():
+        for buf in self._buffers.values():  # the caches only, not the decoder's RoPE tables
             buf.zero_()
 
     def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
@@ -240,7 +241,7 @@ class InPlaceKVDecoder(nn.Module):
             return k_cache[:, :end], v_cache[:, :end]  # [B, E, Hkv, hd]
 
         def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            # The mask is [1, 1, T, E] (batch 1, as the graph declares) and the kernel wants [T, E].
+            # The graph's mask is [1, 1, T, E]; the kernel wants [T, E].
             out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, 0, mask[0, 0], 0.0, False)
             return out.transpose(1, 2)
 
