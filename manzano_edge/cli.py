@@ -177,7 +177,8 @@ def cmd_export(args) -> None:
                          coreml_precision=args.coreml_precision, overwrite=args.overwrite,
                          show_progress=not args.quiet, parity=not args.no_parity, keep_float=args.keep_float,
                          calibration_samples=args.calibration_samples, calibration_file=args.calibration,
-                         w8a8_mode=_w8a8_modes(args), bundled_io=args.bundled_io)
+                         w8a8_mode=_w8a8_modes(args), bundled_io=args.bundled_io,
+                         executorch_kv_cache=args.executorch_kv_cache)
     if args.recipe not in RECIPES:
         raise UserError(f"unknown recipe '{args.recipe}'; choose from {', '.join(RECIPES)}")
     model, tokenizer_json = _load_for_export(args)
@@ -396,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="safetensors file of <graph>.<sample>.<input> calibration tensors")
     p.add_argument("--onnx-w8a8", help="ONNX w8a8 activations: dynamic (default) | static (QDQ, calibrated)")
     p.add_argument("--xnnpack-w8a8", help="ExecuTorch w8a8 activations: dynamic (default) | static (calibrated)")
+    p.add_argument("--executorch-kv-cache", default="llm-ops",
+                   help="ExecuTorch decoder cache: llm-ops (default; llama::update_cache + custom_sdpa, the device "
+                        "runner must link ExecuTorch's custom_ops) | slice (core kernels only, slower)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -132,6 +132,19 @@ def test_executorch_decoder_writes_its_cache_in_place(bundle):
     assert ops.get("update_cache") == 2 * layers and ops.get("llama_custom_sdpa_default") == layers, ops
     assert not any(("scatter" in op or "copy_default" == op or "where" in op or "index_put" in op) for op in ops), ops
     assert entry["io"]["states"][0]["name"] == "k_cache_0" and entry["parity"]["greedy_match"] == 1.0
+    assert entry["kv_cache"] == "llm-ops"
+
+
+def test_executorch_slice_cache_needs_no_custom_kernels(tiny, tmp_path):
+    """`--executorch-kv-cache slice`, for runners built without ExecuTorch's custom_ops: the
+    decoder program calls no llama:: op and still decodes like eager."""
+    model, tok = tiny
+    manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(formats=["executorch"], graphs=["decoder"],
+                                                                       executorch_kv_cache="slice", show_progress=False))
+    entry = manifest["graphs"]["decoder"]["formats"]["executorch"]
+    assert entry["kv_cache"] == "slice" and entry["passed"] and entry["parity"]["greedy_match"] == 1.0
+    assert not any("update_cache" in op or "sdpa" in op for op in entry["non_delegated_ops"]), entry["non_delegated_ops"]
+    assert [s["name"] for s in entry["io"]["states"]] == ["k_cache", "v_cache"]
 
 
 def test_onnx_reference_evaluator_agrees(bundle):
@@ -168,6 +181,7 @@ def run_cli(args, capsys):
     (["--format", "onnx", "--recipe", "palette4"], "not available for onnx"),
     (["--format", "coreml", "--recipe", "w8a8"], "not available for coreml"),
     (["--graphs", "encoder"], "unknown graph 'encoder'"),
+    (["--format", "executorch", "--executorch-kv-cache", "ring"], "unknown ExecuTorch KV cache 'ring'"),
 ])
 def test_bad_options_fail_cleanly(tmp_path, capsys, args, message):
     out = tmp_path / "out"

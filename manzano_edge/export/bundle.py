@@ -55,6 +55,9 @@ class ExportFailed(UserError):
     exit_code = 1
 
 
+EXECUTORCH_KV_CACHES = ("llm-ops", "slice")
+
+
 @dataclass
 class ExportOptions:
     formats: list[str]
@@ -70,6 +73,9 @@ class ExportOptions:
     calibration_file: str | None = None  # safetensors <graph>.<sample>.<input>, replaces the generated ones
     w8a8_mode: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_W8A8_MODE))
     bundled_io: bool = False  # also write ExecuTorch bundled programs (.bpte) for on-device runners
+    # ExecuTorch decoder KV cache: "llm-ops" (llama::update_cache + custom_sdpa; the device runner
+    # must link ExecuTorch's custom_ops) or "slice" (slice-assigned cache, core kernels only, slower)
+    executorch_kv_cache: str = "llm-ops"
 
 
 @dataclass
@@ -289,11 +295,13 @@ def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = Tru
 
 
 def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool = True,
-                      plan: QuantPlan | None = None, bundled_io: bool = False) -> list[Entry]:
+                      plan: QuantPlan | None = None, bundled_io: bool = False, kv_cache: str = "llm-ops") -> list[Entry]:
     entries = []
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
-    module = build_module(spec, model, False, executorch=True)
+    module = build_module(spec, model, False, executorch=kv_cache == "llm-ops")
+    if spec.states:
+        xnn.extra["kv_cache"] = kv_cache
     if recipe in FLOAT_RECIPES:
         xnn.extra.update(executorch.export(spec, module, examples[0], path, "xnnpack"))
     else:
@@ -408,6 +416,9 @@ def validate_options(opts: ExportOptions, specs: dict[str, GraphSpec]) -> list[s
         check_format_dependency(fmt)
     if opts.coreml_precision not in ("fp16", "fp32"):
         raise UserError(f"unknown Core ML compute precision '{opts.coreml_precision}'; choose fp16 or fp32")
+    if opts.executorch_kv_cache not in EXECUTORCH_KV_CACHES:
+        raise UserError(f"unknown ExecuTorch KV cache '{opts.executorch_kv_cache}'; "
+                        f"choose from {', '.join(EXECUTORCH_KV_CACHES)}")
     graphs = opts.graphs or list(specs)
     unknown = [g for g in graphs if g not in specs]
     if unknown:
@@ -443,7 +454,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                     new = [export_onnx(spec, model, examples[name], tmp, recipe, opts.parity, plan)]
                 elif fmt == "executorch":
                     new = export_executorch(spec, model, examples[name], tmp, recipe, opts.parity, plan,
-                                            bundled_io=opts.bundled_io)
+                                            bundled_io=opts.bundled_io, kv_cache=opts.executorch_kv_cache)
                 else:
                     new = [export_coreml(spec, model, examples[name], tmp, recipe,
                                          fp16=opts.coreml_precision == "fp16" or recipe != opts.recipe,
