@@ -137,14 +137,21 @@ def test_executorch_decoder_writes_its_cache_in_place(bundle):
 
 def test_executorch_slice_cache_needs_no_custom_kernels(tiny, tmp_path):
     """`--executorch-kv-cache slice`, for runners built without ExecuTorch's custom_ops: the
-    decoder program calls no llama:: op and still decodes like eager."""
+    decoder program calls no llama:: op and still decodes like eager (XNNPACK program only)."""
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.export import executorch
+
     model, tok = tiny
-    manifest = export_bundle(model, tok, tmp_path / "b", ExportOptions(formats=["executorch"], graphs=["decoder"],
-                                                                       executorch_kv_cache="slice", show_progress=False))
-    entry = manifest["graphs"]["decoder"]["formats"]["executorch"]
-    assert entry["kv_cache"] == "slice" and entry["passed"] and entry["parity"]["greedy_match"] == 1.0
-    assert not any("update_cache" in op or "sdpa" in op for op in entry["non_delegated_ops"]), entry["non_delegated_ops"]
-    assert [s["name"] for s in entry["io"]["states"]] == ["k_cache", "v_cache"]
+    spec = graph_specs(model.cfg)["decoder"]
+    examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph["decoder"]
+    module = build_module(spec, model, False, executorch=False)
+    info = executorch.export(spec, module, examples[0], tmp_path / "decoder.pte", "xnnpack")
+    assert not any("update_cache" in op or "sdpa" in op for op in info["non_delegated_ops"]), info
+    parity = run_parity(spec, TorchProgram(spec, module), executorch.EtProgram(spec, tmp_path / "decoder.pte"), examples)
+    assert parity["greedy_match"] == 1.0 and parity["min_step_psnr_db"] >= 60, parity
+    assert [s["name"] for s in executorch.state_io(spec, module)] == ["k_cache", "v_cache"]
+    with pytest.raises(UserError, match="unknown ExecuTorch KV cache"):
+        export_bundle(model, tok, tmp_path / "b", ExportOptions(formats=["executorch"], executorch_kv_cache="ring"))
 
 
 def test_onnx_reference_evaluator_agrees(bundle):
