@@ -17,7 +17,7 @@ from torch import nn
 
 from manzano_edge.errors import UserError
 from manzano_edge.export.common import export_program
-from manzano_edge.export.spec import GraphSpec
+from manzano_edge.export.spec import GraphSpec, TensorSpec
 from manzano_edge.models.decoder import load_executorch_cache_ops
 
 SUFFIX = ".pte"
@@ -43,7 +43,7 @@ def state_io(spec: GraphSpec, module: nn.Module) -> list[dict]:
     manifest: ExecuTorch variants may split or transpose the spec's states."""
     if not spec.states:
         return []
-    return [{"name": name, "dtype": str(buf.dtype).removeprefix("torch."), "shape": list(buf.shape)}
+    return [TensorSpec(name, tuple(buf.shape), str(buf.dtype).removeprefix("torch.")).to_json()
             for name, buf in module._buffers.items() if buf is not None]
 
 
@@ -144,11 +144,9 @@ def runtime():
     """ExecuTorch's runtime, with the kernels of the `llama::` ops our decoder program calls
     registered (the Python runtime only knows them once their library is loaded; a device
     runner must link ExecuTorch's `custom_ops` library, which its `llm` CMake preset builds)."""
-    try:
-        from executorch.runtime import Runtime
-    except ImportError as exc:
-        raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
-    load_executorch_cache_ops()
+    load_executorch_cache_ops()  # raises the clear "not installed" error without executorch
+    from executorch.runtime import Runtime
+
     return Runtime.get()
 
 
