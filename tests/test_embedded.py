@@ -1,14 +1,15 @@
 """The trained tiny model that ships in the repo, through the public API and CLI.
 
 The issue-2 targets (caption/VQA >= 90%, ShapesEval >= 0.70, reconstruction ShapesEval >= 0.85)
-are NOT met by the current embedded model (docs/eval-tiny.json: VQA 0.70, captions 0.22,
-ShapesEval 0.04, reconstruction 0.11). Tests below assert what it measurably does (regression
+are NOT met by the current embedded model (docs/eval-tiny.json: VQA 0.80, captions 0.19,
+ShapesEval 0.16, reconstruction 0.25). Tests below assert what it measurably does (regression
 floors) and mark the unmet targets as strict xfails, so they start failing loudly the day a
 retrained model passes.
 """
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from manzano_edge.cli import main
@@ -42,9 +43,9 @@ def understanding(pipe):
 
 
 def test_understanding_regression_floor(understanding):
-    # Measured on 300 held-out questions: VQA 0.70, count 1.00, color 0.77, position 0.70.
-    assert understanding["vqa_accuracy"] >= 0.55, understanding
-    assert understanding["vqa_by_answer_kind"]["color"] >= 0.6, understanding
+    # Measured on 300 held-out questions: VQA 0.80, count 1.00, color 0.86, position 0.77, yes/no 0.86.
+    assert understanding["vqa_accuracy"] >= 0.65, understanding
+    assert understanding["vqa_by_answer_kind"]["color"] >= 0.65, understanding
     assert understanding["vqa_by_answer_kind"]["count"] >= 0.85, understanding
 
 
@@ -54,7 +55,7 @@ def test_understanding_meets_the_target(understanding):
 
 
 def test_generation_draws_the_requested_colors_where_asked(pipe):
-    # Regression floor: on 100 held-out prompts the detector finds position 0.95, color 0.78.
+    # Regression floor: on 100 held-out prompts the detector finds position 0.99, color 0.83.
     summary = eval_generation(pipe, 12, seed=1, sampling=SamplingConfig(temperature=0), show=False)
     assert summary["position"] >= 0.75 and summary["color"] >= 0.5, summary
 
@@ -76,8 +77,9 @@ def test_a_users_own_drawing_color(pipe):
     assert "red" in pipe.understand(users_drawing(), "what color is the circle?")
 
 
-@pytest.mark.xfail(strict=True, reason=TARGETS_NOT_MET + ": unseen phrasing ('colour', 'have') answers 'left'")
 def test_a_users_own_wording_color(pipe):
+    # British spelling and a "have" question: the v4 model answered 'left'. These wordings are in
+    # the training templates since v5, so this checks the drawing more than unseen wording.
     assert "red" in pipe.understand(users_drawing(), "Which colour does the circle have?")
 
 
@@ -142,3 +144,16 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, messa
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert set(tmp_path.iterdir()) == before
+
+
+def test_every_fsq_channel_of_the_shipped_tokenizer_is_alive(pipe):
+    # A v4 tokenizer had one FSQ channel stuck at a single level and another at two of five
+    # (saturated tanh, no gradient), so 64 scenes used ~31 codes; stage 1 now bounds the range.
+    model = pipe.g.model
+    rng = np.random.default_rng(7)
+    pixels = torch.cat([to_pixels(scenes.render(scenes.sample_scene(rng)), model.cfg.vision.image_size)
+                        for _ in range(64)])
+    with torch.no_grad():
+        codes = model.tokenizer.discrete.codes(model.tokenizer.encoder(pixels.to(next(model.parameters()).dtype)))
+    levels_used = [codes[..., k].unique().numel() for k in range(codes.shape[-1])]
+    assert all(n >= 3 for n in levels_used), levels_used

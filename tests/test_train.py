@@ -135,3 +135,18 @@ def test_qat_under_torchrun(tmp_path):
     original, _ = load_checkpoint(source)
     assert not torch.equal(model.decoder.lm_head.weight, original.decoder.lm_head.weight)
     assert torch.equal(model.dit.null_cond, original.dit.null_cond)
+
+
+def test_fsq_range_loss_is_free_inside_the_range_and_pulls_saturated_codes_back():
+    from manzano_edge.models.fsq import FSQ
+    from manzano_edge.train.stages import FSQ_RANGE, fsq_range_loss
+
+    fsq = FSQ([8, 5, 5, 5])
+    # The bound costs no codes: z = +-FSQ_RANGE already reaches each channel's outermost levels.
+    edges = fsq.codes_to_indices(fsq.quantize(torch.tensor([[-FSQ_RANGE] * 4, [FSQ_RANGE] * 4])))
+    assert edges.tolist() == [0, fsq.codebook_size - 1]
+    inside = torch.linspace(-FSQ_RANGE, FSQ_RANGE, 64).reshape(16, 4)
+    assert fsq_range_loss(inside) == 0
+    saturated = torch.full((4, 4), -10.0, requires_grad=True)  # tanh'(-10) ~ 1e-8: no other loss moves it
+    fsq_range_loss(saturated).backward()
+    assert (saturated.grad < 0).all()  # gradient descent moves it up, back towards the range

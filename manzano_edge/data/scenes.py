@@ -29,20 +29,27 @@ BACKGROUNDS = ((255, 255, 255), (245, 242, 232), (236, 242, 248), (242, 248, 238
 
 # Several ways to say each position; index 0 is the canonical answer.
 POSITION_PHRASES = {
-    "top left": ["at the top left", "in the top left corner", "in the upper left", "at the top-left"],
+    "top left": ["at the top left", "in the top left corner", "in the upper left", "at the top-left",
+                 "in the upper left corner"],
     "top": ["at the top", "at the top center", "in the upper middle", "at the top middle"],
-    "top right": ["at the top right", "in the top right corner", "in the upper right", "at the top-right"],
+    "top right": ["at the top right", "in the top right corner", "in the upper right", "at the top-right",
+                  "in the upper right corner"],
     "left": ["on the left", "at the left", "in the middle left", "on the left side"],
     "center": ["in the center", "in the middle", "at the center", "in the centre"],
     "right": ["on the right", "at the right", "in the middle right", "on the right side"],
-    "bottom left": ["at the bottom left", "in the bottom left corner", "in the lower left", "at the bottom-left"],
+    "bottom left": ["at the bottom left", "in the bottom left corner", "in the lower left", "at the bottom-left",
+                    "in the lower left corner"],
     "bottom": ["at the bottom", "at the bottom center", "in the lower middle", "at the bottom middle"],
-    "bottom right": ["at the bottom right", "in the bottom right corner", "in the lower right", "at the bottom-right"],
+    "bottom right": ["at the bottom right", "in the bottom right corner", "in the lower right", "at the bottom-right",
+                     "in the lower right corner"],
 }
 CAPTION_QUESTIONS = ("describe the image.", "what is in this picture?", "caption this image.", "what do you see?",
-                     "describe this picture briefly.", "write a caption for the image.", "what does the image show?")
+                     "describe this picture briefly.", "write a caption for the image.", "what does the image show?",
+                     "tell me what is in this image", "what's in the picture?", "describe what you see.",
+                     "what is shown here?")
 GENERATION_TEMPLATES = ("{}", "a picture of {}", "draw {}", "generate an image of {}", "an image with {}",
-                        "please draw {}", "show me {}", "create a picture with {}", "render {}")
+                        "please draw {}", "show me {}", "create a picture with {}", "render {}", "paint {}",
+                        "please paint {}", "make a picture of {}", "i want {}")
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ def render(scene: Scene, size: int = 96, supersample: int = 2) -> Image.Image:
 def describe_object(obj: SceneObject, rng: np.random.Generator | None = None) -> str:
     phrases = POSITION_PHRASES[obj.position]
     where = phrases[0] if rng is None else phrases[rng.integers(len(phrases))]
-    return f"a {obj.color} {obj.shape} {where}"
+    article = "a" if rng is None or rng.random() < 0.8 else "one"
+    return f"{article} {obj.color} {obj.shape} {where}"
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
@@ -139,14 +147,15 @@ def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         return q, COUNT_WORDS[len(objs)]
     if kind == "color_of":
         q = _pick(rng, ["what color is the {}?", "which color is the {}?", "what is the color of the {}?",
-                        "the {} is what color?"]).format(obj.shape)
+                        "the {} is what color?", "which colour does the {} have?", "what colour is the {}?",
+                        "what color does the {} have?"]).format(obj.shape)
         return q, obj.color
     if kind == "shape_at":
         q = _pick(rng, ["what shape is {}?", "which shape is {}?", "what kind of shape is {}?"]).format(where)
         return q, obj.shape
     if kind == "color_at":
         q = _pick(rng, ["what color is the shape {}?", "what color is the object {}?",
-                        "which color is the shape {}?"]).format(where)
+                        "which color is the shape {}?", "what colour is the shape {}?"]).format(where)
         return q, obj.color
     if kind == "where":
         if sum(o.shape == obj.shape and o.color == obj.color for o in objs) > 1:

@@ -69,8 +69,12 @@ class DiscreteAdapter(nn.Module):
         self.mlp = AdapterMLP(cfg.vision.code_dim + self.code_pad, cfg.decoder.hidden_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.vision.num_image_tokens, cfg.decoder.hidden_size) * 0.02)
 
+    def project(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """The unbounded pre-quantization values z [B, N, code_dim] (training watches their range)."""
+        return self.to_code(spatial_to_channel(patch_features, self.grid))
+
     def codes(self, patch_features: torch.Tensor) -> torch.Tensor:
-        return self.fsq.quantize(self.to_code(spatial_to_channel(patch_features, self.grid)))
+        return self.fsq.quantize(self.project(patch_features))
 
     def codes_to_features(self, codes: torch.Tensor) -> torch.Tensor:
         # No slicing of pos_embed: a no-op slice becomes an `alias` node that Core ML cannot convert.

@@ -99,6 +99,17 @@ def foreground_weighted_loss(recon: torch.Tensor, target: torch.Tensor) -> torch
     return (err * weight).mean() / weight.mean()
 
 
+FSQ_RANGE = 2.5
+
+
+def fsq_range_loss(z: torch.Tensor) -> torch.Tensor:
+    """Keeps FSQ's pre-tanh inputs where tanh still has a gradient. Without it whole code channels
+    saturated early and stayed dead (gradient ~1e-8): a v4 tokenizer used one channel of four at a
+    single level and 200 steps into a fresh run every token of 600 scenes had the same code.
+    tanh(2.5) already reaches the outermost level, so the bound costs no codes."""
+    return F.relu(z.abs() - FSQ_RANGE).pow(2).mean()
+
+
 def helper_lm_config(cfg: ModelConfig) -> DecoderConfig:
     # Same width as the real decoder (the adapters project to it), fewer layers; thrown away after stage 1.
     d = cfg.decoder
@@ -119,7 +130,8 @@ class TokenizerStage(nn.Module):
         batch = understanding_batch(examples, self.codec, self.cfg)
         features = self.tokenizer.encoder(batch["pixels"])
         continuous = self.tokenizer.continuous(features)
-        codes = self.tokenizer.discrete.codes(features)
+        z = self.tokenizer.discrete.project(features)
+        codes = self.tokenizer.discrete.fsq.quantize(z)
         discrete = self.tokenizer.discrete.codes_to_features(codes)
         # One adapter per sample, picked at random (paper); both are computed so DDP sees every param used.
         use_discrete = torch.from_numpy(rng.random(len(examples)) < 0.5)[:, None, None]
@@ -130,7 +142,9 @@ class TokenizerStage(nn.Module):
         if recon.shape != target.shape:
             recon = F.interpolate(recon, size=target.shape[-2:], mode="bilinear", align_corners=False)
         recon_loss = foreground_weighted_loss(recon, target)
-        return lm_loss + self.recon_weight * recon_loss, {"lm": lm_loss.item(), "recon": recon_loss.item()}
+        range_loss = fsq_range_loss(z)
+        loss = lm_loss + self.recon_weight * recon_loss + range_loss
+        return loss, {"lm": lm_loss.item(), "recon": recon_loss.item(), "range": range_loss.item()}
 
 
 class DecoderStage(nn.Module):
