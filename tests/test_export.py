@@ -186,7 +186,7 @@ def run_cli(args, capsys):
     (["--format", "tflite"], "unknown format 'tflite'"),
     (["--recipe", "int3"], "unknown recipe 'int3'"),
     (["--format", "onnx", "--recipe", "palette4"], "not available for onnx"),
-    (["--format", "coreml", "--recipe", "w8a8"], "not available for coreml"),
+    (["--format", "coreml", "--recipe", "w4", "--keep-float", "lm_head"], "not implemented for coreml"),
     (["--graphs", "encoder"], "unknown graph 'encoder'"),
     (["--format", "executorch", "--executorch-kv-cache", "ring"], "unknown ExecuTorch KV cache 'ring'"),
 ])

@@ -192,3 +192,21 @@ def test_calibration_file_of_wrong_shape(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "image_ids" in err and "[1, 7]" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_coreml_w8a8_calibrates_in_pytorch_and_quantizes_activations(tiny, tmp_path):
+    """The stateful decoder: the -inf mask must stay float (an observer on it sees NaN), every
+    Linear's input must get a Core ML quantize op, and the emulated graph must track float."""
+    model, tok = tiny
+    manifest = export_bundle(model, tok, tmp_path / "o", ExportOptions(
+        formats=["coreml"], recipe="w8a8", graphs=["decoder"], calibration_samples=2, show_progress=False))
+    f = manifest["graphs"]["decoder"]["formats"]["coreml"]
+    q = f["recipe"]["details"]
+    assert q["mode"] == "static" and q["calibration_steps"] > 2, q
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.decoder.modules())
+    assert f["ops"].get("quantize", 0) >= linears and q["activation_quant_ops"] >= 2 * linears, f["ops"]
+    assert set(f["states"]) == {"k_cache", "v_cache"}
+    assert f["bytes"] < f["float_bytes"] / 1.6, (f["bytes"], f["float_bytes"])  # int8 vs Core ML's fp16 weights
+    p = f["parity"]
+    assert p["emulated"] and p["greedy_match"] == 1.0 and min(p["psnr_db"], p["min_step_psnr_db"]) >= W8A8_DB, p
+    assert manifest["quantization"]["w8a8_mode"] == {"coreml": "static"}

@@ -38,7 +38,7 @@ from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_outpu
 from manzano_edge.metrics import compare
 from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
 from manzano_edge.quant import calibration as calib
-from manzano_edge.quant import onnx_ptq, xnnpack_ptq
+from manzano_edge.quant import coreml_ptq, onnx_ptq, xnnpack_ptq
 from manzano_edge.quant.overrides import KeepFloat, check_all_matched, parse_keep_float, resolve_layers
 from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, FLOAT_RECIPES, FORMATS, SUPPORT, check_mode, check_supported
 
@@ -184,6 +184,7 @@ class QuantPlan:
     modes: dict[str, str]
     calibration: dict[str, list] = field(default_factory=dict)
     calibration_source: str = ""
+    calibration_samples: int | None = None  # generated (seeded, so validate can rebuild them); None for a file
     layer_modules: dict[tuple[str, bool], list[str]] = field(default_factory=dict)  # (graph, explicit) -> names
 
     def recipe_for(self, graph: str) -> str:
@@ -216,8 +217,7 @@ def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSp
     keep = parse_keep_float(opts.keep_float, list(specs))
     if keep.layers and "coreml" in opts.formats:
         raise UserError("per-layer --keep-float is not implemented for coreml; keep whole graphs with graph:NAME")
-    modes = {fmt: check_mode(fmt, opts.w8a8_mode.get(fmt, DEFAULT_W8A8_MODE.get(fmt, "dynamic")))
-             for fmt in ("onnx", "executorch")}
+    modes = {fmt: check_mode(fmt, opts.w8a8_mode.get(fmt, DEFAULT_W8A8_MODE[fmt])) for fmt in opts.formats}
     plan = QuantPlan(opts.recipe, keep, modes)
     matched: set[str] = set()
     for name in graphs:
@@ -231,6 +231,7 @@ def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSp
             plan.calibration_source = f"file {Path(opts.calibration_file).name}"
         else:
             plan.calibration = calib.generated(model, codec, opts.calibration_samples)
+            plan.calibration_samples = opts.calibration_samples
             plan.calibration_source = f"generated: {opts.calibration_samples} samples (seeds from {calib.CALIBRATION_SEED})"
         for name in graphs:
             if name not in keep.graphs:
@@ -352,10 +353,13 @@ def _quantized_xnnpack(spec, model, module, examples, path: Path, recipe: str, p
     entry.extra["_float_bytes"] = sum(t.numel() * 4 for t in module.state_dict().values() if t.is_floating_point())
 
 
-def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, check: bool = True) -> Entry:
+def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, check: bool = True,
+                  plan: QuantPlan | None = None) -> Entry:
     entry = Entry(spec.name, "coreml")
     path = out / "coreml" / f"{spec.name}{coreml.SUFFIX}"
     module = build_module(spec, model, False)
+    if recipe == "w8a8":
+        return _export_coreml_w8a8(spec, module, examples, out, path, plan, check, entry)
     fp16 = fp16 or recipe == "fp16"
     mlmodel = coreml.convert(spec, module, examples[0], fp16=fp16 if recipe in FLOAT_RECIPES else True)
     if recipe not in FLOAT_RECIPES:
@@ -381,6 +385,15 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, che
                         "verified_by": "emulation (PyTorch with Core ML's stored weights and precision)"})
     if recipe not in FLOAT_RECIPES:
         entry.extra["decompression"] = coreml.decompression_errors(module, weights, recipe)
+    _predict_parity(spec, module, path, examples, check, entry)
+    judge(entry, recipe, fp16_compute=compute_fp16)
+    if "decompression" in entry.extra and not entry.extra["decompression"]["ok"]:
+        entry.passed = False
+    return _finish(entry, path, out)
+
+
+def _predict_parity(spec, module, path: Path, examples, check: bool, entry: Entry) -> None:
+    """On macOS, the real .mlpackage through predict; elsewhere, say why not."""
     ok, why = coreml.predict_available()
     if ok and check:
         entry.parity["predict"] = run_parity(spec, TorchProgram(spec, module), coreml.CoreMLProgram(spec, path),
@@ -388,10 +401,42 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, che
         entry.extra["verified_by"] = "coremltools predict"
     else:
         entry.extra["predict_skipped"] = why
-    judge(entry, recipe, fp16_compute=compute_fp16)
-    if "decompression" in entry.extra and not entry.extra["decompression"]["ok"]:
-        entry.passed = False
-    return _finish(entry, path, out)
+
+
+def _export_coreml_w8a8(spec, module, examples, out: Path, path: Path, plan: QuantPlan, check: bool,
+                        entry: Entry) -> Entry:
+    """Calibrated in PyTorch (coreml_ptq), converted, then checked: the mlprogram must carry
+    activation quantize/dequantize ops, and the emulation is the quantized PyTorch graph itself."""
+    program, quantized, info = coreml_ptq.w8a8(spec, module, examples[0], plan.calibration.get(spec.name), [])
+    mlmodel = coreml.convert_program(spec, program, fp16=True)
+    del program
+    mlmodel.save(str(path))
+    structure = coreml.structure(path)
+    problems = coreml.verify_structure(spec, structure)
+    if problems:
+        raise RuntimeError("structure differs from the declaration: " + "; ".join(problems))
+    info["activation_quant_ops"] = coreml_ptq.activation_quant_ops(structure["ops"])
+    if info["activation_quant_ops"] == 0:
+        raise _cannot_quantize(spec, "coreml", "w8a8", "the converted mlprogram has no quantize/dequantize op, "
+                               "so it would run float")
+    # The emulation stands for the mlprogram only if the conversion kept every activation scale.
+    if not coreml_ptq.same_scales(coreml_ptq.graph_activation_scales(quantized),
+                                  coreml_ptq.mlprogram_activation_scales(mlmodel._mil_program)):
+        raise RuntimeError("the mlprogram's activation scales differ from the calibrated PyTorch graph's")
+    entry.parity = dict(SKIPPED) if not check else {
+        **run_parity(spec, TorchProgram(spec, module), coreml.EmulatedProgram(spec, quantized, fp16=False), examples),
+        "emulated": True}
+    entry.extra.update({"io": spec.manifest_io(explicit_state=False), "ops": structure["ops"],
+                        "op_count": structure["op_count"], "states": structure["states"], "compute_precision": "fp16",
+                        "quantization": info,
+                        "verified_by": "emulation (the pt2e-quantized PyTorch graph: Core ML's weights and activation "
+                                       "scales, fp32 between quantize/dequantize where Core ML computes fp16)"})
+    _predict_parity(spec, module, path, examples, check, entry)
+    judge(entry, "w8a8", fp16_compute=True)
+    entry = _finish(entry, path, out)
+    # Core ML stores float weights as fp16: int8 must come in well under that.
+    _check_smaller(entry, sum(t.numel() * 2 for t in module.state_dict().values() if t.is_floating_point()))
+    return entry
 
 
 def _finish(entry: Entry, path: Path, out: Path) -> Entry:
@@ -458,7 +503,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                 else:
                     new = [export_coreml(spec, model, examples[name], tmp, recipe,
                                          fp16=opts.coreml_precision == "fp16" or recipe != opts.recipe,
-                                         check=opts.parity)]
+                                         check=opts.parity, plan=plan)]
             except UserError:
                 raise
             except MemoryError as exc:
@@ -511,7 +556,8 @@ def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], pl
                       "parameters": sum(p.numel() for p in model.parameters())},
             "recipe": opts.recipe, "coreml_compute_precision": opts.coreml_precision,
             **({"quantization": {"keep_float": plan.keep.to_json(), "w8a8_mode": plan.modes,
-                                 "calibration": plan.calibration_source or "none (no static activations)"}}
+                                 "calibration": plan.calibration_source or "none (no static activations)",
+                                 "calibration_samples": plan.calibration_samples}}
                if plan else {}),
             "tools": tool_versions(), "graphs": graphs}
 

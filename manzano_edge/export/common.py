@@ -59,6 +59,17 @@ def export_program(spec: GraphSpec, module: nn.Module, example: dict[str, torch.
                                    dynamic_shapes=torch_dynamic_shapes(spec, inputs), strict=False)
 
 
+def reset_states(module: nn.Module, spec: GraphSpec) -> None:
+    """Zero a module's KV-cache buffers: the spec's states, or their per-layer split (`k_cache_3`)
+    in the ExecuTorch build. Works on exported/quantized GraphModules, which have no `reset()`."""
+    names = {s.name for s in spec.states}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            leaf = name.split(".")[-1]
+            if leaf in names or leaf.rstrip("0123456789").rstrip("_") in names:
+                buf.zero_()
+
+
 class TorchProgram:
     """Eager PyTorch on the same module: the parity reference."""
 
@@ -68,6 +79,8 @@ class TorchProgram:
     def reset(self) -> None:
         if hasattr(self.module, "reset"):
             self.module.reset()
+        else:
+            reset_states(self.module, self.spec)
 
     @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,11 +40,14 @@ def _ct():
 
 
 def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], fp16: bool = True):
+    return convert_program(spec, export_program(spec, module, example, explicit_state=False), fp16)
+
+
+def convert_program(spec: GraphSpec, program: torch.export.ExportedProgram, fp16: bool = True):
     ct = _ct()
     # Symbolic-shape broadcasting is logged as a warning per op; it is expected with flexible shapes.
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    ep = export_program(spec, module, example, explicit_state=False).run_decompositions({})
-    return ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+    return ct.convert(program.run_decompositions({}), convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                       compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
                       outputs=[ct.TensorType(name=t.name) for t in spec.outputs])
 

@@ -35,8 +35,9 @@ SUPPORT: dict[tuple[str, str], Support] = {
     ("coreml", "w8"): Support(True, "coremltools.optimize.coreml linear_quantize_weights int8 per-channel"),
     ("coreml", "w4"): Support(True, "coremltools.optimize.coreml linear_quantize_weights int4 per-block 32"),
     ("coreml", "palette4"): Support(True, "coremltools.optimize.coreml palettize_weights 4-bit k-means"),
-    ("coreml", "w8a8"): Support(False, "Core ML activation quantization calibrates with predict(), which needs macOS; "
-                                       "it comes through the QAT route, which this release does not have yet"),
+    ("coreml", "w8a8"): Support(True, "pt2e CoreMLQuantizer (coremltools LinearQuantizerConfig) on Linear/Conv2d: "
+                                      "int8 per-channel weights, static int8 activations calibrated in PyTorch "
+                                      "(coremltools' own calibration needs predict() on macOS)"),
     ("onnx", "fp32"): Support(True, "torch.onnx dynamo export, float32"),
     ("onnx", "fp16"): Support(False, "onnxruntime's CPU provider has no fp16 kernels for most ops; use fp32"),
     ("onnx", "w8"): Support(True, "onnxruntime MatMulNBits bits=8, block 32, symmetric (weight-only; MatMul weights)"),
@@ -74,11 +75,14 @@ def check_supported(fmt: str, recipe: str) -> None:
 
 # Measured on the embedded tiny model (README "Quantization"): per-call (dynamic) activation
 # scales beat MinMax-calibrated static ones on every graph, on both backends.
-DEFAULT_W8A8_MODE = {"onnx": "dynamic", "executorch": "dynamic"}
+# Core ML has no dynamic activation quantization: its w8a8 is always static (calibrated).
+DEFAULT_W8A8_MODE = {"onnx": "dynamic", "executorch": "dynamic", "coreml": "static"}
 W8A8_MODES = ("dynamic", "static")
 
 
 def check_mode(fmt: str, mode: str) -> str:
     if mode not in W8A8_MODES:
         raise UserError(f"unknown w8a8 activation mode '{mode}' for {fmt}; choose from {', '.join(W8A8_MODES)}")
+    if fmt == "coreml" and mode != "static":
+        raise UserError("Core ML has no dynamic activation quantization; coreml w8a8 is static (calibrated)")
     return mode

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import export_program, torch_dynamic_shapes, trace_args
+from manzano_edge.export.common import export_program
 from manzano_edge.export.spec import GraphSpec
 from manzano_edge.quant.calibration import Sequences
+from manzano_edge.quant.pt2e import quantize_pt2e
 
 W8A8_MODES = ("dynamic", "static")
 GROUP = 32
@@ -46,39 +47,13 @@ def _quantizer(mode: str, keep_modules: list[str]):
     return q
 
 
-def _reset_states(gm: nn.Module, spec: GraphSpec) -> None:
-    """Zero the KV cache between calibration sequences: the spec's states, or their per-layer
-    split (`k_cache_3`) in the ExecuTorch build."""
-    names = {s.name for s in spec.states}
-    for name, buf in gm.named_buffers():
-        leaf = name.split(".")[-1]
-        if leaf in names or leaf.rstrip("0123456789").rstrip("_") in names:
-            buf.zero_()
-
-
 def pt2e_w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], mode: str,
               calibration: Sequences | None, keep_modules: list[str]) -> tuple[torch.export.ExportedProgram, dict]:
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
     if mode not in W8A8_MODES:
         raise UserError(f"unknown ExecuTorch w8a8 activation mode '{mode}'; choose from {', '.join(W8A8_MODES)}")
     if mode == "static" and not calibration:
         raise UserError(f"{spec.name}: static w8a8 needs calibration data (--calibration-samples >= 1)")
-    ep = export_program(spec, module, example, explicit_state=False)
-    gm = prepare_pt2e(ep.module(), _quantizer(mode, keep_modules))
-    steps = 0
-    # Weight observers only see weights during a forward pass: dynamic mode needs one too.
-    with torch.no_grad():
-        for seq in calibration or [[example]]:
-            _reset_states(gm, spec)
-            for step in seq:
-                gm(*(step[t.name] for t in spec.inputs))
-                steps += 1
-        _reset_states(gm, spec)
-        gm = convert_pt2e(gm)
-        inputs, _ = spec.io(explicit_state=False)
-        program = torch.export.export(gm, trace_args(spec, example, False),
-                                      dynamic_shapes=torch_dynamic_shapes(spec, inputs), strict=False)
+    program, _, steps = quantize_pt2e(spec, module, example, _quantizer(mode, keep_modules), calibration)
     info = {"tool": "pt2e XNNPACKQuantizer (torchao.quantization.pt2e)", "mode": mode, "op_types": ["linear", "conv2d"],
             "weights": "int8 symmetric per-channel",
             "activations": "int8 dynamic per-token" if mode == "dynamic" else "int8 static per-tensor (MinMax)",

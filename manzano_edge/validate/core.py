@@ -31,6 +31,8 @@ from manzano_edge.export.common import GraphProgram, TorchProgram, build_module
 from manzano_edge.export.spec import GraphSpec
 from manzano_edge.metrics import compare, psnr
 from manzano_edge.models.manzano import Manzano, load_checkpoint
+from manzano_edge.quant import calibration as calib
+from manzano_edge.quant import coreml_ptq
 from manzano_edge.quant.calibration import example_sequences
 from manzano_edge.quant.recipes import FLOAT_RECIPES, RECIPES
 from manzano_edge.runtime.bundle import Bundle
@@ -114,8 +116,27 @@ def validation_examples(model: Manzano, codec: TextCodec, samples: int,
 
 
 # -- programs -------------------------------------------------------------------------------------
-def emulated_coreml(bundle: Bundle, spec: GraphSpec, model: Manzano, entry: dict) -> GraphProgram:
-    """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute."""
+def emulated_coreml_w8a8(bundle: Bundle, spec: GraphSpec, model: Manzano, codec: TextCodec, entry: dict,
+                         mil_program) -> GraphProgram:
+    """Activation scales are not stored as weights: rebuild the pt2e-quantized graph from the
+    reference with the export's own seeded calibration, and use it only if its scales are the
+    shipped program's."""
+    samples = bundle.manifest.get("quantization", {}).get("calibration_samples")
+    if not samples:
+        raise UserError(f"{entry['file']} was calibrated from a user file, so its activation scales cannot be "
+                        "rebuilt for emulation here; validate it on macOS, where Core ML runs it")
+    calibration = calib.generated(model, codec, samples)[spec.name]
+    _, quantized, _ = coreml_ptq.w8a8(spec, build_module(spec, model, False), calibration[0][0], calibration, [])
+    ours, shipped = coreml_ptq.graph_activation_scales(quantized), coreml_ptq.mlprogram_activation_scales(mil_program)
+    if not coreml_ptq.same_scales(ours, shipped):
+        raise UserError(f"cannot emulate {entry['file']}: its activation scales differ from a re-calibration of the "
+                        "reference checkpoint; pass the checkpoint it was exported from with --reference")
+    return coreml.EmulatedProgram(spec, quantized, fp16=False)
+
+
+def emulated_coreml(bundle: Bundle, spec: GraphSpec, model: Manzano, codec: TextCodec, entry: dict) -> GraphProgram:
+    """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute; for
+    w8a8, the pt2e-quantized graph (`emulated_coreml_w8a8`)."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as load_mil
 
@@ -123,6 +144,8 @@ def emulated_coreml(bundle: Bundle, spec: GraphSpec, model: Manzano, entry: dict
     mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
     proto = mlmodel.get_spec()
     mlmodel._mil_program = load_mil(proto, proto.specificationVersion, mlmodel.weights_dir)
+    if entry["recipe"]["name"] == "w8a8":
+        return emulated_coreml_w8a8(bundle, spec, model, codec, entry, mlmodel._mil_program)
     module = build_module(spec, model, False)
     fp16 = entry.get("compute_precision", "fp16") == "fp16"
     emu, replaced, total = coreml.emulated_module(module, coreml.stored_weights(mlmodel), fp16=fp16)
@@ -131,13 +154,14 @@ def emulated_coreml(bundle: Bundle, spec: GraphSpec, model: Manzano, entry: dict
     return coreml.EmulatedProgram(spec, emu, fp16)
 
 
-def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano) -> tuple[GraphProgram, str]:
+def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano,
+                      codec: TextCodec) -> tuple[GraphProgram, str]:
     entry = bundle.entry(spec.name, fmt)
     if fmt == "coreml":
         ok, why = coreml.predict_available()
         if ok:
             return bundle.program(spec.name, "coreml"), "coremltools predict"
-        return emulated_coreml(bundle, spec, model, entry), f"EMULATED (not Core ML itself): {why}"
+        return emulated_coreml(bundle, spec, model, codec, entry), f"EMULATED (not Core ML itself): {why}"
     return bundle.program(spec.name, RUNNABLE[fmt]), {"onnx": "onnxruntime", "executorch": "executorch.runtime"}[fmt]
 
 
@@ -327,7 +351,7 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
                 continue
             spec = bundle.specs[name]
             entry = g["formats"][fmt]
-            program, verified_by = candidate_program(bundle, spec, fmt, model)
+            program, verified_by = candidate_program(bundle, spec, fmt, model, codec)
             reference_program = TorchProgram(spec, build_module(spec, model, False))
             row = {"graph": name, "format": fmt, "recipe": entry.get("recipe", {}).get("name", recipe),
                    "verified_by": verified_by, "emulated": verified_by.startswith("EMULATED"),

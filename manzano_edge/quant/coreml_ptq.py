@@ -1,0 +1,86 @@
+"""Core ML W8A8 without `predict`: pt2e with ExecuTorch's `CoreMLQuantizer`, configured by a
+`coremltools.optimize.torch` `LinearQuantizerConfig`, calibrated in PyTorch, then `ct.convert`.
+
+coremltools' own activation calibration (`linear_quantize_activations`) runs the model through
+`predict()`, which exists only on macOS (TOOLCHAIN gotcha 12). Calibrating the pt2e observers in
+PyTorch instead gives the same kind of program (int8 per-channel weights, static per-tensor int8
+activations as Core ML `quantize`/`dequantize` ops) on any OS.
+
+As on ONNX and XNNPACK, only Linear and Conv2d are quantized: the quantizer's default patterns
+also take the additive -inf attention mask, whose observer then sees NaN, and the norms.
+Core ML has no dynamic activation quantization, so this recipe is static only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from manzano_edge.errors import UserError
+from manzano_edge.export.spec import GraphSpec
+from manzano_edge.quant.calibration import Sequences
+from manzano_edge.quant.pt2e import quantize_pt2e
+
+OP_TYPES = (nn.Linear, nn.Conv2d)
+# Core ML ops that carry activation quantization in the converted mlprogram.
+ACTIVATION_QUANT_OPS = ("quantize", "dequantize")
+
+
+def _quantizer(module: nn.Module, keep_modules: list[str]):
+    from coremltools.optimize.torch.quantization import LinearQuantizerConfig
+    from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+
+    op_config = {"quantization_scheme": "symmetric", "activation_dtype": torch.quint8,
+                 "weight_dtype": torch.qint8, "weight_per_channel": True}
+    # By module name, not `module_type_configs`: CoreMLQuantizer's type filter compares classes
+    # with the export's nn_module_stack, which torch 2.13 records as strings, so nothing matched
+    # and the program came out float.
+    targets = [name for name, m in module.named_modules() if isinstance(m, OP_TYPES) and name not in keep_modules]
+    config = LinearQuantizerConfig.from_dict({
+        "global_config": None,  # nothing outside Linear/Conv2d
+        "module_name_configs": {name: op_config for name in targets},
+    })
+    return CoreMLQuantizer(config)
+
+
+def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], calibration: Sequences | None,
+         keep_modules: list[str]) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule, dict]:
+    """(program for ct.convert, the converted GraphModule for emulation, manifest details)."""
+    if not calibration:
+        raise UserError(f"{spec.name}: Core ML w8a8 has static activation scales and needs calibration data "
+                        "(--calibration-samples >= 1)")
+    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(module, keep_modules), calibration)
+    info = {"tool": "pt2e CoreMLQuantizer + coremltools LinearQuantizerConfig", "mode": "static",
+            "op_types": ["linear", "conv2d"], "weights": "int8 symmetric per-channel",
+            "activations": "uint8 static per-tensor (MinMax, calibrated in PyTorch)", "calibration_steps": steps}
+    return program, gm, info
+
+
+def activation_quant_ops(ops: dict[str, int]) -> int:
+    return sum(ops.get(name, 0) for name in ACTIVATION_QUANT_OPS)
+
+
+# -- checking an emulation against the shipped mlprogram --------------------------------------
+def graph_activation_scales(gm: torch.fx.GraphModule) -> list[float]:
+    """Scales of the static activation quantize nodes in a converted pt2e graph."""
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    return sorted(float(n.args[1]) for n in gm.graph.nodes if n.target == quantize)
+
+
+def mlprogram_activation_scales(mil_program) -> list[float]:
+    """Scales of the `quantize` ops in a Core ML program (MIL, as loaded from the .mlpackage)."""
+    return sorted(float(op.scale.val) for op in mil_program.functions["main"].operations if op.op_type == "quantize")
+
+
+def same_scales(a: list[float], b: list[float], rtol: float = 2e-3) -> bool:
+    """The same set of activation scales (Core ML may merge quantize ops that share an input, and
+    stores scales in fp16, hence sets and a tolerance)."""
+    def distinct(xs: list[float]) -> list[float]:
+        out: list[float] = []
+        for x in sorted(xs):
+            if not out or abs(x - out[-1]) > rtol * abs(x):
+                out.append(x)
+        return out
+
+    da, db = distinct(a), distinct(b)
+    return len(da) == len(db) and all(abs(x - y) <= rtol * abs(x) for x, y in zip(da, db))

@@ -1,0 +1,37 @@
+"""The pt2e post-training flow every pt2e backend shares (XNNPACK, Core ML): export, insert the
+backend quantizer's observers, calibrate on real inputs, convert, re-export.
+
+The converted GraphModule is returned too: it computes with exactly the scales and zero points
+the backend receives, which is what Core ML's Linux emulation runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from manzano_edge.export.common import export_program, reset_states, torch_dynamic_shapes, trace_args
+from manzano_edge.export.spec import GraphSpec
+from manzano_edge.quant.calibration import Sequences
+
+
+def quantize_pt2e(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], quantizer,
+                  calibration: Sequences | None) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule, int]:
+    """Returns (re-exported program, converted GraphModule, calibration steps run)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    gm = prepare_pt2e(export_program(spec, module, example, explicit_state=False).module(), quantizer)
+    steps = 0
+    # Weight observers only see weights during a forward pass: dynamic modes need one too.
+    with torch.no_grad():
+        for seq in calibration or [[example]]:
+            reset_states(gm, spec)
+            for step in seq:
+                gm(*(step[t.name] for t in spec.inputs))
+                steps += 1
+        reset_states(gm, spec)
+        gm = convert_pt2e(gm)
+        inputs, _ = spec.io(explicit_state=False)
+        program = torch.export.export(gm, trace_args(spec, example, False),
+                                      dynamic_shapes=torch_dynamic_shapes(spec, inputs), strict=False)
+    return program, gm, steps
