@@ -27,7 +27,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check manzano_edge tests
 
-# Re-train the embedded tiny model from scratch (about 40 minutes on 2 cores).
+# Re-train the embedded tiny model from scratch (about an hour on 2 cores; see README "Training").
 train-tiny: install
 	$(VENV)/bin/manzano-edge train --preset tiny -o runs/tiny
 

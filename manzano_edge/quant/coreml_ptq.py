@@ -26,21 +26,43 @@ OP_TYPES = (nn.Linear, nn.Conv2d)
 ACTIVATION_QUANT_OPS = ("quantize", "dequantize")
 
 
-def _quantizer(module: nn.Module, keep_modules: list[str]):
+def _weighted_op_filter(keep_modules: list[str]):
+    """Nodes created inside a Linear/Conv2d that is not kept float. torch 2.13's export records
+    module types in nn_module_stack as qualified-name strings."""
+    wanted = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
+    keep = tuple(keep_modules)
+
+    def accept(node: torch.fx.Node) -> bool:
+        if node.op in ("get_attr", "placeholder"):
+            return True  # a weight or bias: its partition's linear/conv node decides
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        if not stack or stack[-1][1] not in wanted:
+            return False
+        name = stack[-1][0]
+        return not any(name == k or name.endswith("." + k) or name.startswith(k + ".") or f".{k}." in name
+                       for k in keep)
+
+    return accept
+
+
+def _quantizer(keep_modules: list[str]):
     from coremltools.optimize.torch.quantization import LinearQuantizerConfig
     from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
 
-    op_config = {"quantization_scheme": "symmetric", "activation_dtype": torch.quint8,
-                 "weight_dtype": torch.qint8, "weight_per_channel": True}
-    # By module name, not `module_type_configs`: CoreMLQuantizer's type filter compares classes
-    # with the export's nn_module_stack, which torch 2.13 records as strings, so nothing matched
-    # and the program came out float.
-    targets = [name for name, m in module.named_modules() if isinstance(m, OP_TYPES) and name not in keep_modules]
-    config = LinearQuantizerConfig.from_dict({
-        "global_config": None,  # nothing outside Linear/Conv2d
-        "module_name_configs": {name: op_config for name in targets},
-    })
-    return CoreMLQuantizer(config)
+    class WeightedOpsCoreMLQuantizer(CoreMLQuantizer):
+        """CoreMLQuantizer's own config filters cannot say "Linear/Conv2d only" here: class keys
+        in `module_type_configs` never match torch 2.13's string-typed nn_module_stack (the
+        program came out float), and per-module-name configs re-trace every pattern once per
+        name (over 15 minutes for the tiny decoder). One pass with a node filter does it."""
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            self._annotate_all_patterns(model, self._config.global_config, _weighted_op_filter(keep_modules))
+            return model
+
+    config = LinearQuantizerConfig.from_dict({"global_config": {
+        "quantization_scheme": "symmetric", "activation_dtype": torch.quint8,
+        "weight_dtype": torch.qint8, "weight_per_channel": True}})
+    return WeightedOpsCoreMLQuantizer(config)
 
 
 def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], calibration: Sequences | None,
@@ -49,7 +71,7 @@ def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], c
     if not calibration:
         raise UserError(f"{spec.name}: Core ML w8a8 has static activation scales and needs calibration data "
                         "(--calibration-samples >= 1)")
-    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(module, keep_modules), calibration)
+    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(keep_modules), calibration)
     info = {"tool": "pt2e CoreMLQuantizer + coremltools LinearQuantizerConfig", "mode": "static",
             "op_types": ["linear", "conv2d"], "weights": "int8 symmetric per-channel",
             "activations": "uint8 static per-tensor (MinMax, calibrated in PyTorch)", "calibration_steps": steps}

@@ -368,6 +368,10 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
         notes.append("Core ML was validated by EMULATION on this machine (Core ML predict needs macOS): the "
                      "PyTorch graph with the .mlpackage's stored, decompressed weights in fp16. It checks the "
                      "weight compression, not Core ML's kernels.")
+        if recipe == "w8a8":
+            notes.append("Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from the reference with "
+                         "the export's seeded calibration; its activation scales were checked equal to the "
+                         ".mlpackage's. Between quantize/dequantize it computes in fp32 where Core ML uses fp16.")
     if any(m.get("reference_constant") for r in rows for m in r["metrics"].values() if isinstance(m, dict)):
         notes.append("Some reference outputs are constant on the validation inputs (e.g. a saturated VAE "
                      "decoder); their PSNR carries little information.")
