@@ -178,7 +178,8 @@ def cmd_export(args) -> None:
                          show_progress=not args.quiet, parity=not args.no_parity, keep_float=args.keep_float,
                          calibration_samples=args.calibration_samples, calibration_file=args.calibration,
                          w8a8_mode=_w8a8_modes(args), bundled_io=args.bundled_io,
-                         executorch_kv_cache=args.executorch_kv_cache)
+                         executorch_kv_cache=args.executorch_kv_cache,
+                         executorch_coreml=not args.no_executorch_coreml)
     if args.recipe not in RECIPES:
         raise UserError(f"unknown recipe '{args.recipe}'; choose from {', '.join(RECIPES)}")
     model, tokenizer_json = _load_for_export(args)
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executorch-kv-cache", default="llm-ops",
                    help="ExecuTorch decoder cache: llm-ops (default; llama::update_cache + custom_sdpa, the device "
                         "runner must link ExecuTorch's custom_ops) | slice (core kernels only, slower)")
+    p.add_argument("--no-executorch-coreml", action="store_true",
+                   help="write only the XNNPACK .pte, not the Core ML-delegate one (which needs ~2x the graph's "
+                        "weights in RAM again while lowering; the paper-sized DiT did not fit in 24 GB)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -305,7 +305,11 @@ def test_bundled_programs_for_device_runners(tiny, tmp_path):
     model, tok = tiny
     out = tmp_path / "b"
     manifest = export_bundle(model, tok, out, ExportOptions(formats=["executorch"], graphs=["code_features"],
-                                                            bundled_io=True, show_progress=False))
+                                                            bundled_io=True, show_progress=False,
+                                                            executorch_coreml=False))
+    # --no-executorch-coreml: the XNNPACK program only, no Core ML-delegate entry or directory
+    assert set(manifest["graphs"]["code_features"]["formats"]) == {"executorch"}
+    assert not (out / "executorch-coreml").exists()
     info = manifest["graphs"]["code_features"]["formats"]["executorch"]["bundled_program"]
     assert info["verified_on_host"] and (out / info["file"]).stat().st_size > 0
     et.verify_bundled_program(out / info["file"])

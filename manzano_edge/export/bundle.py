@@ -76,6 +76,9 @@ class ExportOptions:
     # ExecuTorch decoder KV cache: "llm-ops" (llama::update_cache + custom_sdpa; the device runner
     # must link ExecuTorch's custom_ops) or "slice" (slice-assigned cache, core kernels only, slower)
     executorch_kv_cache: str = "llm-ops"
+    # Also write the Core ML-delegate .pte next to the XNNPACK one. Off for the paper-sized DiT:
+    # lowering its 0.9B parameters through CoreMLBackend outgrew 24 GB of RAM (README "Export").
+    executorch_coreml: bool = True
 
 
 @dataclass
@@ -296,7 +299,8 @@ def export_onnx(spec, model, examples, out: Path, recipe: str, check: bool = Tru
 
 
 def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool = True,
-                      plan: QuantPlan | None = None, bundled_io: bool = False, kv_cache: str = "llm-ops") -> list[Entry]:
+                      plan: QuantPlan | None = None, bundled_io: bool = False, kv_cache: str = "llm-ops",
+                      coreml_delegate: bool = True) -> list[Entry]:
     entries = []
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
@@ -326,6 +330,8 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     if recipe not in FLOAT_RECIPES:
         _check_smaller(xnn, xnn.extra.pop("_float_bytes"))
         return entries  # the Core ML delegate program is float-only here; Core ML recipes go through `coreml`
+    if not coreml_delegate:
+        return entries
     apple = Entry(spec.name, "executorch-coreml")
     path = out / "executorch-coreml" / f"{spec.name}{executorch.SUFFIX}"
     apple.extra.update(executorch.export(spec, build_module(spec, model, False), examples[0], path, "coreml"))
@@ -407,7 +413,7 @@ def _export_coreml_w8a8(spec, module, examples, out: Path, path: Path, plan: Qua
                         entry: Entry) -> Entry:
     """Calibrated in PyTorch (coreml_ptq), converted, then checked: the mlprogram must carry
     activation quantize/dequantize ops, and the emulation is the quantized PyTorch graph itself."""
-    program, quantized, info = coreml_ptq.w8a8(spec, module, examples[0], plan.calibration.get(spec.name), [])
+    program, quantized, info = coreml_ptq.w8a8(spec, module, examples[0], plan.calibration.get(spec.name))
     mlmodel = coreml.convert_program(spec, program, fp16=True)
     del program
     mlmodel.save(str(path))
@@ -479,7 +485,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
     try:
         for fmt in opts.formats:
             (tmp / fmt).mkdir()
-            if fmt == "executorch":
+            if fmt == "executorch" and opts.executorch_coreml:
                 (tmp / "executorch-coreml").mkdir()
         codec = TextCodec(tokenizer_json, model.cfg.text)
         for p in model.parameters():
@@ -499,7 +505,8 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                     new = [export_onnx(spec, model, examples[name], tmp, recipe, opts.parity, plan)]
                 elif fmt == "executorch":
                     new = export_executorch(spec, model, examples[name], tmp, recipe, opts.parity, plan,
-                                            bundled_io=opts.bundled_io, kv_cache=opts.executorch_kv_cache)
+                                            bundled_io=opts.bundled_io, kv_cache=opts.executorch_kv_cache,
+                                            coreml_delegate=opts.executorch_coreml)
                 else:
                     new = [export_coreml(spec, model, examples[name], tmp, recipe,
                                          fp16=opts.coreml_precision == "fp16" or recipe != opts.recipe,

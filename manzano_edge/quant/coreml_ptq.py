@@ -26,26 +26,19 @@ OP_TYPES = (nn.Linear, nn.Conv2d)
 ACTIVATION_QUANT_OPS = ("quantize", "dequantize")
 
 
-def _weighted_op_filter(keep_modules: list[str]):
-    """Nodes created inside a Linear/Conv2d that is not kept float. torch 2.13's export records
-    module types in nn_module_stack as qualified-name strings."""
-    wanted = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
-    keep = tuple(keep_modules)
-
-    def accept(node: torch.fx.Node) -> bool:
-        if node.op in ("get_attr", "placeholder"):
-            return True  # a weight or bias: its partition's linear/conv node decides
-        stack = list(node.meta.get("nn_module_stack", {}).values())
-        if not stack or stack[-1][1] not in wanted:
-            return False
-        name = stack[-1][0]
-        return not any(name == k or name.endswith("." + k) or name.startswith(k + ".") or f".{k}." in name
-                       for k in keep)
-
-    return accept
+def _is_weighted_op_node(node: torch.fx.Node) -> bool:
+    """A node created inside a Linear/Conv2d, or a weight/bias (its partition's op decides).
+    torch 2.13's export records module types in nn_module_stack as qualified-name strings."""
+    if node.op in ("get_attr", "placeholder"):
+        return True
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return bool(stack) and stack[-1][1] in _OP_TYPE_NAMES
 
 
-def _quantizer(keep_modules: list[str]):
+_OP_TYPE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
+
+
+def _quantizer():
     from coremltools.optimize.torch.quantization import LinearQuantizerConfig
     from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
 
@@ -56,7 +49,7 @@ def _quantizer(keep_modules: list[str]):
         name (over 15 minutes for the tiny decoder). One pass with a node filter does it."""
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            self._annotate_all_patterns(model, self._config.global_config, _weighted_op_filter(keep_modules))
+            self._annotate_all_patterns(model, self._config.global_config, _is_weighted_op_node)
             return model
 
     config = LinearQuantizerConfig.from_dict({"global_config": {
@@ -65,13 +58,13 @@ def _quantizer(keep_modules: list[str]):
     return WeightedOpsCoreMLQuantizer(config)
 
 
-def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], calibration: Sequences | None,
-         keep_modules: list[str]) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule, dict]:
+def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor],
+         calibration: Sequences | None) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule, dict]:
     """(program for ct.convert, the converted GraphModule for emulation, manifest details)."""
     if not calibration:
         raise UserError(f"{spec.name}: Core ML w8a8 has static activation scales and needs calibration data "
                         "(--calibration-samples >= 1)")
-    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(keep_modules), calibration)
+    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(), calibration)
     info = {"tool": "pt2e CoreMLQuantizer + coremltools LinearQuantizerConfig", "mode": "static",
             "op_types": ["linear", "conv2d"], "weights": "int8 symmetric per-channel",
             "activations": "uint8 static per-tensor (MinMax, calibrated in PyTorch)", "calibration_steps": steps}
