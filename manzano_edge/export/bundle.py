@@ -76,8 +76,9 @@ class ExportOptions:
     # ExecuTorch decoder KV cache: "llm-ops" (llama::update_cache + custom_sdpa; the device runner
     # must link ExecuTorch's custom_ops) or "slice" (slice-assigned cache, core kernels only, slower)
     executorch_kv_cache: str = "llm-ops"
-    # Also write the Core ML-delegate .pte next to the XNNPACK one. Off for the paper-sized DiT:
-    # lowering its 0.9B parameters through CoreMLBackend outgrew 24 GB of RAM (README "Export").
+    # Also write the Core ML-delegate .pte next to the XNNPACK one. Off helps paper-sized models on
+    # 24 GB: the 0.9B DiT's CoreMLBackend lowering ran out of memory after the other graphs
+    # (README "The paper-sized preset").
     executorch_coreml: bool = True
 
 
