@@ -402,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ExecuTorch decoder cache: llm-ops (default; llama::update_cache + custom_sdpa, the device "
                         "runner must link ExecuTorch's custom_ops) | slice (core kernels only, slower)")
     p.add_argument("--no-executorch-coreml", action="store_true",
-                   help="write only the XNNPACK .pte, not the Core ML-delegate one (which needs ~2x the graph's "
-                        "weights in RAM again while lowering; the paper-sized DiT did not fit in 24 GB)")
+                   help="write only the XNNPACK .pte, not the Core ML-delegate one (lowering the paper-sized DiT "
+                        "through CoreMLBackend after the other graphs ran out of 24 GB of RAM)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
