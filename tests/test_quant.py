@@ -14,7 +14,7 @@ from manzano_edge.export import onnx
 from manzano_edge.export.bundle import Entry, ExportOptions, export_bundle, judge, run_parity
 from manzano_edge.export.common import TorchProgram, build_module
 from manzano_edge.export.spec import graph_specs, real_examples
-from manzano_edge.quant import calibration, onnx_ptq
+from manzano_edge.quant import calibration, coreml_ptq, onnx_ptq
 from manzano_edge.quant.overrides import parse_keep_float, resolve_layers
 from manzano_edge.quant.recipes import SUPPORT, check_supported
 
@@ -192,6 +192,17 @@ def test_calibration_file_of_wrong_shape(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "image_ids" in err and "[1, 7]" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_coreml_scale_check_tolerates_fp16_and_merges_but_not_recalibration():
+    """Measured on the tiny decoder: the mlprogram stores 0.02902 where PyTorch has 0.02903, next
+    to a distinct 0.02908. A de-duplicating comparison flipped on such neighbours."""
+    ours = [0.02903, 0.02908, 0.04016, 0.26017]
+    shipped = [0.029022, 0.029083, 0.040161, 0.26025]
+    assert coreml_ptq.same_scales(ours, shipped)
+    assert coreml_ptq.same_scales(ours + [0.04016], shipped)  # merged ops: counts may differ
+    recalibrated = [x * 1.015 for x in ours]  # another calibration set moves scales by ~1-2 %
+    assert not coreml_ptq.same_scales(ours, recalibrated) and not coreml_ptq.same_scales(ours, [])
 
 
 def test_coreml_w8a8_calibrates_in_pytorch_and_quantizes_activations(tiny, tmp_path):

@@ -36,6 +36,12 @@ def _is_weighted_op_node(node: torch.fx.Node) -> bool:
 
 
 _OP_TYPE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
+# The quantizer's registry has 24 annotators, each tracing its patterns with torch.export (405
+# traces, 40-90 s per graph). Only these four annotate anything under the node filter above
+# (checked: the same observers and scales as all 24 on the tiny decoder, 13 s instead of 41 s).
+# linear_act matches the MLP's gate_proj + SiLU: its output observer sits after the SiLU, the
+# pattern Core ML fuses.
+_ANNOTATORS = ("conv_act", "conv", "linear_act", "linear")
 
 
 def _quantizer():
@@ -49,7 +55,15 @@ def _quantizer():
         name (over 15 minutes for the tiny decoder). One pass with a node filter does it."""
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            self._annotate_all_patterns(model, self._config.global_config, _is_weighted_op_node)
+            from executorch.backends.apple.coreml.quantizer._annotation_config import AnnotationConfig
+            from executorch.backends.apple.coreml.quantizer._coreml_quantizer import (
+                _AnnotationPatternRegistry,
+            )
+
+            config = AnnotationConfig.from_quantization_config(self._config.global_config)
+            annotators = _AnnotationPatternRegistry.get_annotators()
+            for name in _ANNOTATORS:
+                annotators[name](model, config, _is_weighted_op_node)
             return model
 
     config = LinearQuantizerConfig.from_dict({"global_config": {
@@ -87,15 +101,13 @@ def mlprogram_activation_scales(mil_program) -> list[float]:
     return sorted(float(op.scale.val) for op in mil_program.functions["main"].operations if op.op_type == "quantize")
 
 
-def same_scales(a: list[float], b: list[float], rtol: float = 2e-3) -> bool:
-    """The same set of activation scales (Core ML may merge quantize ops that share an input, and
-    stores scales in fp16, hence sets and a tolerance)."""
-    def distinct(xs: list[float]) -> list[float]:
-        out: list[float] = []
-        for x in sorted(xs):
-            if not out or abs(x - out[-1]) > rtol * abs(x):
-                out.append(x)
-        return out
+def same_scales(a: list[float], b: list[float], rtol: float = 1e-3) -> bool:
+    """The same set of activation scales: every scale of one list is within `rtol` of some scale
+    of the other. Core ML may merge quantize ops that share an input (so counts can differ) and
+    stores scales in fp16 (relative error <= 2**-11, hence the tolerance). Matching each scale to
+    its nearest neighbour, rather than de-duplicating first, does not depend on where two nearly
+    equal scales happen to fall."""
+    def covered(xs: list[float], ys: list[float]) -> bool:
+        return all(any(abs(x - y) <= rtol * abs(x) for y in ys) for x in xs)
 
-    da, db = distinct(a), distinct(b)
-    return len(da) == len(db) and all(abs(x - y) <= rtol * abs(x) for x, y in zip(da, db))
+    return bool(a) == bool(b) and covered(a, b) and covered(b, a)
