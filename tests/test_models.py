@@ -97,6 +97,12 @@ def test_cached_decoders_match_full_forward(model, decoder_cls):
         cached.reset()
         torch.testing.assert_close(cached(model.decoder.embed(tokens[:, :10]), causal_mask(0, 10)), full[:, :10],
                                    atol=1e-5, rtol=1e-4)
+        # The exported graphs' build: the last position's row only, prefill and decode alike.
+        last = decoder_cls(model.decoder, last_logits=True).eval()
+        torch.testing.assert_close(last(model.decoder.embed(tokens[:, :10]), causal_mask(0, 10)), full[:, 9:10],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(last(model.decoder.embed(tokens[:, 10:11]), causal_mask(10, 1)), full[:, 10:11],
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_left_padded_batch_matches_unpadded_rows(model):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from manzano_edge.cli import main
-from manzano_edge.validate.core import SCHEMA, Thresholds, judge_e2e, ssim
+from manzano_edge.models.decoder import StatefulDecoder, causal_mask
+from manzano_edge.validate.core import SCHEMA, Thresholds, judge_e2e, ssim, teacher_forced
 
 FAST = ["--samples", "1", "--greedy-tokens", "16", "--no-end-to-end", "--quiet"]
 
@@ -25,6 +26,22 @@ def report(quant_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("validate") / "report"
     code = main(["validate", str(bundle), "-o", str(out), *FAST])
     return code, out, json.loads((out / "report.json").read_text())
+
+
+def test_teacher_forcing_scores_every_position_of_a_last_logits_decoder(tiny):
+    """The decoder graph returns one row per call; validate splits each prompt so every position
+    is still scored, and the rows are the full forward's (prefill half, then one token a step)."""
+    model, _ = tiny
+    tokens = torch.randint(0, 400, (1, 9))
+    embeds = model.decoder.embed(tokens)
+    step = {"inputs_embeds": model.decoder.embed(torch.tensor([[5]])), "causal_mask": causal_mask(9, 1)}
+    steps = teacher_forced([{"inputs_embeds": embeds, "causal_mask": causal_mask(0, 9)}, step])
+    assert [s["inputs_embeds"].shape[1] for s in steps] == [4, 1, 1, 1, 1, 1, 1]
+    dec = StatefulDecoder(model.decoder, last_logits=True).eval()
+    with torch.no_grad():
+        rows = torch.cat([dec(**s) for s in steps], 1)
+        full = model.decoder(tokens=torch.cat([tokens, torch.tensor([[5]])], 1))
+    torch.testing.assert_close(rows, full[:, 3:], atol=1e-5, rtol=1e-4)
 
 
 def test_report_is_well_formed(report):

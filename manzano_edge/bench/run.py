@@ -135,7 +135,7 @@ class Reference:
         return {"checked": True, "graph": "vae_decoder", "backend": fmt_backend, "psnr_db": db}
 
     def prefill_flops(self, tokens: int) -> int:
-        dec = StatefulDecoder(self.model.decoder).eval()
+        dec = StatefulDecoder(self.model.decoder, last_logits=True).eval()  # as the graphs
         x = torch.zeros(1, tokens, self.model.cfg.decoder.hidden_size)
         return count_flops(lambda: dec(x, causal_mask(0, tokens)))
 

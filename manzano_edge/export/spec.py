@@ -184,10 +184,13 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
         GraphSpec("decoder", "decoder",
                   inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
                           TensorSpec("causal_mask", (1, 1, seq, end), allow_inf=True)),
-                  outputs=(TensorSpec("logits", (1, seq, cfg.vocab_size)),),
+                  # The last position's logits only, prefill included: generation reads no other
+                  # row, and a T-token prefill then projects onto the vocabulary once, not T times.
+                  outputs=(TensorSpec("logits", (1, 1, cfg.vocab_size)),),
                   states=(TensorSpec("k_cache", cache), TensorSpec("v_cache", cache)),
-                  build=lambda m: StatefulDecoder(m.decoder), build_explicit=lambda m: ExplicitKVDecoder(m.decoder),
-                  build_executorch=lambda m: InPlaceKVDecoder(m.decoder)),
+                  build=lambda m: StatefulDecoder(m.decoder, last_logits=True),
+                  build_explicit=lambda m: ExplicitKVDecoder(m.decoder, last_logits=True),
+                  build_executorch=lambda m: InPlaceKVDecoder(m.decoder, last_logits=True)),
         GraphSpec("code_features", "diffusion",
                   inputs=(TensorSpec("image_ids", (1, n), "int32"),),
                   outputs=(TensorSpec("condition", (1, n, width)),),

@@ -137,8 +137,10 @@ class LlamaDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 start: int | torch.SymInt = 0, mask: torch.Tensor | None = None,
-                kv_writer: KVCacheWriter | None = None, attend: Attend = attention) -> torch.Tensor:
-        """Logits [B, T, V] for T new positions starting at absolute position `start`.
+                kv_writer: KVCacheWriter | None = None, attend: Attend = attention,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] for T new positions starting at absolute position `start`, or with
+        `last_only` [B, 1, V] for the last of them (generation needs no other row).
 
         Give `tokens` [B, T] or `inputs_embeds` [B, T, D] (spliced image embeddings).
         Without `mask` this is plain causal attention over the T positions (training).
@@ -152,20 +154,25 @@ class LlamaDecoder(nn.Module):
             mask = causal_mask(0, t, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, i, kv_writer, attend)
+        if last_only:  # a prefill of T tokens runs the vocabulary projection once, not T times
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
 
 class StatefulDecoder(nn.Module):
     """Decoder with its KV cache as top-level mutable buffers (`k_cache`, `v_cache`).
 
-    forward(inputs_embeds [B, T, D], causal_mask [B, 1, T, E]) -> logits [B, T, V].
+    forward(inputs_embeds [B, T, D], causal_mask [B, 1, T, E]) -> logits [B, T, V], or with
+    `last_logits` [B, 1, V] (the exported graphs: ExecuTorch's llama export does the same).
     The mask's last dimension E is the cache length after this call, so the write offset is
     E - T: one graph serves prefill (T > 1) and decode (T = 1) with no position input.
     """
 
-    def __init__(self, decoder: LlamaDecoder, batch_size: int = 1, max_len: int | None = None) -> None:
+    def __init__(self, decoder: LlamaDecoder, batch_size: int = 1, max_len: int | None = None,
+                 last_logits: bool = False) -> None:
         super().__init__()
         self.decoder = decoder
+        self.last_logits = last_logits
         cfg = decoder.cfg
         self.max_len = max_len or cfg.max_position_embeddings
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, self.max_len, cfg.head_dim)
@@ -188,7 +195,8 @@ class StatefulDecoder(nn.Module):
             self.v_cache[layer:layer + 1, :, :, start:end] = v.unsqueeze(0)
             return self.k_cache[layer, :, :, :end], self.v_cache[layer, :, :, :end]
 
-        return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)
+        return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write,
+                            last_only=self.last_logits)
 
 
 def load_executorch_cache_ops() -> None:
@@ -215,10 +223,11 @@ class InPlaceKVDecoder(nn.Module):
     `custom_sdpa` takes one [T, E] mask for every row, so per-row padding could not be honoured.
     """
 
-    def __init__(self, decoder: LlamaDecoder, max_len: int | None = None) -> None:
+    def __init__(self, decoder: LlamaDecoder, max_len: int | None = None, last_logits: bool = False) -> None:
         super().__init__()
         load_executorch_cache_ops()
         self.decoder = decoder
+        self.last_logits = last_logits
         cfg = decoder.cfg
         self.max_len = max_len or cfg.max_position_embeddings
         shape = (1, self.max_len, cfg.num_key_value_heads, cfg.head_dim)
@@ -245,7 +254,8 @@ class InPlaceKVDecoder(nn.Module):
             out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, 0, mask[0, 0], 0.0, False)
             return out.transpose(1, 2)
 
-        return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write, attend=attend)
+        return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write, attend=attend,
+                            last_only=self.last_logits)
 
 
 class ExplicitKVDecoder(nn.Module):
@@ -256,9 +266,10 @@ class ExplicitKVDecoder(nn.Module):
       -> logits [B,T,V], k_cache_out, v_cache_out (same shapes as the inputs).
     """
 
-    def __init__(self, decoder: LlamaDecoder) -> None:
+    def __init__(self, decoder: LlamaDecoder, last_logits: bool = False) -> None:
         super().__init__()
         self.decoder = decoder
+        self.last_logits = last_logits
 
     def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,5 +282,6 @@ class ExplicitKVDecoder(nn.Module):
             v_layers[layer] = torch.cat([v_layers[layer][:, :, :start], v, v_layers[layer][:, :, end:]], dim=2)
             return k_layers[layer][:, :, :end], v_layers[layer][:, :, :end]
 
-        logits = self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write)
+        logits = self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write,
+                              last_only=self.last_logits)
         return logits, torch.stack(k_layers), torch.stack(v_layers)

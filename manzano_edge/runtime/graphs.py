@@ -21,7 +21,7 @@ class GraphRunner(Protocol):
     def image_ids(self, pixels: torch.Tensor) -> torch.Tensor: ...  # [1,3,H,W] -> [1,N] int64
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...  # [B,T] -> [B,T,D]
     def decoder_reset(self, batch_size: int) -> None: ...
-    def decoder_step(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...  # -> logits [B,T,V]
+    def decoder_step(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...  # -> last-position logits [B,1,V]
     def code_features(self, ids: torch.Tensor) -> torch.Tensor: ...  # [B,N] -> [B,N,D]
     def null_condition(self, batch: int, tokens: int) -> torch.Tensor: ...
     def denoise(self, latent: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
@@ -50,7 +50,7 @@ class TorchGraphs:
 
     def decoder_reset(self, batch_size: int) -> None:
         if batch_size not in self.decoders:
-            self.decoders[batch_size] = StatefulDecoder(self.model.decoder, batch_size=batch_size).eval()
+            self.decoders[batch_size] = StatefulDecoder(self.model.decoder, batch_size=batch_size, last_logits=True).eval()
         self._active = self.decoders[batch_size]
         self._active.reset()
 

@@ -30,6 +30,7 @@ from manzano_edge.export import coreml
 from manzano_edge.export.common import GraphProgram, TorchProgram, build_module
 from manzano_edge.export.spec import GraphSpec
 from manzano_edge.metrics import compare, psnr
+from manzano_edge.models.decoder import causal_mask
 from manzano_edge.models.manzano import Manzano, load_checkpoint
 from manzano_edge.quant import calibration as calib
 from manzano_edge.quant import coreml_ptq
@@ -166,11 +167,24 @@ def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano,
 
 
 # -- per-graph metrics ----------------------------------------------------------------------------
+def teacher_forced(seq: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The decoder graph returns the last position's logits only, so a T-token prefill scores
+    one position. Keep the first half of the prompt as a prefill (at least 2 tokens, so the
+    multi-token path runs) and feed the rest one token per step: every prompt position is
+    scored under teacher forcing, then the greedy decode steps as before."""
+    embeds = seq[0]["inputs_embeds"]
+    t = embeds.shape[1]
+    k = min(t, max(2, t // 2))
+    steps = [{"inputs_embeds": embeds[:, :k], "causal_mask": causal_mask(0, k)}]
+    steps += [{"inputs_embeds": embeds[:, i:i + 1], "causal_mask": causal_mask(i, 1)} for i in range(k, t)]
+    return steps + seq[1:]  # the greedy decode steps, unchanged: they start at position t
+
+
 def _run(program: GraphProgram, spec: GraphSpec, seqs: list) -> dict[str, list[torch.Tensor]]:
     outs: dict[str, list[torch.Tensor]] = {t.name: [] for t in spec.outputs}
     for seq in seqs:
         program.reset()
-        for step in seq:
+        for step in (teacher_forced(seq) if spec.name == "decoder" else seq):
             o = program.run(step)
             for t in spec.outputs:
                 outs[t.name].append(o[t.name].float())
@@ -210,8 +224,6 @@ def teacher_forcing(refs: list[torch.Tensor], outs: list[torch.Tensor]) -> dict:
 def greedy_match(reference: GraphProgram, candidate: GraphProgram, model: Manzano, seqs: list, tokens: int) -> dict:
     """Free-running greedy decode from each prompt, reference and candidate each on its own
     tokens (both embedded with the float table, so only the decoder graph differs)."""
-    from manzano_edge.models.decoder import causal_mask
-
     exact, prefix = 0, []
     for seq in seqs:
         prefill = seq[0]
