@@ -246,7 +246,8 @@ def cmd_bench(args) -> None:
     default, per = parse_threads(args.threads)
     opts = BenchOptions(backends=parse_list(args.backends, ("torch", "ort", "executorch", "coreml"), "backend"),
                         runs=args.runs, warmup=args.warmup, threads=per, decode_tokens=args.decode_tokens,
-                        flow_steps=args.flow_steps, flow_guidance=args.guidance, reference=args.reference, seed=args.seed,
+                        flow_steps=args.flow_steps, flow_guidance=args.guidance, token_guidance=args.token_guidance,
+                        reference=args.reference, seed=args.seed,
                         overwrite=args.overwrite, log=not args.quiet)
     if default:
         opts.default_threads = default
@@ -384,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--format", default="coreml,onnx,executorch", help="comma-separated: coreml,onnx,executorch")
     p.add_argument("--recipe", default="fp32", help="fp32|fp16|w8|w8a8|w4|palette4")
-    p.add_argument("--graphs", help="comma-separated subset of the graphs (default: all)")
+    p.add_argument("--graphs", help="comma-separated graphs, or 'all' (default: every graph but the optional "
+                                    "decoder_cfg, the batch-of-2 decoder that --token-guidance needs)")
     p.add_argument("--coreml-precision", default="fp16", help="Core ML compute precision for float recipes")
     p.add_argument("--preset", help="export a randomly initialised preset instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -452,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens decoded after the caption prefill")
     p.add_argument("--flow-steps", type=int, default=20, help="flow-matching steps in the text-to-image run")
     p.add_argument("--guidance", type=float, default=2.0, help="DiT CFG scale in the text-to-image run (1 = off)")
+    p.add_argument("--token-guidance", type=float, default=1.0,
+                   help="image-token CFG scale in the text-to-image run (1 = off); other values decode both rows as "
+                        "one batch-of-2 step of the bundle's decoder_cfg graph (export --graphs all)")
     p.add_argument("--reference", help="checkpoint the bundles were exported from (eager fp32 baseline); default: the "
                                        "embedded model, or the preset re-created with --seed")
     p.add_argument("--seed", type=int, default=0, help="the --seed `export --preset` used")

@@ -25,13 +25,14 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def bundle(tiny, tmp_path_factory):
-    """The embedded model exported to every format once per session (fp32, Core ML fp16 compute)."""
+    """The embedded model, every graph (the optional decoder_cfg too), exported to every format
+    once per session (fp32, Core ML fp16 compute)."""
     from manzano_edge.export.bundle import ExportOptions, export_bundle
 
     model, tok = tiny
     out = tmp_path_factory.mktemp("bundle") / "tiny-fp32"
     manifest = export_bundle(model, tok, out, ExportOptions(formats=["coreml", "onnx", "executorch"],
-                                                            show_progress=False))
+                                                            graphs=["all"], show_progress=False))
     return out, manifest
 
 

@@ -16,7 +16,7 @@ from manzano_edge.errors import UserError
 def report(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report"
     code = main(["bench", str(bundle[0]), "-o", str(out), "--runs", "1", "--warmup", "0", "--decode-tokens", "3",
-                 "--flow-steps", "2", "--threads", "2", "--quiet"])
+                 "--flow-steps", "2", "--threads", "2", "--token-guidance", "2", "--quiet"])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
 
@@ -34,6 +34,9 @@ def test_report_is_well_formed(report):
     assert all(r["status"] == "ok" or r["reason"] for r in coreml)
     assert rep["context"]["threads"]["ort"] == 2 and rep["context"]["machine"]["cpu_model"]
     assert rep["bundles"][0]["reference_check"]["psnr_db"] > 40  # the embedded model is what the bundle holds
+    # image-token CFG ran on the bundle's batch-of-2 decoder, and its latency row is reported
+    assert rep["context"]["settings"]["token_guidance"] == 2.0
+    assert all(any(k.startswith("decoder_cfg[decode") for k in r["latency"]) for r in rep["results"] if r["status"] == "ok")
 
 
 def test_report_has_the_three_comparisons(report):

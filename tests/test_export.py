@@ -9,12 +9,28 @@ import torch
 from manzano_edge.cli import main
 from manzano_edge.errors import UserError
 from manzano_edge.export import coreml, onnx
-from manzano_edge.export.bundle import Entry, ExportFailed, ExportOptions, export_bundle, judge, run_parity
+from manzano_edge.export.bundle import (
+    Entry,
+    ExportFailed,
+    ExportOptions,
+    export_bundle,
+    judge,
+    run_parity,
+    validate_options,
+)
 from manzano_edge.export.common import TorchProgram, build_module, path_digest
 from manzano_edge.export.spec import graph_specs, real_examples
 from manzano_edge.models.manzano import load_checkpoint
 
-GRAPHS = ("tokenizer", "embed_tokens", "decoder", "code_features", "dit", "vae_decoder")
+GRAPHS = ("tokenizer", "embed_tokens", "decoder", "decoder_cfg", "code_features", "dit", "vae_decoder")
+
+
+def test_default_graphs_leave_out_the_optional_cfg_decoder():
+    specs = graph_specs(load_checkpoint(None)[0].cfg)
+    assert validate_options(ExportOptions(formats=["onnx"]), specs) == [g for g in GRAPHS if g != "decoder_cfg"]
+    assert validate_options(ExportOptions(formats=["onnx"], graphs=["all"]), specs) == list(specs)
+    with pytest.raises(UserError, match="unknown graph 'decoder_cfgx'; choose from .* or all"):
+        validate_options(ExportOptions(formats=["onnx"], graphs=["decoder_cfgx"]), specs)
 
 
 def test_manifest_covers_every_graph_and_format(bundle):

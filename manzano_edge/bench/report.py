@@ -107,7 +107,9 @@ def to_markdown(rep: dict) -> str:
              f"- tools: {', '.join(f'{k} {v}' for k, v in ctx['tools'].items())}",
              f"- method: {s['warmup']} warm-up then {s['runs']} timed runs, median / p90; decode {s['decode_tokens']} "
              f"greedy tokens after the caption prefill; text-to-image with {s['flow_steps']} flow steps, "
-             f"DiT CFG {s['flow_guidance']}",
+             f"DiT CFG {s['flow_guidance']}, image-token CFG {s.get('token_guidance', 1.0)}"
+             + (" (conditional and unconditional rows as one batch-of-2 decode step)"
+                if s.get("token_guidance", 1.0) != 1.0 else ""),
              f"- roofline (measured in this run): memory bandwidth {roof['bandwidth_gbs']:.2f} GB/s "
              f"(copy {roof['bandwidth']['copy_gbs']:.2f}, triad {roof['bandwidth']['triad_gbs']:.2f}), "
              f"fp32 GEMM peak {roof['gemm_gflops']:.1f} GFLOP/s (torch.mm {roof['gemm']['n']}^3)", ""]

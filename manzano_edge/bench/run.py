@@ -47,6 +47,7 @@ class BenchOptions:
     decode_tokens: int = 32
     flow_steps: int = 20
     flow_guidance: float = 2.0  # CFG on: the DiT runs its batch-of-2 graph, as an app would
+    token_guidance: float = 1.0  # image-token CFG; != 1 decodes on the bundles' batch-of-2 decoder_cfg
     reference: str | None = None
     seed: int = 0  # the --seed `export --preset` used (random-weight presets)
     overwrite: bool = False
@@ -183,15 +184,16 @@ def _job(bundle: Bundle, backend: str, cu: str | None, ref: Reference, opts: Ben
     job = {"bundle": str(bundle.path), "backend": backend, "compute_units": cu, "recipe": recipe, "label": label,
            "threads": opts.threads_for(backend), "runs": opts.runs, "warmup": opts.warmup,
            "decode_tokens": opts.decode_tokens, "flow_steps": opts.flow_steps, "flow_guidance": opts.flow_guidance,
-           "reference": ref.spec, "reference_key": spec_key(ref.spec), "examples": str(ref.examples_file),
+           "token_guidance": opts.token_guidance, "reference": ref.spec, "reference_key": spec_key(ref.spec),
+           "examples": str(ref.examples_file),
            "image_out": str(workdir / "images" / f"{i:02d}-{backend}{'-' + cu if cu else ''}-{recipe}.png")}
-    skip = skip_reason(bundle, backend)
+    skip = skip_reason(bundle, backend, opts.token_guidance)
     if skip:
         job["skip"] = skip
     return job
 
 
-def skip_reason(bundle: Bundle, backend: str) -> str | None:
+def skip_reason(bundle: Bundle, backend: str, token_guidance: float = 1.0) -> str | None:
     if backend == "torch":
         return None
     if backend == "coreml":
@@ -204,6 +206,8 @@ def skip_reason(bundle: Bundle, backend: str) -> str | None:
     missing = [g for g in bundle.specs if fmt not in _formats(bundle, g)]
     if missing:
         return f"bundle has no {fmt} files (export --format {fmt})"
+    if token_guidance != 1.0 and "decoder_cfg" not in bundle.specs:
+        return "--token-guidance needs the batch-of-2 decoder_cfg graph (export --graphs all)"
     return None
 
 
@@ -366,5 +370,6 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
             "context": {"machine": started, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                         "tools": tool_versions(), "threads": {b: opts.threads_for(b) for b in opts.backends},
                         "settings": {"runs": opts.runs, "warmup": opts.warmup, "decode_tokens": opts.decode_tokens,
-                                     "flow_steps": opts.flow_steps, "flow_guidance": opts.flow_guidance}},
+                                     "flow_steps": opts.flow_steps, "flow_guidance": opts.flow_guidance,
+                                     "token_guidance": opts.token_guidance}},
             "roofline": roof, "bundles": bundle_info, "results": rows, "comparisons": comparisons(rows)}

@@ -72,6 +72,7 @@ class LoadedBundleGraphs(BundleGraphs):
         self.bundle = bundle
         self.p = {g: CheckedProgram(bundle.specs[g], programs[g]) for g in bundle.specs}
         self._null = None
+        self._decoder = None
 
 
 def load_backend(job: dict, bundle: Bundle) -> tuple[GraphRunner, dict[str, GraphProgram], dict[str, float]]:
@@ -204,13 +205,15 @@ def end_to_end(pipe: Pipeline, pixels, question, prompt, job: dict, image_out: P
     answers: list[str] = []
     cap = time_fn(lambda: answers.append(pipe.understand(pixels, question, max_new_tokens=job["decode_tokens"])),
                   warmup, runs)
-    s = SamplingConfig(temperature=0.0, flow_steps=job["flow_steps"], flow_guidance=job["flow_guidance"])
+    s = SamplingConfig(temperature=0.0, flow_steps=job["flow_steps"], flow_guidance=job["flow_guidance"],
+                       token_guidance=job.get("token_guidance", 1.0))
     images: list = []
     t2i = time_fn(lambda: images.append(pipe.generate(prompt, s, seed=0)), warmup, runs)
     images[-1].save(image_out)
     return {"caption_ms": cap, "caption": answers[-1], "caption_tokens": len(pipe.codec.encode(answers[-1])),
             "text_to_image_ms": t2i, "image": image_out.name, "sampling": {"flow_steps": s.flow_steps,
                                                                           "flow_guidance": s.flow_guidance,
+                                                                          "token_guidance": s.token_guidance,
                                                                           "temperature": s.temperature}}
 
 

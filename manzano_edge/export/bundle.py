@@ -306,8 +306,8 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
     module = build_module(spec, model, False, executorch=kv_cache == "llm-ops")
-    if spec.states:
-        xnn.extra["kv_cache"] = kv_cache
+    if spec.states:  # a graph with no in-place build (decoder_cfg) keeps the slice-assigned cache
+        xnn.extra["kv_cache"] = kv_cache if spec.build_executorch else "slice"
     if recipe in FLOAT_RECIPES:
         xnn.extra.update(executorch.export(spec, module, examples[0], path, "xnnpack"))
     else:
@@ -471,10 +471,12 @@ def validate_options(opts: ExportOptions, specs: dict[str, GraphSpec]) -> list[s
     if opts.executorch_kv_cache not in EXECUTORCH_KV_CACHES:
         raise UserError(f"unknown ExecuTorch KV cache '{opts.executorch_kv_cache}'; "
                         f"choose from {', '.join(EXECUTORCH_KV_CACHES)}")
-    graphs = opts.graphs or list(specs)
+    if list(opts.graphs or []) == ["all"]:
+        return list(specs)
+    graphs = list(opts.graphs or [n for n, spec in specs.items() if not spec.optional])
     unknown = [g for g in graphs if g not in specs]
     if unknown:
-        raise UserError(f"unknown graph '{unknown[0]}'; choose from {', '.join(specs)}")
+        raise UserError(f"unknown graph '{unknown[0]}'; choose from {', '.join(specs)} or all")
     return graphs
 
 

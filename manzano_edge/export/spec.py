@@ -34,7 +34,14 @@ from manzano_edge.data import scenes
 from manzano_edge.data.images import to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import ExplicitKVDecoder, InPlaceKVDecoder, StatefulDecoder, causal_mask
+from manzano_edge.models.decoder import (
+    ExplicitKVDecoder,
+    InPlaceKVDecoder,
+    StatefulDecoder,
+    causal_mask,
+    left_pad,
+    padded_causal_mask,
+)
 from manzano_edge.models.manzano import Manzano
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
@@ -93,6 +100,8 @@ class GraphSpec:
     build_explicit: Callable[[Manzano], nn.Module] | None = None  # stateless variant (ONNX)
     # ExecuTorch XNNPACK variant: same I/O and numbers, states laid out for in-place kernels
     build_executorch: Callable[[Manzano], nn.Module] | None = None
+    # Not in the default export set, and the runtime runs without it (a feature needs it).
+    optional: bool = False
     dims: dict[str, Dim] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -171,6 +180,7 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
     end = Dim("cache_len", 1, ctx)
     batch = Dim("batch", 1, 2)
     cache = (d.num_hidden_layers, 1, d.num_key_value_heads, d.max_position_embeddings, d.head_dim)
+    cfg_cache = (d.num_hidden_layers, 2, *cache[2:])
     latent = (cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
     specs = [
         GraphSpec("tokenizer", "tokenizer",
@@ -191,6 +201,17 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   build=lambda m: StatefulDecoder(m.decoder, last_logits=True),
                   build_explicit=lambda m: ExplicitKVDecoder(m.decoder, last_logits=True),
                   build_executorch=lambda m: InPlaceKVDecoder(m.decoder, last_logits=True)),
+        # Image-token CFG: the conditional and unconditional rows decode as one batch of 2,
+        # the shorter row left-padded and masked per row (`padded_causal_mask`). ExecuTorch gets
+        # the slice-assigned cache build: `llama::custom_sdpa` takes one mask for every row.
+        GraphSpec("decoder_cfg", "decoder",
+                  inputs=(TensorSpec("inputs_embeds", (2, seq, width)),
+                          TensorSpec("causal_mask", (2, 1, seq, end), allow_inf=True)),
+                  outputs=(TensorSpec("logits", (2, 1, cfg.vocab_size)),),
+                  states=(TensorSpec("k_cache", cfg_cache), TensorSpec("v_cache", cfg_cache)),
+                  build=lambda m: StatefulDecoder(m.decoder, batch_size=2, last_logits=True),
+                  build_explicit=lambda m: ExplicitKVDecoder(m.decoder, last_logits=True),
+                  optional=True),
         GraphSpec("code_features", "diffusion",
                   inputs=(TensorSpec("image_ids", (1, n), "int32"),),
                   outputs=(TensorSpec("condition", (1, n, width)),),
@@ -209,6 +230,26 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
 
 
 # -- real example inputs -----------------------------------------------------------------------
+EXAMPLE_TOKEN_GUIDANCE = 3.0
+
+
+def guided_steps(model: Manzano, prompt_ids: list[int], decode_steps: int) -> list[dict[str, torch.Tensor]]:
+    """decoder_cfg's steps, as the runtime feeds them: [prompt, unconditional prompt] left-padded
+    into one batch, then each guided greedy token fed to both rows."""
+    t = model.cfg.text
+    tokens, pad = left_pad([prompt_ids, [t.bos_id, t.img_start_id]], t.pad_id)
+    width = tokens.shape[1]
+    steps = [{"inputs_embeds": model.decoder.embed(tokens), "causal_mask": padded_causal_mask(pad, 0, width)}]
+    decoder = StatefulDecoder(model.decoder, batch_size=2, last_logits=True).eval()
+    logits = decoder(**steps[0])[:, -1]
+    for i in range(decode_steps):
+        guided = logits[1] + EXAMPLE_TOKEN_GUIDANCE * (logits[0] - logits[1])
+        nxt = guided.argmax().view(1, 1).expand(2, 1)
+        steps.append({"inputs_embeds": model.decoder.embed(nxt), "causal_mask": padded_causal_mask(pad, width + i, 1)})
+        logits = decoder(**steps[-1])[:, -1]
+    return steps
+
+
 @dataclass
 class Examples:
     """Real inputs per graph (scenes from the generator, real prompts): the trace example is
@@ -239,6 +280,7 @@ def real_examples(model: Manzano, codec: TextCodec, decode_steps: int = 16, seed
         steps.append(step)
         logits = stateful(**step)
         past += 1
+    cfg_steps = guided_steps(model, tokens[0].tolist(), decode_steps)
     cond = model.tokenizer.discrete.ids_to_features(ids)
     latent = model.vae.encoder(pixels[1])[0] * cfg.vae.scaling_factor
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
@@ -247,6 +289,7 @@ def real_examples(model: Manzano, codec: TextCodec, decode_steps: int = 16, seed
         "tokenizer": [{"pixels": p} for p in pixels],
         "embed_tokens": [{"tokens": tokens}],
         "decoder": steps,
+        "decoder_cfg": cfg_steps,
         "code_features": [{"image_ids": ids.to(torch.int32)}],
         # The CFG batch of 2 comes first: tracing with batch 1 would make torch.export
         # specialise the dynamic batch dim to 1 (0/1 specialisation).

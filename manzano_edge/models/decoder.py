@@ -55,6 +55,26 @@ def causal_mask(past: int, new: int, device: torch.device | None = None) -> torc
     return torch.where(k <= q, 0.0, float("-inf"))[None, None]
 
 
+def padded_causal_mask(pad: list[int], past: int, new: int) -> torch.Tensor:
+    """[B, 1, new, past+new] additive mask; row b hides its first pad[b] (left-padding) keys.
+
+    A padding query still sees itself: a fully masked softmax row is NaN, and NaN keys/values
+    would poison the real rows even though they are masked (0 * NaN = NaN)."""
+    q = torch.arange(past, past + new)[:, None]
+    k = torch.arange(past + new)[None, :]
+    base = torch.where(k <= q, 0.0, float("-inf"))
+    rows = [base.masked_fill((k < p) & (k != q), float("-inf")) if p else base for p in pad]
+    return torch.stack(rows)[:, None]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Token rows of different lengths -> ([B, W] left-padded, pad count per row): a batch whose
+    rows end together, so they decode in lockstep (classifier-free guidance)."""
+    width = max(map(len, rows))
+    pad = [width - len(r) for r in rows]
+    return torch.tensor([[pad_id] * p + r for p, r in zip(pad, rows)]), pad
+
+
 class KVCacheWriter(Protocol):
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k/v [B, Hkv, T, hd] for `layer`; return all keys/values to attend to."""

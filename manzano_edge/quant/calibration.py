@@ -19,7 +19,7 @@ import torch
 
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.export.spec import GraphSpec, real_examples
+from manzano_edge.export.spec import GraphSpec, graph_specs, real_examples
 from manzano_edge.models.manzano import Manzano
 
 CALIBRATION_SEED = 10_000  # parity/validation use seed 7 and held-out streams
@@ -37,11 +37,12 @@ def example_sequences(model: Manzano, codec: TextCodec, samples: int, decode_ste
     """Per graph, a list of sequences from `samples` real-example seeds (decoder: prefill +
     greedy decode steps, in order; every other graph: one step per sequence)."""
     out: dict[str, Sequences] = {}
+    stateful = {name for name, spec in graph_specs(model.cfg).items() if spec.states}
     for i in range(samples):
         per_graph = real_examples(model, codec, decode_steps=decode_steps, seed=first_seed + i).per_graph
         for name, examples in per_graph.items():
             seqs = out.setdefault(name, [])
-            if name == "decoder":
+            if name in stateful:
                 seqs.append(examples)
             else:
                 seqs.extend([e] for e in examples)

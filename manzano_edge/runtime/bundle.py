@@ -33,7 +33,9 @@ class Bundle:
             raise UserError(f"{manifest} is corrupt ({exc.msg}); re-export the bundle") from exc
         self.cfg = ModelConfig.load(self.path / "config.json")
         self.tokenizer_json = (self.path / "tokenizer.json").read_text()
-        self.specs = graph_specs(self.cfg)
+        held = self.manifest.get("graphs", {})
+        # Every required graph, and the optional ones (decoder_cfg) this bundle holds.
+        self.specs = {n: spec for n, spec in graph_specs(self.cfg).items() if not spec.optional or n in held}
 
     def entry(self, graph: str, fmt: str) -> dict:
         try:
@@ -93,6 +95,10 @@ class CheckedProgram:
         return self.program.run(inputs)
 
 
+# Image-token CFG decodes its conditional and unconditional rows as one batch of 2.
+DECODER_BY_BATCH = {1: "decoder", 2: "decoder_cfg"}
+
+
 class BundleGraphs:
     """`GraphRunner` over a bundle; `backends` maps graph name -> backend (mixing is allowed)."""
 
@@ -103,6 +109,7 @@ class BundleGraphs:
         self.bundle = bundle
         self.p = {g: CheckedProgram(bundle.specs[g], bundle.program(g, chosen[g], threads, compute_units)) for g in names}
         self._null: torch.Tensor | None = None
+        self._decoder: CheckedProgram | None = None
 
     def vision_embeddings(self, pixels):
         return self.p["tokenizer"].run({"pixels": pixels})["image_embeds"]
@@ -111,16 +118,23 @@ class BundleGraphs:
         return self.p["tokenizer"].run({"pixels": pixels})["image_ids"].long()
 
     def embed_tokens(self, tokens):
-        return self.p["embed_tokens"].run({"tokens": tokens.to(torch.int32)})["embeds"]
+        # The graph takes one row: a lookup per row costs nothing next to a decode step.
+        rows = [self.p["embed_tokens"].run({"tokens": row[None].to(torch.int32)})["embeds"] for row in tokens]
+        return torch.cat(rows)
 
     def decoder_reset(self, batch_size: int) -> None:
-        if batch_size != 1:
-            raise UserError("the exported decoder has batch 1; image-token guidance (--token-guidance) needs "
-                            "the eager backend")
-        self.p["decoder"].reset()
+        name = DECODER_BY_BATCH.get(batch_size)
+        if name not in self.p:
+            raise UserError(f"bundle {self.bundle.path} has no decoder for a batch of {batch_size}; image-token "
+                            "guidance (--token-guidance) needs the decoder_cfg graph: re-export with "
+                            "--graphs all (or add decoder_cfg to --graphs)")
+        self._decoder = self.p[name]
+        self._decoder.reset()
 
     def decoder_step(self, embeds, mask):
-        return self.p["decoder"].run({"inputs_embeds": embeds, "causal_mask": mask.to(torch.float32)})["logits"]
+        if self._decoder is None:
+            raise RuntimeError("decoder_reset() first")
+        return self._decoder.run({"inputs_embeds": embeds, "causal_mask": mask.to(torch.float32)})["logits"]
 
     def code_features(self, ids):
         return self.p["code_features"].run({"image_ids": ids.to(torch.int32)})["condition"]

@@ -20,6 +20,7 @@ from manzano_edge.data.batches import UNDERSTANDING_IMAGE_SLOT
 from manzano_edge.data.images import to_image, to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
+from manzano_edge.models.decoder import left_pad, padded_causal_mask  # noqa: F401 (re-exported)
 from manzano_edge.runtime.graphs import GraphRunner
 
 NEG_INF = float("-inf")
@@ -76,18 +77,6 @@ def sample_token(logits: torch.Tensor, s: SamplingConfig, generator: torch.Gener
         return logits.argmax(-1)
     probs = torch.softmax(filter_logits(logits / s.temperature, s.top_k, s.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def padded_causal_mask(pad: list[int], past: int, new: int) -> torch.Tensor:
-    """[B, 1, new, past+new] additive mask; row b hides its first pad[b] (left-padding) keys.
-
-    A padding query still sees itself: a fully masked softmax row is NaN, and NaN keys/values
-    would poison the real rows even though they are masked (0 * NaN = NaN)."""
-    q = torch.arange(past, past + new)[:, None]
-    k = torch.arange(past + new)[None, :]
-    base = torch.where(k <= q, 0.0, NEG_INF)
-    rows = [base.masked_fill((k < p) & (k != q), NEG_INF) if p else base for p in pad]
-    return torch.stack(rows)[:, None]
 
 
 class Pipeline:
@@ -172,10 +161,9 @@ class Pipeline:
         n = self.cfg.vision.num_image_tokens
         cond = [t.bos_id, *text, t.img_start_id]
         guided = s.token_guidance != 1.0
-        rows = [cond, [t.bos_id, t.img_start_id]] if guided else [cond]
-        width = max(map(len, rows))
-        pad = [width - len(r) for r in rows]
-        tokens = torch.tensor([[t.pad_id] * p + r for p, r in zip(pad, rows)])
+        rows = [cond, [t.bos_id, t.img_start_id]] if guided else [cond]  # uncond: no text (as trained)
+        tokens, pad = left_pad(rows, t.pad_id)
+        width = tokens.shape[1]
         self.g.decoder_reset(len(rows))
         logits = self.g.decoder_step(self.g.embed_tokens(tokens), padded_causal_mask(pad, 0, width))[:, -1]
         gen = torch.Generator().manual_seed(seed)
