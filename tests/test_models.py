@@ -105,12 +105,15 @@ def test_cached_decoders_match_full_forward(model, decoder_cls):
                                    atol=1e-5, rtol=1e-4)
 
 
-def test_left_padded_batch_matches_unpadded_rows(model):
-    """Batched CFG decodes a padded unconditional row next to the conditional one."""
+@pytest.mark.parametrize("build", [lambda d: StatefulDecoder(d, batch_size=2),
+                                   lambda d: InPlaceKVDecoder(d, batch_size=2)], ids=["slice-cache", "llm-kernels"])
+def test_left_padded_batch_matches_unpadded_rows(model, build):
+    """Batched CFG decodes a padded unconditional row next to the conditional one (the eager /
+    Core ML / ONNX build, and ExecuTorch's, which runs custom_sdpa once per row)."""
     long, short = torch.randint(0, 400, (1, 9)), torch.randint(0, 400, (1, 4))
     batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
     with torch.no_grad():
-        b2 = StatefulDecoder(model.decoder, batch_size=2)
+        b2 = build(model.decoder)
         out = b2(model.decoder.embed(batch), padded_causal_mask([0, 5], 0, 9))
         nxt = b2(model.decoder.embed(torch.tensor([[7], [7]])), padded_causal_mask([0, 5], 9, 1))
         assert torch.isfinite(out).all()

@@ -202,8 +202,7 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   build_explicit=lambda m: ExplicitKVDecoder(m.decoder, last_logits=True),
                   build_executorch=lambda m: InPlaceKVDecoder(m.decoder, last_logits=True)),
         # Image-token CFG: the conditional and unconditional rows decode as one batch of 2,
-        # the shorter row left-padded and masked per row (`padded_causal_mask`). ExecuTorch gets
-        # the slice-assigned cache build: `llama::custom_sdpa` takes one mask for every row.
+        # the shorter row left-padded and masked per row (`padded_causal_mask`).
         GraphSpec("decoder_cfg", "decoder",
                   inputs=(TensorSpec("inputs_embeds", (2, seq, width)),
                           TensorSpec("causal_mask", (2, 1, seq, end), allow_inf=True)),
@@ -211,6 +210,7 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   states=(TensorSpec("k_cache", cfg_cache), TensorSpec("v_cache", cfg_cache)),
                   build=lambda m: StatefulDecoder(m.decoder, batch_size=2, last_logits=True),
                   build_explicit=lambda m: ExplicitKVDecoder(m.decoder, last_logits=True),
+                  build_executorch=lambda m: InPlaceKVDecoder(m.decoder, last_logits=True, batch_size=2),
                   optional=True),
         GraphSpec("code_features", "diffusion",
                   inputs=(TensorSpec("image_ids", (1, n), "int32"),),

@@ -229,6 +229,12 @@ def load_executorch_cache_ops() -> None:
         raise UserError("executorch is not installed; pip install 'manzano-edge[export]'") from exc
 
 
+def _row(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Row r of a batch, without a slice op when there is one row (a slice on the dynamic
+    sequence dim is not delegated to XNNPACK: 4 more partitions on the tiny decoder)."""
+    return x if x.shape[0] == 1 else x[r:r + 1]
+
+
 class InPlaceKVDecoder(nn.Module):
     """`StatefulDecoder`'s step for ExecuTorch XNNPACK, on ExecuTorch's LLM kernels: same inputs,
     outputs and numbers (the export checks parity against `StatefulDecoder`).
@@ -239,11 +245,13 @@ class InPlaceKVDecoder(nn.Module):
       query heads included, so no repeat_interleave and no transposed copies of the cache.
     The kernels take a 4-D buffer, sequence on dim 1, and not a view of a bigger one (a layer
     slice lowers to `as_strided`, which has no ExecuTorch kernel), so each layer owns
-    `k_cache_{i}` / `v_cache_{i}` [1, S, Hkv, hd]. Batch 1 only, as the graph declares:
-    `custom_sdpa` takes one [T, E] mask for every row, so per-row padding could not be honoured.
+    `k_cache_{i}` / `v_cache_{i}` [1, S, Hkv, hd]. `custom_sdpa` takes one [T, E] mask for all
+    rows, so a batch (the CFG decoder's padded rows) runs it once per row, each row with its own
+    mask and its own buffers `k_cache_{i}_{row}` / `v_cache_{i}_{row}`.
     """
 
-    def __init__(self, decoder: LlamaDecoder, max_len: int | None = None, last_logits: bool = False) -> None:
+    def __init__(self, decoder: LlamaDecoder, max_len: int | None = None, last_logits: bool = False,
+                 batch_size: int = 1) -> None:
         super().__init__()
         load_executorch_cache_ops()
         self.decoder = decoder
@@ -251,9 +259,11 @@ class InPlaceKVDecoder(nn.Module):
         cfg = decoder.cfg
         self.max_len = max_len or cfg.max_position_embeddings
         shape = (1, self.max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.rows = [""] if batch_size == 1 else [f"_{r}" for r in range(batch_size)]
         for i in range(cfg.num_hidden_layers):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+            for row in self.rows:
+                self.register_buffer(f"k_cache_{i}{row}", torch.zeros(shape), persistent=False)
+                self.register_buffer(f"v_cache_{i}{row}", torch.zeros(shape), persistent=False)
 
     def reset(self) -> None:
         for buf in self._buffers.values():  # the caches only, not the decoder's RoPE tables
@@ -263,16 +273,22 @@ class InPlaceKVDecoder(nn.Module):
         t, end = inputs_embeds.shape[1], causal_mask.shape[-1]
         start = end - t
 
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
-            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, start)
-            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, start)
-            return k_cache[:, :end], v_cache[:, :end]  # [B, E, Hkv, hd]
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            keys, values = [], []
+            for r, row in enumerate(self.rows):
+                k_cache, v_cache = getattr(self, f"k_cache_{layer}{row}"), getattr(self, f"v_cache_{layer}{row}")
+                torch.ops.llama.update_cache(_row(k, r).transpose(1, 2), k_cache, start)
+                torch.ops.llama.update_cache(_row(v, r).transpose(1, 2), v_cache, start)
+                keys.append(k_cache[:, :end])  # [1, E, Hkv, hd]
+                values.append(v_cache[:, :end])
+            return keys, values
 
-        def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            # The graph's mask is [1, 1, T, E]; the kernel wants [T, E].
-            out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, 0, mask[0, 0], 0.0, False)
-            return out.transpose(1, 2)
+        def attend(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                   mask: torch.Tensor) -> torch.Tensor:
+            # The graph's mask is [B, 1, T, E]; the kernel wants one row's [T, E].
+            out = [torch.ops.llama.custom_sdpa(_row(q, r).transpose(1, 2), keys[r], values[r], 0, mask[r, 0], 0.0,
+                                               False) for r in range(len(self.rows))]
+            return (out[0] if len(out) == 1 else torch.cat(out)).transpose(1, 2)
 
         return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write, attend=attend,
                             last_only=self.last_logits)
