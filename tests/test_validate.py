@@ -28,9 +28,9 @@ def report(quant_bundle, tmp_path_factory):
     return code, out, json.loads((out / "report.json").read_text())
 
 
-def test_teacher_forcing_scores_every_position_of_a_last_logits_decoder(tiny):
-    """The decoder graph returns one row per call; validate splits each prompt so every position
-    is still scored, and the rows are the full forward's (prefill half, then one token a step)."""
+def test_teacher_forcing_scores_the_positions_of_a_last_logits_decoder(tiny):
+    """The decoder graph returns one row per call; validate splits each prompt so the prefill's
+    last position and every later one are scored, and the rows are the full forward's."""
     model, _ = tiny
     tokens = torch.randint(0, 400, (1, 9))
     embeds = model.decoder.embed(tokens)

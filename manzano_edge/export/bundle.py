@@ -306,7 +306,7 @@ def export_executorch(spec, model, examples, out: Path, recipe: str, check: bool
     xnn = Entry(spec.name, "executorch")
     path = out / "executorch" / f"{spec.name}{executorch.SUFFIX}"
     module = build_module(spec, model, False, executorch=kv_cache == "llm-ops")
-    if spec.states:  # a graph with no in-place build (decoder_cfg) keeps the slice-assigned cache
+    if spec.states:  # a stateful graph without an in-place build keeps the slice-assigned cache
         xnn.extra["kv_cache"] = kv_cache if spec.build_executorch else "slice"
     if recipe in FLOAT_RECIPES:
         xnn.extra.update(executorch.export(spec, module, examples[0], path, "xnnpack"))

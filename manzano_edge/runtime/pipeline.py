@@ -20,7 +20,7 @@ from manzano_edge.data.batches import UNDERSTANDING_IMAGE_SLOT
 from manzano_edge.data.images import to_image, to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import left_pad, padded_causal_mask  # noqa: F401 (re-exported)
+from manzano_edge.models.decoder import left_pad, padded_causal_mask
 from manzano_edge.runtime.graphs import GraphRunner
 
 NEG_INF = float("-inf")

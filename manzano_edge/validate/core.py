@@ -170,8 +170,8 @@ def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano,
 def teacher_forced(seq: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """The decoder graph returns the last position's logits only, so a T-token prefill scores
     one position. Keep the first half of the prompt as a prefill (at least 2 tokens, so the
-    multi-token path runs) and feed the rest one token per step: every prompt position is
-    scored under teacher forcing, then the greedy decode steps as before."""
+    multi-token path runs) and feed the rest one token per step: the prefill's last position and
+    every later prompt position are scored under teacher forcing, then the decode steps."""
     embeds = seq[0]["inputs_embeds"]
     t = embeds.shape[1]
     k = min(t, max(2, t // 2))
