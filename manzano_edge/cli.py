@@ -206,7 +206,8 @@ def cmd_validate(args) -> None:
 
     th = Thresholds.parse(args.thresholds)
     st = Settings(samples=args.samples, greedy_tokens=args.greedy_tokens, vqa=args.vqa, captions=args.captions,
-                  generation=args.generation, flow_steps=args.steps, seed=args.seed,
+                  generation=args.generation, flow_steps=args.steps, token_guidance=args.token_guidance,
+                  flow_guidance=args.guidance, seed=args.seed,
                   formats=parse_list(args.format, FORMATS, "format") if args.format else None,
                   end_to_end=not args.no_end_to_end)
     if min(st.samples, st.greedy_tokens, st.vqa + st.captions, st.generation) < 1 and st.end_to_end:
@@ -421,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", type=int, default=12)
     p.add_argument("--generation", type=int, default=8)
     p.add_argument("--steps", type=int, default=10, help="flow-matching steps in end-to-end generation")
+    p.add_argument("--token-guidance", type=float, default=1.0,
+                   help="image-token CFG in end-to-end generation (1 = off; else the bundle needs decoder_cfg)")
+    p.add_argument("--guidance", type=float, default=1.0, help="DiT CFG in end-to-end generation (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-end-to-end", action="store_true", help="per-graph metrics only")
     p.add_argument("--overwrite", action="store_true")

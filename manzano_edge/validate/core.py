@@ -82,6 +82,8 @@ class Settings:
     captions: int = 12
     generation: int = 8
     flow_steps: int = 10
+    token_guidance: float = 1.0  # != 1: the bundle's batch-of-2 decoder_cfg samples the image tokens
+    flow_guidance: float = 1.0
     seed: int = 0
     formats: list[str] | None = None
     end_to_end: bool = True
@@ -283,7 +285,8 @@ def end_to_end(bundle: Bundle, model: Manzano, codec: TextCodec, fmt: str, st: S
     from manzano_edge.runtime.graphs import TorchGraphs
     from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 
-    sampling = SamplingConfig(temperature=0.0, flow_steps=st.flow_steps)
+    sampling = SamplingConfig(temperature=0.0, flow_steps=st.flow_steps, token_guidance=st.token_guidance,
+                              flow_guidance=st.flow_guidance).validate()
     ref = Pipeline(TorchGraphs(model), model.cfg, codec)
     cand = Pipeline(BundleGraphs(bundle, RUNNABLE[fmt]), bundle.cfg, codec)
 
