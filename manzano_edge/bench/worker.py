@@ -52,7 +52,10 @@ def apply_threads(backend: str, threads: int) -> dict:
     torch.set_num_threads(threads)  # eager graphs, and the pipeline's own tensor ops on every backend
     info: dict = {"torch": torch.get_num_threads()}
     if backend == "ort":
+        from manzano_edge.export.onnx import ORT_ALLOW_SPINNING
+
         info["ort_intra_op"] = threads
+        info["ort_allow_spinning"] = ORT_ALLOW_SPINNING == "1"
     if backend == "executorch":
         try:
             from executorch.extension.pybindings import portable_lib as et
