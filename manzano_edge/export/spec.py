@@ -39,6 +39,8 @@ from manzano_edge.models.decoder import (
     InPlaceKVDecoder,
     StatefulDecoder,
     causal_mask,
+    guidance_rows,
+    guided_logits,
     left_pad,
     padded_causal_mask,
 )
@@ -237,14 +239,13 @@ def guided_steps(model: Manzano, prompt_ids: list[int], decode_steps: int) -> li
     """decoder_cfg's steps, as the runtime feeds them: [prompt, unconditional prompt] left-padded
     into one batch, then each guided greedy token fed to both rows."""
     t = model.cfg.text
-    tokens, pad = left_pad([prompt_ids, [t.bos_id, t.img_start_id]], t.pad_id)
+    tokens, pad = left_pad(guidance_rows(prompt_ids, t.bos_id, t.img_start_id), t.pad_id)
     width = tokens.shape[1]
     steps = [{"inputs_embeds": model.decoder.embed(tokens), "causal_mask": padded_causal_mask(pad, 0, width)}]
     decoder = StatefulDecoder(model.decoder, batch_size=2, last_logits=True).eval()
     logits = decoder(**steps[0])[:, -1]
     for i in range(decode_steps):
-        guided = logits[1] + EXAMPLE_TOKEN_GUIDANCE * (logits[0] - logits[1])
-        nxt = guided.argmax().view(1, 1).expand(2, 1)
+        nxt = guided_logits(logits, EXAMPLE_TOKEN_GUIDANCE).argmax(-1).view(1, 1).expand(2, 1)
         steps.append({"inputs_embeds": model.decoder.embed(nxt), "causal_mask": padded_causal_mask(pad, width + i, 1)})
         logits = decoder(**steps[-1])[:, -1]
     return steps

@@ -75,6 +75,17 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, list[int
     return torch.tensor([[pad_id] * p + r for p, r in zip(pad, rows)]), pad
 
 
+def guidance_rows(cond: list[int], bos_id: int, img_start_id: int) -> list[list[int]]:
+    """Image-token CFG's two prompts: the conditional one, and the unconditional one with no text
+    (`<bos><img_start>`, as trained). Row 0 is conditional."""
+    return [cond, [bos_id, img_start_id]]
+
+
+def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """[2, V] logits of `guidance_rows` -> [1, V]: uncond + scale * (cond - uncond)."""
+    return logits[1:] + scale * (logits[:1] - logits[1:])
+
+
 class KVCacheWriter(Protocol):
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k/v [B, Hkv, T, hd] for `layer`; return all keys/values to attend to."""

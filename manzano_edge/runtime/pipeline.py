@@ -20,7 +20,7 @@ from manzano_edge.data.batches import UNDERSTANDING_IMAGE_SLOT
 from manzano_edge.data.images import to_image, to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import left_pad, padded_causal_mask
+from manzano_edge.models.decoder import guidance_rows, guided_logits, left_pad, padded_causal_mask
 from manzano_edge.runtime.graphs import GraphRunner
 
 NEG_INF = float("-inf")
@@ -161,7 +161,7 @@ class Pipeline:
         n = self.cfg.vision.num_image_tokens
         cond = [t.bos_id, *text, t.img_start_id]
         guided = s.token_guidance != 1.0
-        rows = [cond, [t.bos_id, t.img_start_id]] if guided else [cond]  # uncond: no text (as trained)
+        rows = guidance_rows(cond, t.bos_id, t.img_start_id) if guided else [cond]
         tokens, pad = left_pad(rows, t.pad_id)
         width = tokens.shape[1]
         self.g.decoder_reset(len(rows))
@@ -169,7 +169,7 @@ class Pipeline:
         gen = torch.Generator().manual_seed(seed)
         ids, past = [], width
         for i in range(n):
-            step_logits = logits[1:] + s.token_guidance * (logits[:1] - logits[1:]) if guided else logits
+            step_logits = guided_logits(logits, s.token_guidance) if guided else logits
             token = sample_token(step_logits + self.codes_only, s, gen)
             ids.append(token.item() - self.cfg.image_token_offset)
             if progress:
