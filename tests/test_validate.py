@@ -90,6 +90,7 @@ def _copy(quant_bundle, tmp_path):
     ("recipe", "unknown recipe 'int3'"),
     ("reference", "does not match the bundle"),
     ("threshold", "unknown threshold 'psnr'"),
+    ("token_guidance", "--token-guidance needs the bundle's batch-of-2 decoder_cfg graph"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(quant_bundle, tmp_path, capsys, damage, message):
     bundle = _copy(quant_bundle, tmp_path)
@@ -114,10 +115,13 @@ def test_bad_input_is_one_line_and_writes_nothing(quant_bundle, tmp_path, capsys
         weights["dit.null_cond"] = weights["dit.null_cond"] + 1  # same config, different weights
         save_file(weights, str(ref / "model.safetensors"))
         extra = ["--reference", str(ref)]
+    elif damage == "token_guidance":  # an end-to-end run with guidance, on a bundle without decoder_cfg
+        extra = ["--token-guidance", "2"]
     else:
         extra = ["--thresholds", "psnr=3"]
     out = tmp_path / "report"
-    code, err = run(["validate", str(bundle), "-o", str(out), *FAST, *extra], capsys)
+    fast = [a for a in FAST if a != "--no-end-to-end"] if damage == "token_guidance" else FAST
+    code, err = run(["validate", str(bundle), "-o", str(out), *fast, *extra], capsys)
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".report*"))
 

@@ -357,6 +357,9 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
     missing = [f for f in formats if f not in present]
     if missing:
         raise UserError(f"bundle has no {missing[0]} graphs; it has {', '.join(present)}")
+    if st.end_to_end and st.token_guidance != 1.0 and "decoder_cfg" not in bundle.specs:
+        raise UserError("--token-guidance needs the bundle's batch-of-2 decoder_cfg graph; re-export with --graphs all "
+                        "(or validate with --token-guidance 1)")
     seqs = validation_examples(model, codec, st.samples, max(st.greedy_tokens, 1))
     notes = []
     rows = []
