@@ -38,7 +38,7 @@ def bundle(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quant_bundle(tiny, tmp_path_factory):
-    """A w8a8 bundle of the graphs the quantization tests need: the decoder on ONNX (fast to
+    """A w8a8 bundle of the graphs the quantization tests need: both decoders on ONNX (fast to
     quantize) and the small code_features graph on both ONNX and ExecuTorch (XNNPACK lowering
     of the larger graphs takes minutes on 2 cores)."""
     from manzano_edge.export.bundle import ExportOptions, export_bundle
@@ -47,7 +47,7 @@ def quant_bundle(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     onnx_dir, et_dir = root / "onnx-w8a8", root / "et-w8a8"
     onnx_manifest = export_bundle(model, tok, onnx_dir, ExportOptions(
-        formats=["onnx"], recipe="w8a8", graphs=["decoder", "code_features"], show_progress=False))
+        formats=["onnx"], recipe="w8a8", graphs=["decoder", "decoder_cfg", "code_features"], show_progress=False))
     et_manifest = export_bundle(model, tok, et_dir, ExportOptions(
         formats=["executorch"], recipe="w8a8", graphs=["code_features"], show_progress=False))
     return {"onnx": (onnx_dir, onnx_manifest), "executorch": (et_dir, et_manifest)}

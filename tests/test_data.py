@@ -116,3 +116,33 @@ def test_understanding_batch_has_one_row_per_question(tiny_codec):
         target = batch["targets"][row]
         ids = target[target != -100].tolist()
         assert ids == tiny_codec.encode(answer) + [cfg.text.eos_id]
+
+
+def test_cell_labels_from_any_full_description():
+    """The scene-parsing loss's labels: every generated prompt (any template or wording) gives the
+    scene's own per-position shapes and colours; text that leaves an object's shape, colour or
+    place open gives none, since its empty cells are unknown too."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        scene = scenes.sample_scene(rng)
+        shape, color = [0] * 9, [0] * 9
+        for o in scene.objects:
+            cell = scenes.POSITIONS.index(o.position)
+            shape[cell] = 1 + scenes.SHAPES.index(o.shape)
+            color[cell] = 1 + list(scenes.COLORS).index(o.color)
+        assert scenes.cell_labels(scenes.generation_prompt(scene, rng)) == (shape, color)
+    assert scenes.cell_labels("a blue square in the upper left corner")[0] == [2] + [0] * 8
+    for vague in ("a red circle", "something at the top left", "a circle on the right", ""):
+        assert scenes.cell_labels(vague) is None, vague
+
+
+def test_scene_labels_ignore_rows_without_a_full_description():
+    from manzano_edge.data.batches import IGNORE, Example
+    from manzano_edge.train.stages import scene_labels
+
+    pixels = torch.zeros(3, 8, 8)
+    rows = [Example(pixels, [], "draw a red circle in the center"), Example(pixels, [], "a photo of my cat")]
+    shape, color = scene_labels(rows)
+    assert shape[0].tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0] and color[0, 4] == 1
+    assert (shape[1] == IGNORE).all() and (color[1] == IGNORE).all()
+    assert scene_labels(rows[1:]) is None

@@ -223,5 +223,20 @@ def scene_matches(specs: list[ObjectSpec], found: list[ObjectSpec]) -> bool:
     return True
 
 
+def cell_labels(text: str) -> tuple[list[int], list[int]] | None:
+    """Per-position class labels for the 3x3 grid, from a description of the whole scene:
+    (shape ids, color ids), 0 meaning "empty", else 1 + the index in SHAPES / COLORS. None
+    when the text does not pin every object's shape, color and position (then the empty
+    cells are unknown too)."""
+    specs = parse_objects(text)
+    if not specs or any(None in (s.shape, s.color, s.position) for s in specs):
+        return None
+    shape, color = [0] * len(POSITIONS), [0] * len(POSITIONS)
+    for spec in specs:
+        cell = POSITIONS.index(spec.position)
+        shape[cell], color[cell] = 1 + SHAPES.index(spec.shape), 1 + list(COLORS).index(spec.color)
+    return shape, color
+
+
 def scene_specs(scene: Scene) -> list[ObjectSpec]:
     return [ObjectSpec(o.shape, o.color, o.position) for o in scene.objects]
