@@ -192,6 +192,28 @@ def test_coreml_compression_is_real_and_smaller(tiny, bundle, tmp_path, recipe):
         assert f["parity"]["psnr_db"] >= 20
 
 
+@pytest.mark.parametrize("recipe", ["w4", "w8a8"])
+def test_coreml_keep_float_layer_stays_float(tiny, tmp_path, recipe):
+    """--keep-float fc1 on Core ML: exactly that Linear loses its compressed weight (w4) or its
+    quantize/dequantize pair (w8a8), and the rest stays quantized."""
+    model, tok = tiny
+
+    def ops(keep):
+        manifest = export_bundle(model, tok, tmp_path / f"{recipe}-{keep}", ExportOptions(
+            formats=["coreml"], recipe=recipe, graphs=["code_features"], keep_float=keep, calibration_samples=1,
+            show_progress=False))
+        f = manifest["graphs"]["code_features"]["formats"]["coreml"]
+        assert f["recipe"]["name"] == recipe and f["parity"]["psnr_db"] >= 30, f["parity"]
+        return f["ops"]
+
+    quantized, kept = ops(None), ops("fc1")
+    if recipe == "w4":
+        key = "constexpr_blockwise_shift_scale"
+        assert kept.get(key, 0) == quantized[key] - 1 > 0, (quantized, kept)
+    else:  # fc1's weight dequantize goes (Core ML may merge activation pairs, so no exact count)
+        assert 0 < kept.get("dequantize", 0) < quantized["dequantize"], (quantized, kept)
+
+
 def run_cli(args, capsys):
     code = main(args)
     err = capsys.readouterr().err.strip()
@@ -202,7 +224,7 @@ def run_cli(args, capsys):
     (["--format", "tflite"], "unknown format 'tflite'"),
     (["--recipe", "int3"], "unknown recipe 'int3'"),
     (["--format", "onnx", "--recipe", "palette4"], "not available for onnx"),
-    (["--format", "coreml", "--recipe", "w4", "--keep-float", "lm_head"], "not implemented for coreml"),
+    (["--format", "coreml", "--recipe", "w4", "--keep-float", "lm_haed"], "no Linear/Conv layer named 'lm_haed'"),
     (["--graphs", "encoder"], "unknown graph 'encoder'"),
     (["--format", "executorch", "--executorch-kv-cache", "ring"], "unknown ExecuTorch KV cache 'ring'"),
 ])

@@ -219,8 +219,6 @@ def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSp
             raise UserError(f"--keep-float only applies to quantized recipes; '{opts.recipe}' is float already")
         return None
     keep = parse_keep_float(opts.keep_float, list(specs))
-    if keep.layers and "coreml" in opts.formats:
-        raise UserError("per-layer --keep-float is not implemented for coreml; keep whole graphs with graph:NAME")
     modes = {fmt: check_mode(fmt, opts.w8a8_mode.get(fmt, DEFAULT_W8A8_MODE[fmt])) for fmt in opts.formats}
     plan = QuantPlan(opts.recipe, keep, modes)
     matched: set[str] = set()
@@ -366,11 +364,14 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, che
     path = out / "coreml" / f"{spec.name}{coreml.SUFFIX}"
     module = build_module(spec, model, False)
     if recipe == "w8a8":
-        return _export_coreml_w8a8(spec, module, examples, out, path, plan, check, entry)
+        return _export_coreml_w8a8(spec, model, module, examples, out, path, plan, check, entry)
     fp16 = fp16 or recipe == "fp16"
     mlmodel = coreml.convert(spec, module, examples[0], fp16=fp16 if recipe in FLOAT_RECIPES else True)
     if recipe not in FLOAT_RECIPES:
-        mlmodel = coreml.compress(mlmodel, recipe)
+        kept = plan.keep_modules(spec, model, False) if plan else []
+        mlmodel = coreml.compress(mlmodel, recipe, kept)
+        if kept:
+            entry.extra["kept_float_layers"] = kept
     mlmodel.save(str(path))
     info = coreml.structure(path)
     problems = coreml.verify_structure(spec, info)
@@ -410,11 +411,12 @@ def _predict_parity(spec, module, path: Path, examples, check: bool, entry: Entr
         entry.extra["predict_skipped"] = why
 
 
-def _export_coreml_w8a8(spec, module, examples, out: Path, path: Path, plan: QuantPlan, check: bool,
+def _export_coreml_w8a8(spec, model, module, examples, out: Path, path: Path, plan: QuantPlan, check: bool,
                         entry: Entry) -> Entry:
     """Calibrated in PyTorch (coreml_ptq), converted, then checked: the mlprogram must carry
     activation quantize/dequantize ops, and the emulation is the quantized PyTorch graph itself."""
-    program, quantized, info = coreml_ptq.w8a8(spec, module, examples[0], plan.calibration.get(spec.name))
+    program, quantized, info = coreml_ptq.w8a8(spec, module, examples[0], plan.calibration.get(spec.name),
+                                               plan.keep_modules(spec, model, False))
     mlmodel = coreml.convert_program(spec, program, fp16=True)
     del program
     mlmodel.save(str(path))

@@ -28,6 +28,8 @@ from manzano_edge.export.common import TorchProgram, export_program
 from manzano_edge.export.spec import Dim, GraphSpec
 
 SUFFIX = ".mlpackage"
+# What the converter and compressors append to a weight const's name.
+_SUFFIXES = ("_to_fp16", "_to_fp32", "_quantized", "_palettized")
 COMPRESSION = {"w8": "int8 per-channel", "w4": "int4 per-block 32", "palette4": "4-bit k-means LUT"}
 
 
@@ -52,21 +54,46 @@ def convert_program(spec: GraphSpec, program: torch.export.ExportedProgram, fp16
                       outputs=[ct.TensorType(name=t.name) for t in spec.outputs])
 
 
-def compress(mlmodel, recipe: str):
+def _weight_key(const_name: str) -> str:
+    """A weight const's name as the torch parameter path with underscores ("p_" prefix and the
+    converter's cast suffixes removed), the key `stored_weights` uses."""
+    key = const_name[2:]
+    for suffix in _SUFFIXES:
+        key = key.split(suffix)[0]
+    return key
+
+
+def keep_float_configs(mlmodel, keep_float: list[str]) -> dict[str, None]:
+    """op_name_configs that leave the weights of the named modules (paths inside the converted
+    module) uncompressed. Every module must own a weight const: otherwise a renamed const would
+    be quietly compressed with the rest."""
+    wanted = {m.replace(".", "_") + "_weight": m for m in keep_float}
+    found = {op.name: _weight_key(op.name) for op in mlmodel._mil_program.functions["main"].operations
+             if op.op_type == "const" and op.name.startswith("p_") and _weight_key(op.name) in wanted}
+    missing = sorted(m for key, m in wanted.items() if key not in found.values())
+    if missing:
+        raise RuntimeError(f"--keep-float: no Core ML weight const for {', '.join(missing)}")
+    return {name: None for name in found}
+
+
+def compress(mlmodel, recipe: str, keep_float: list[str] | None = None):
     """Weight-only compression through coremltools.optimize.coreml (no calibration data, so it
-    works offline on Linux)."""
+    works offline on Linux). `keep_float`: module paths whose weights stay fp16."""
     import coremltools.optimize.coreml as oc
 
     if recipe == "w8":
         op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-        return oc.linear_quantize_weights(mlmodel, oc.OptimizationConfig(global_config=op))
-    if recipe == "w4":
+    elif recipe == "w4":
         op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32)
-        return oc.linear_quantize_weights(mlmodel, oc.OptimizationConfig(global_config=op))
-    if recipe == "palette4":
+    elif recipe == "palette4":
         op = oc.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
-        return oc.palettize_weights(mlmodel, oc.OptimizationConfig(global_config=op))
-    raise UserError(f"recipe '{recipe}' is not a Core ML weight compression; choose one of {', '.join(COMPRESSION)}")
+    else:
+        raise UserError(f"recipe '{recipe}' is not a Core ML weight compression; "
+                        f"choose one of {', '.join(COMPRESSION)}")
+    config = oc.OptimizationConfig(global_config=op, op_name_configs=keep_float_configs(mlmodel, keep_float or []))
+    if recipe == "palette4":
+        return oc.palettize_weights(mlmodel, config)
+    return oc.linear_quantize_weights(mlmodel, config)
 
 
 # -- structure ------------------------------------------------------------------------------
@@ -119,7 +146,6 @@ def verify_structure(spec: GraphSpec, info: dict) -> list[str]:
 
 
 # -- weights as Core ML sees them --------------------------------------------------------------
-_SUFFIXES = ("_to_fp16", "_to_fp32", "_quantized", "_palettized")
 
 
 def stored_weights(mlmodel) -> dict[str, np.ndarray]:
@@ -132,9 +158,7 @@ def stored_weights(mlmodel) -> dict[str, np.ndarray]:
     for op in dense._mil_program.functions["main"].operations:
         if op.op_type != "const" or not op.name.startswith(("p_", "b_")):
             continue
-        key = op.name[2:]
-        for suffix in _SUFFIXES:
-            key = key.split(suffix)[0]
+        key = _weight_key(op.name)
         value = op.outputs[0].val
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             out[key] = value

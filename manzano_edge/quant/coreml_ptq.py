@@ -26,13 +26,17 @@ OP_TYPES = (nn.Linear, nn.Conv2d)
 ACTIVATION_QUANT_OPS = ("quantize", "dequantize")
 
 
-def _is_weighted_op_node(node: torch.fx.Node) -> bool:
-    """A node created inside a Linear/Conv2d, or a weight/bias (its partition's op decides).
-    torch 2.13's export records module types in nn_module_stack as qualified-name strings."""
-    if node.op in ("get_attr", "placeholder"):
-        return True
-    stack = list(node.meta.get("nn_module_stack", {}).values())
-    return bool(stack) and stack[-1][1] in _OP_TYPE_NAMES
+def weighted_op_filter(keep_float: frozenset[str] = frozenset()):
+    """Node filter: a node created inside a Linear/Conv2d that is not kept float, or a
+    weight/bias (its partition's op decides). torch 2.13's export records each node's module as
+    (qualified path, qualified type name) in nn_module_stack."""
+    def accept(node: torch.fx.Node) -> bool:
+        if node.op in ("get_attr", "placeholder"):
+            return True
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        return bool(stack) and stack[-1][1] in _OP_TYPE_NAMES and stack[-1][0] not in keep_float
+
+    return accept
 
 
 _OP_TYPE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
@@ -44,7 +48,7 @@ _OP_TYPE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
 _ANNOTATORS = ("conv_act", "conv", "linear_act", "linear")
 
 
-def _quantizer():
+def _quantizer(keep_float: frozenset[str] = frozenset()):
     from coremltools.optimize.torch.quantization import LinearQuantizerConfig
     from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
 
@@ -62,8 +66,9 @@ def _quantizer():
 
             config = AnnotationConfig.from_quantization_config(self._config.global_config)
             annotators = _AnnotationPatternRegistry.get_annotators()
+            accept = weighted_op_filter(keep_float)
             for name in _ANNOTATORS:
-                annotators[name](model, config, _is_weighted_op_node)
+                annotators[name](model, config, accept)
             return model
 
     # Plain MinMax observers: the config's default, a moving average, is a QAT observer. In PTQ
@@ -76,16 +81,20 @@ def _quantizer():
     return WeightedOpsCoreMLQuantizer(config)
 
 
-def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor],
-         calibration: Sequences | None) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule, dict]:
-    """(program for ct.convert, the converted GraphModule for emulation, manifest details)."""
+def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], calibration: Sequences | None,
+         keep_float: list[str] | None = None) -> tuple[torch.export.ExportedProgram, torch.fx.GraphModule, dict]:
+    """(program for ct.convert, the converted GraphModule for emulation, manifest details).
+    `keep_float`: module paths inside `module` left unannotated, so they stay float."""
     if not calibration:
         raise UserError(f"{spec.name}: Core ML w8a8 has static activation scales and needs calibration data "
                         "(--calibration-samples >= 1)")
-    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(), calibration)
+    keep = frozenset(keep_float or ())
+    program, gm, steps = quantize_pt2e(spec, module, example, _quantizer(keep), calibration)
     info = {"tool": "pt2e CoreMLQuantizer + coremltools LinearQuantizerConfig", "mode": "static",
             "op_types": ["linear", "conv2d"], "weights": "int8 symmetric per-channel",
             "activations": "uint8 static per-tensor (MinMax, calibrated in PyTorch)", "calibration_steps": steps}
+    if keep:
+        info["kept_float_layers"] = sorted(keep)
     return program, gm, info
 
 

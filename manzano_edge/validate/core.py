@@ -129,7 +129,8 @@ def emulated_coreml_w8a8(bundle: Bundle, spec: GraphSpec, model: Manzano, codec:
         raise UserError(f"{entry['file']} was calibrated from a user file, so its activation scales cannot be "
                         "rebuilt for emulation here; validate it on macOS, where Core ML runs it")
     calibration = calib.generated(model, codec, samples)[spec.name]
-    _, quantized, _ = coreml_ptq.w8a8(spec, build_module(spec, model, False), calibration[0][0], calibration)
+    kept = entry["recipe"].get("details", {}).get("kept_float_layers")
+    _, quantized, _ = coreml_ptq.w8a8(spec, build_module(spec, model, False), calibration[0][0], calibration, kept)
     ours, shipped = coreml_ptq.graph_activation_scales(quantized), coreml_ptq.mlprogram_activation_scales(mil_program)
     if not coreml_ptq.same_scales(ours, shipped):
         raise UserError(f"cannot emulate {entry['file']}: its activation scales differ from a re-calibration of the "
