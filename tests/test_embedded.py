@@ -1,8 +1,8 @@
 """The trained tiny model that ships in the repo, through the public API and CLI.
 
 The issue-2 targets (caption/VQA >= 90%, ShapesEval >= 0.70, reconstruction ShapesEval >= 0.85)
-are NOT met by the current embedded model (docs/eval-tiny.json: VQA 0.80, captions 0.19,
-ShapesEval 0.16, reconstruction 0.25). Tests below assert what it measurably does (regression
+are NOT all met by the current embedded model (docs/eval-tiny.json, v7: VQA 0.83, captions 0.96,
+ShapesEval 0.23, reconstruction 0.28). Tests below assert what it measurably does (regression
 floors) and mark the unmet targets as strict xfails, so they start failing loudly the day a
 retrained model passes.
 """
@@ -43,10 +43,14 @@ def understanding(pipe):
 
 
 def test_understanding_regression_floor(understanding):
-    # Measured on 300 held-out questions: VQA 0.80, count 1.00, color 0.86, position 0.77, yes/no 0.86.
+    # Measured on 300 held-out questions / 150 captions (v7): VQA 0.83, count 1.00, shape 1.00,
+    # color 0.82, position 0.77, yes 0.79, no 0.30; captions 0.96 (v5, before the scene-parsing
+    # loss: shape 0.37, captions 0.19).
     assert understanding["vqa_accuracy"] >= 0.65, understanding
+    assert understanding["caption_accuracy"] >= 0.75, understanding
     assert understanding["vqa_by_answer_kind"]["color"] >= 0.65, understanding
     assert understanding["vqa_by_answer_kind"]["count"] >= 0.85, understanding
+    assert understanding["vqa_by_answer_kind"]["shape"] >= 0.75, understanding
 
 
 @pytest.mark.xfail(strict=True, reason=TARGETS_NOT_MET)
@@ -55,7 +59,7 @@ def test_understanding_meets_the_target(understanding):
 
 
 def test_generation_draws_the_requested_colors_where_asked(pipe):
-    # Regression floor: on 100 held-out prompts the detector finds position 0.99, color 0.83.
+    # Regression floor: on 100 held-out prompts (v7) the detector finds position 0.99, color 0.86.
     summary = eval_generation(pipe, 12, seed=1, sampling=SamplingConfig(temperature=0), show=False)
     assert summary["position"] >= 0.75 and summary["color"] >= 0.5, summary
 
@@ -85,6 +89,8 @@ def test_a_users_own_wording_color(pipe):
 
 @pytest.mark.xfail(strict=True, reason=TARGETS_NOT_MET)
 def test_a_users_own_drawing_caption(pipe):
+    # v7 names colour and place but calls the circle a triangle. Squeezed from 300x200 to 96x96,
+    # the circle becomes an upright ellipse, a shape the scenes never have (v6 got it right).
     caption = pipe.understand(users_drawing(), "Tell me what is in this image")
     assert [(o.shape, o.color, o.position) for o in scenes.parse_objects(caption)] == [("circle", "red", "top left")]
 

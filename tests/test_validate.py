@@ -47,7 +47,8 @@ def test_teacher_forcing_scores_the_positions_of_a_last_logits_decoder(tiny):
 def test_report_is_well_formed(report):
     code, out, rep = report
     assert rep["schema"] == SCHEMA and rep["bundle"]["recipe"] == "w8a8"
-    assert {(r["graph"], r["format"]) for r in rep["graphs"]} == {("decoder", "onnx"), ("code_features", "onnx")}
+    assert {(r["graph"], r["format"]) for r in rep["graphs"]} == {("decoder", "onnx"), ("decoder_cfg", "onnx"),
+                                                                   ("code_features", "onnx")}
     dec = next(r for r in rep["graphs"] if r["graph"] == "decoder")
     m = dec["metrics"]
     assert set(m["logits"]) >= {"psnr_db", "sqnr_db", "cosine"}
@@ -116,6 +117,9 @@ def test_bad_input_is_one_line_and_writes_nothing(quant_bundle, tmp_path, capsys
         save_file(weights, str(ref / "model.safetensors"))
         extra = ["--reference", str(ref)]
     elif damage == "token_guidance":  # an end-to-end run with guidance, on a bundle without decoder_cfg
+        m = json.loads((bundle / "manifest.json").read_text())
+        del m["graphs"]["decoder_cfg"]
+        (bundle / "manifest.json").write_text(json.dumps(m))
         extra = ["--token-guidance", "2"]
     else:
         extra = ["--thresholds", "psnr=3"]

@@ -56,7 +56,7 @@ class TrainConfig:
     save_every: int = 200
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
         "tokenizer": StageBudget(steps=1500, batch_size=32, lr=1e-3),
-        "decoder": StageBudget(steps=1500, batch_size=32, lr=1e-3),
+        "decoder": StageBudget(steps=2500, batch_size=32, lr=1e-3),
         "vae": StageBudget(steps=600, batch_size=16, lr=1e-3),
         "dit": StageBudget(steps=2000, batch_size=32, lr=5e-4),
     })
