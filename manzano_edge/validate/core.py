@@ -315,7 +315,10 @@ def end_to_end(bundle: Bundle, model: Manzano, codec: TextCodec, fmt: str, st: S
 
 def judge_e2e(row: dict, recipe: str, th: Thresholds) -> None:
     bar = th.e2e_drop(recipe)
-    drops = {k: 100.0 * (row["float"][k] - row["bundle"][k]) for k in ("understanding_accuracy", "shapes_eval")}
+    # Rounded: accuracies are ratios of counts, and 100 * (0.22 - 0.21) is 1.0000000000000009 in
+    # floating point, which failed a 1-point bar that one image in 100 exactly meets.
+    drops = {k: round(100.0 * (row["float"][k] - row["bundle"][k]), 6)
+             for k in ("understanding_accuracy", "shapes_eval")}
     row["drop_points"] = drops
     row["checks"] = [check(f"{k} drop (points)", v, bar, higher_is_better=False) for k, v in drops.items()]
     row["passed"] = all(c["passed"] for c in row["checks"])
