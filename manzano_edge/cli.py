@@ -212,7 +212,7 @@ def cmd_validate(args) -> None:
                   end_to_end=not args.no_end_to_end)
     if min(st.samples, st.greedy_tokens, st.vqa + st.captions, st.generation) < 1 and st.end_to_end:
         raise UserError("--samples, --greedy-tokens, --generation and --vqa + --captions must be at least 1")
-    result = validate(args.bundle, args.reference, th, st, show=not args.quiet)
+    result = validate(args.bundle, args.reference, th, st, show=not args.quiet, exported_from=args.exported_from)
     write_report(result.report, args.output, overwrite=args.overwrite)
     print(f"validation {'PASSED' if result.passed else 'FAILED'}; wrote {args.output}/report.json, report.md")
     if not result.passed:
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="accuracy of a bundle vs its float reference, per graph and end to end")
     p.add_argument("bundle")
     p.add_argument("--reference", help="float checkpoint the bundle came from (default: the embedded tiny model)")
+    p.add_argument("--exported-from", help="checkpoint the bundle was exported from, if not --reference (a QAT run's "
+                                           "checkpoint): Core ML w8a8 emulation rebuilds its activation scales from it")
     p.add_argument("-o", "--output", required=True, help="report directory: report.json, report.md, plots")
     p.add_argument("--thresholds", help="e.g. psnr_db=35,top1=0.99,e2e_drop_w8a8=1,e2e_drop_w4=3,psnr_db_w4=20")
     p.add_argument("--format", help="comma-separated subset of the bundle's formats")

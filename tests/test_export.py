@@ -204,9 +204,16 @@ def test_coreml_keep_float_layer_stays_float(tiny, tmp_path, recipe):
             show_progress=False))
         f = manifest["graphs"]["code_features"]["formats"]["coreml"]
         assert f["recipe"]["name"] == recipe and f["parity"]["psnr_db"] >= 30, f["parity"]
+        assert f["recipe"]["details"].get("kept_float_layers") == ([keep] if keep else None)
         return f["ops"]
 
     quantized, kept = ops(None), ops("fc1")
+    # validate rebuilds w8a8's activation scales with fc1 kept (the manifest's details) and refuses
+    # the bundle if they differ from the shipped ones, so this also covers that read.
+    code = main(["validate", str(tmp_path / f"{recipe}-fc1"), "-o", str(tmp_path / "report"), "--samples", "1",
+                 "--no-end-to-end", "--quiet"])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert code == 0 and report["graphs"][0]["emulated"] and report["passed"], report["graphs"]
     if recipe == "w4":
         key = "constexpr_blockwise_shift_scale"
         assert kept.get(key, 0) == quantized[key] - 1 > 0, (quantized, kept)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -150,3 +151,33 @@ def test_ssim():
     a = torch.rand(1, 3, 32, 32) * 2 - 1
     assert ssim(a, a) == pytest.approx(1.0, abs=1e-6)
     assert ssim(a, -a) < 0.2
+
+
+def test_coreml_w8a8_from_a_qat_checkpoint_is_emulated_from_it(tiny, tmp_path, capsys):
+    """A fine-tuned (QAT) checkpoint calibrates to other activation scales than the float
+    reference. Validate refuses to emulate its Core ML w8a8 file from the reference alone, and
+    with --exported-from rebuilds the scales from the fine-tuned weights while still scoring
+    against the float reference."""
+    from manzano_edge.export.bundle import ExportOptions, export_bundle
+    from manzano_edge.models.manzano import save_checkpoint
+
+    model, tok = tiny
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():  # Linear weights only, as QAT trains them (the DiT null condition stays)
+        for m in tuned.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(1.01)
+    save_checkpoint(tuned, tmp_path / "qat", tok)
+    export_bundle(tuned, tok, tmp_path / "b", ExportOptions(formats=["coreml"], recipe="w8a8", graphs=["code_features"],
+                                                            calibration_samples=1, show_progress=False))
+    args = ["validate", str(tmp_path / "b"), "--samples", "1", "--no-end-to-end", "--quiet"]
+    code, err = run([*args, "-o", str(tmp_path / "r1")], capsys)
+    assert code == 2 and "--exported-from" in err and not (tmp_path / "r1").exists()
+    code, err = run([*args, "-o", str(tmp_path / "r2"), "--exported-from", str(tmp_path / "qat")], capsys)
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert report["reference"] == {"checkpoint": "embedded default", "matches_bundle": True,
+                                   "exported_from": str(tmp_path / "qat")}
+    (row,) = report["graphs"]
+    psnr = row["metrics"]["condition"]["psnr_db"]
+    assert row["emulated"] and 20 < psnr < 100, row  # scored against the float model, not the tuned one
+    assert code == (0 if report["passed"] else 1)

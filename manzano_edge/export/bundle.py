@@ -370,8 +370,8 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, che
     if recipe not in FLOAT_RECIPES:
         kept = plan.keep_modules(spec, model, False) if plan else []
         mlmodel = coreml.compress(mlmodel, recipe, kept)
-        if kept:
-            entry.extra["kept_float_layers"] = kept
+        # Same place as every other backend's details (recipe.details in the manifest).
+        entry.extra["quantization"] = {"tool": "coremltools.optimize.coreml", **({"kept_float_layers": kept} if kept else {})}
     mlmodel.save(str(path))
     info = coreml.structure(path)
     problems = coreml.verify_structure(spec, info)

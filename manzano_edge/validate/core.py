@@ -95,18 +95,18 @@ def check(name: str, value: float | None, bar: float, higher_is_better: bool = T
 
 
 # -- reference ------------------------------------------------------------------------------------
-def load_reference(bundle: Bundle, checkpoint: str | None) -> tuple[Manzano, str]:
+def load_reference(bundle: Bundle, checkpoint: str | None, flag: str = "--reference") -> tuple[Manzano, str]:
     model, tok = load_checkpoint(checkpoint)
     name = checkpoint or "embedded default"
     if model.cfg.to_dict() != bundle.cfg.to_dict():
-        raise UserError(f"reference checkpoint ({name}) does not match the bundle: different model config; "
-                        "pass the checkpoint the bundle was exported from with --reference")
+        raise UserError(f"{flag} checkpoint ({name}) does not match the bundle: different model config; "
+                        "pass the checkpoint the bundle was exported from")
     # The bundle stores one float tensor of the model (the DiT's null condition): equal weights
     # there are a cheap proof that the reference is the exported checkpoint, not a sibling.
     null = bundle.null_condition()
     if not torch.equal(null, model.dit.null_cond.detach().to(null.dtype)):
-        raise UserError(f"reference checkpoint ({name}) does not match the bundle: its weights differ "
-                        "(DiT null condition); pass the checkpoint the bundle was exported from with --reference")
+        raise UserError(f"{flag} checkpoint ({name}) does not match the bundle: its weights differ "
+                        "(DiT null condition); pass the checkpoint the bundle was exported from")
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
@@ -134,7 +134,7 @@ def emulated_coreml_w8a8(bundle: Bundle, spec: GraphSpec, model: Manzano, codec:
     ours, shipped = coreml_ptq.graph_activation_scales(quantized), coreml_ptq.mlprogram_activation_scales(mil_program)
     if not coreml_ptq.same_scales(ours, shipped):
         raise UserError(f"cannot emulate {entry['file']}: its activation scales differ from a re-calibration of the "
-                        "reference checkpoint; pass the checkpoint it was exported from with --reference")
+                        "reference checkpoint; if it was exported from a QAT checkpoint, pass that with --exported-from")
     return coreml.EmulatedProgram(spec, quantized, fp16=False)
 
 
@@ -350,11 +350,15 @@ def verify_checksums(bundle: Bundle) -> None:
 
 
 def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st: Settings,
-             show: bool = True) -> Validation:
+             show: bool = True, exported_from: str | None = None) -> Validation:
+    """`exported_from`: the checkpoint the bundle was exported from when it is not the float
+    reference (a QAT run). Every metric still compares against `reference`; Core ML w8a8
+    emulation rebuilds its activation scales from `exported_from`, as the export did."""
     bundle = Bundle(bundle_path)
     recipe = bundle_recipe(bundle)
     verify_checksums(bundle)
     model, tok = load_reference(bundle, reference)
+    source = load_reference(bundle, exported_from, "--exported-from")[0] if exported_from else model
     codec = TextCodec(tok, model.cfg.text)
     present = sorted({f for g in bundle.manifest["graphs"].values() for f in g["formats"]})
     formats = st.formats or [f for f in ("onnx", "executorch", "coreml") if f in present]
@@ -373,7 +377,7 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
                 continue
             spec = bundle.specs[name]
             entry = g["formats"][fmt]
-            program, verified_by = candidate_program(bundle, spec, fmt, model, codec)
+            program, verified_by = candidate_program(bundle, spec, fmt, source, codec)
             reference_program = TorchProgram(spec, build_module(spec, model, False))
             row = {"graph": name, "format": fmt, "recipe": entry.get("recipe", {}).get("name", recipe),
                    "verified_by": verified_by, "emulated": verified_by.startswith("EMULATED"),
@@ -391,7 +395,8 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
                      "PyTorch graph with the .mlpackage's stored, decompressed weights in fp16. It checks the "
                      "weight compression, not Core ML's kernels.")
         if recipe == "w8a8":
-            notes.append("Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from the reference with "
+            notes.append(f"Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from "
+                         f"{exported_from or 'the reference'} with "
                          "the export's seeded calibration; its activation scales were checked equal to the "
                          ".mlpackage's. Between quantize/dequantize it computes in fp32 where Core ML uses fp16.")
     if any(m.get("reference_constant") for r in rows for m in r["metrics"].values() if isinstance(m, dict)):
@@ -414,7 +419,8 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
     report = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "bundle": {"path": str(Path(bundle_path).resolve()), "recipe": recipe,
                          "quantization": bundle.manifest.get("quantization"), "model": bundle.manifest.get("model")},
-              "reference": {"checkpoint": reference or "embedded default", "matches_bundle": True},
+              "reference": {"checkpoint": reference or "embedded default", "matches_bundle": True,
+                            "exported_from": exported_from},
               "thresholds": vars(th), "settings": {k: v for k, v in vars(st).items()},
               "graphs": rows, "end_to_end": e2e, "notes": notes, "passed": passed,
               "float_recipe": recipe in FLOAT_RECIPES}
