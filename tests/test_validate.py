@@ -163,10 +163,11 @@ def test_coreml_w8a8_from_a_qat_checkpoint_is_emulated_from_it(tiny, tmp_path, c
 
     model, tok = tiny
     tuned = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # Linear weights only, as QAT trains them (the DiT null condition stays)
         for m in tuned.modules():
             if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(1.01)
+                m.weight.add_(0.3 * m.weight.std() * torch.randn(m.weight.shape, generator=gen))
     save_checkpoint(tuned, tmp_path / "qat", tok)
     export_bundle(tuned, tok, tmp_path / "b", ExportOptions(formats=["coreml"], recipe="w8a8", graphs=["code_features"],
                                                             calibration_samples=1, show_progress=False))
@@ -179,5 +180,7 @@ def test_coreml_w8a8_from_a_qat_checkpoint_is_emulated_from_it(tiny, tmp_path, c
                                    "exported_from": str(tmp_path / "qat")}
     (row,) = report["graphs"]
     psnr = row["metrics"]["condition"]["psnr_db"]
-    assert row["emulated"] and 20 < psnr < 100, row  # scored against the float model, not the tuned one
+    # Scored against the float model: the tuning noise dominates. Against the tuned model it
+    # would be the int8 error alone, ~56 dB for this graph.
+    assert row["emulated"] and 20 < psnr < 45, row
     assert code == (0 if report["passed"] else 1)
