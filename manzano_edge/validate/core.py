@@ -395,7 +395,7 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
                      "PyTorch graph with the .mlpackage's stored, decompressed weights in fp16. It checks the "
                      "weight compression, not Core ML's kernels.")
         if recipe == "w8a8":
-            notes.append(f"Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from "
+            notes.append("Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from "
                          f"{exported_from or 'the reference'} with "
                          "the export's seeded calibration; its activation scales were checked equal to the "
                          ".mlpackage's. Between quantize/dequantize it computes in fp32 where Core ML uses fp16.")
