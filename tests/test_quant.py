@@ -148,6 +148,7 @@ def test_keep_float_graph_and_layer(tiny, tmp_path):
     assert cf["recipe"]["name"] == "w4" and cf["recipe"]["keep_float"]["layers"] == ["fc2"]
     assert cf["recipe"]["details"]["integer_ops"]["ops"] == {"MatMulNBits": 1}  # fc1 int4, fc2 float
     assert len(cf["recipe"]["details"]["kept_float_nodes"]) == 1
+    assert [n.rsplit(".", 1)[-1] for n in cf["recipe"]["details"]["kept_float_layers"]] == ["fc2"]
     assert manifest["quantization"]["keep_float"]["graphs"] == ["embed_tokens"]
 
 

@@ -205,8 +205,12 @@ class QuantPlan:
         out = {"name": self.recipe_for(graph), "requested": self.recipe}
         if graph in self.keep.graphs:
             out["kept_float"] = f"--keep-float graph:{graph}"
-        if info:
-            out["details"] = info
+        # Every backend resolves per-layer overrides through keep_modules, so they are recorded
+        # here once (validate's Core ML w8a8 rebuild reads them back).
+        kept_layers = sorted({n for (g, _), names in self.layer_modules.items() if g == graph for n in names})
+        details = {**info, **({"kept_float_layers": kept_layers} if kept_layers else {})}
+        if details:
+            out["details"] = details
         if not self.keep.empty:
             out["keep_float"] = self.keep.to_json()
         return out
@@ -370,8 +374,7 @@ def export_coreml(spec, model, examples, out: Path, recipe: str, fp16: bool, che
     if recipe not in FLOAT_RECIPES:
         kept = plan.keep_modules(spec, model, False) if plan else []
         mlmodel = coreml.compress(mlmodel, recipe, kept)
-        # Same place as every other backend's details (recipe.details in the manifest).
-        entry.extra["quantization"] = {"tool": "coremltools.optimize.coreml", **({"kept_float_layers": kept} if kept else {})}
+        entry.extra["quantization"] = {"tool": "coremltools.optimize.coreml"}
     mlmodel.save(str(path))
     info = coreml.structure(path)
     problems = coreml.verify_structure(spec, info)

@@ -93,8 +93,6 @@ def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], c
     info = {"tool": "pt2e CoreMLQuantizer + coremltools LinearQuantizerConfig", "mode": "static",
             "op_types": ["linear", "conv2d"], "weights": "int8 symmetric per-channel",
             "activations": "uint8 static per-tensor (MinMax, calibrated in PyTorch)", "calibration_steps": steps}
-    if keep:
-        info["kept_float_layers"] = sorted(keep)
     return program, gm, info
 
 

@@ -88,14 +88,10 @@ def torchao_8da4w(spec: GraphSpec, module: nn.Module, example: dict[str, torch.T
 def quantize(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], recipe: str, mode: str,
              calibration: Sequences | None, keep_modules: list[str]) -> tuple[torch.export.ExportedProgram, dict]:
     if recipe == "w8a8":
-        program, info = pt2e_w8a8(spec, module, example, mode, calibration, keep_modules)
-    elif recipe == "w4":
-        program, info = torchao_8da4w(spec, module, example, keep_modules)
-    else:
-        raise UserError(f"recipe '{recipe}' has no XNNPACK implementation")
-    if keep_modules:
-        info["kept_float_layers"] = sorted(keep_modules)
-    return program, info
+        return pt2e_w8a8(spec, module, example, mode, calibration, keep_modules)
+    if recipe == "w4":
+        return torchao_8da4w(spec, module, example, keep_modules)
+    raise UserError(f"recipe '{recipe}' has no XNNPACK implementation")
 
 
 def delegation(edge_graph: torch.fx.GraphModule) -> dict:
