@@ -133,3 +133,11 @@ def test_sensitivity_cli_writes_report_or_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown graph 'vae_decoder'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_each_recipe_has_its_own_default_learning_rate():
+    # w8a8 at w4's 5e-5 ended further from float than PTQ (v4): its grid step is 16x finer.
+    w8, w4 = qat.QATRunConfig(recipe="w8a8"), qat.QATRunConfig(recipe="w4")
+    assert {b.lr for b in w8.stages.values()} == {qat.QAT_LR["w8a8"]} == {2e-6}
+    assert {b.lr for b in w4.stages.values()} == {qat.QAT_LR["w4"]} == {5e-5}
+    assert w8.scaled(3).stages["decoder"].lr == 2e-6 and set(w8.stages) == set(qat.QAT_GRAPHS)
