@@ -1,10 +1,10 @@
 """The trained tiny model that ships in the repo, through the public API and CLI.
 
-The issue-2 targets (caption/VQA >= 90%, ShapesEval >= 0.70, reconstruction ShapesEval >= 0.85)
-are NOT all met by the current embedded model (docs/eval-tiny.json, v7: VQA 0.83, captions 0.96,
-ShapesEval 0.23, reconstruction 0.28). Tests below assert what it measurably does (regression
-floors) and mark the unmet targets as strict xfails, so they start failing loudly the day a
-retrained model passes.
+Of the issue-2 targets (caption/VQA >= 90%, ShapesEval >= 0.70, reconstruction ShapesEval >= 0.85)
+the current embedded model (docs/eval-tiny.json, v10) meets understanding (VQA 0.937, captions
+0.987) but not the image scores (ShapesEval 0.24, reconstruction 0.28). Tests below assert the
+met target, regression floors for the rest, and mark the unmet targets as strict xfails, so they
+start failing loudly the day a retrained model passes.
 """
 
 import numpy as np
@@ -43,18 +43,18 @@ def understanding(pipe):
 
 
 def test_understanding_regression_floor(understanding):
-    # Measured on 300 held-out questions / 150 captions (v7): VQA 0.83, count 1.00, shape 1.00,
-    # color 0.82, position 0.77, yes 0.79, no 0.30; captions 0.96 (v5, before the scene-parsing
-    # loss: shape 0.37, captions 0.19).
-    assert understanding["vqa_accuracy"] >= 0.65, understanding
-    assert understanding["caption_accuracy"] >= 0.75, understanding
-    assert understanding["vqa_by_answer_kind"]["color"] >= 0.65, understanding
+    # Measured on 300 held-out questions / 150 captions (v10): count 1.00, shape 1.00, color 0.89,
+    # position 0.89, yes 0.96, no 0.91 (v7, before hard negatives: yes 0.79, no 0.30).
+    assert understanding["vqa_by_answer_kind"]["color"] >= 0.75, understanding
+    assert understanding["vqa_by_answer_kind"]["position"] >= 0.7, understanding
+    assert understanding["vqa_by_answer_kind"]["no"] >= 0.7, understanding
     assert understanding["vqa_by_answer_kind"]["count"] >= 0.85, understanding
     assert understanding["vqa_by_answer_kind"]["shape"] >= 0.75, understanding
 
 
-@pytest.mark.xfail(strict=True, reason=TARGETS_NOT_MET)
 def test_understanding_meets_the_target(understanding):
+    # 300 questions / 150 captions (docs/eval-tiny.json): VQA 0.937, captions 0.987; this 80/20
+    # subset: 0.925 / 1.000.
     assert understanding["vqa_accuracy"] >= 0.9 and understanding["caption_accuracy"] >= 0.9
 
 

@@ -46,8 +46,10 @@ class Example:
 class SceneSource:
     """Endless procedural examples; a given seed always yields the same stream."""
 
-    def __init__(self, image_size: int, seed: int, questions_per_image: int = 3) -> None:
+    def __init__(self, image_size: int, seed: int, questions_per_image: int = 3,
+                 hard_negative_rate: float = 0.0) -> None:
         self.image_size = image_size
+        self.hard_negative_rate = hard_negative_rate
         self.rng = np.random.default_rng(seed)
         # Several questions per scene: the image encoder dominates a step's cost, and one pass
         # then supervises several answers (VQA stalled at ~57% with one question per image).
@@ -61,7 +63,7 @@ class SceneSource:
             if self.rng.random() < caption_prob:
                 qa.append((scenes.caption_question(self.rng), scenes.caption(scene)))
             else:
-                qa.append(scenes.question_answer(scene, self.rng))
+                qa.append(scenes.question_answer(scene, self.rng, self.hard_negative_rate))
         return Example(pixels, qa, scenes.generation_prompt(scene, self.rng))
 
 

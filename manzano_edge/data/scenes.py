@@ -133,8 +133,14 @@ def _pick(rng: np.random.Generator, options: list[str] | tuple[str, ...]) -> str
     return options[rng.integers(len(options))]
 
 
-def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-    """One VQA pair about the scene, drawn from several question kinds and phrasings."""
+def question_answer(scene: Scene, rng: np.random.Generator, hard_negative_rate: float = 0.0) -> tuple[str, str]:
+    """One VQA pair about the scene, drawn from several question kinds and phrasings.
+
+    `hard_negative_rate` (training data only) is the share of "is there" distractors that are a real
+    object with one attribute changed. Random distractors rarely differ from a real object in one
+    attribute only, and a decoder trained on them alone answered "yes" to 70% of absent objects: it
+    never had to bind colour to shape. At 0 the draws are exactly those of earlier releases, so the
+    held-out eval set stays comparable."""
     objs = list(scene.objects)
     obj = objs[rng.integers(len(objs))]
     where = _pick(rng, POSITION_PHRASES[obj.position])
@@ -163,15 +169,25 @@ def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
         q = _pick(rng, ["where is the {} {}?", "where is the {} {} located?", "in which part of the image is the {} {}?",
                         "where can you see the {} {}?"]).format(obj.color, obj.shape)
         return q, obj.position
-    # exists: half real objects, half distractors
-    if rng.random() < 0.5:
+    # exists: half real objects, half distractors (one draw, so the stream is unchanged at rate 0)
+    draw = rng.random()
+    if draw < 0.5:
         color, shape = obj.color, obj.shape
+    elif draw < 0.5 + 0.5 * hard_negative_rate:
+        color, shape = _one_attribute_changed(obj, rng)
     else:
         color, shape = _pick(rng, list(COLORS)), _pick(rng, SHAPES)
     present = any(o.color == color and o.shape == shape for o in objs)
     q = _pick(rng, ["is there a {} {}?", "is there a {} {} in the image?", "do you see a {} {}?",
                     "does the image contain a {} {}?"]).format(color, shape)
     return q, "yes" if present else "no"
+
+
+def _one_attribute_changed(obj: SceneObject, rng: np.random.Generator) -> tuple[str, str]:
+    """The object's colour with another shape, or its shape with another colour."""
+    if rng.random() < 0.5:
+        return obj.color, _pick(rng, [s for s in SHAPES if s != obj.shape])
+    return _pick(rng, [c for c in COLORS if c != obj.color]), obj.shape
 
 
 # -- parsing ------------------------------------------------------------------------------

@@ -50,15 +50,28 @@ class StageBudget:
 
 
 @dataclass
+class SceneData:
+    """What the procedural scene source draws for one stage (ignored for a user's --data-dir)."""
+
+    questions_per_image: int = 3
+    # Share of "is there a <colour> <shape>?" distractors that differ from a real object in one
+    # attribute. Stage 2 only: the same data in stage 1 (v8) weakened the tokenizer's captions.
+    hard_negative_rate: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     preset: str = "tiny"
     seed: int = 0
     save_every: int = 200
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
         "tokenizer": StageBudget(steps=1500, batch_size=32, lr=1e-3),
-        "decoder": StageBudget(steps=2500, batch_size=32, lr=1e-3),
+        "decoder": StageBudget(steps=3000, batch_size=32, lr=1e-3),
         "vae": StageBudget(steps=600, batch_size=16, lr=1e-3),
         "dit": StageBudget(steps=2000, batch_size=32, lr=5e-4),
+    })
+    scene_data: dict[str, SceneData] = field(default_factory=lambda: {
+        "decoder": SceneData(questions_per_image=4, hard_negative_rate=0.5),
     })
 
     def scaled(self, factor: float) -> TrainConfig:
@@ -221,12 +234,15 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
     tokenizer_json = tokenizer_json or (run_dir / TOKENIZER_FILE).read_text()
     codec = TextCodec(tokenizer_json, cfg.text)
 
-    def make_source(seed: int):
-        if data_dir or captions:
-            if not (data_dir and captions):
-                raise UserError("--data-dir and --captions go together: a folder of images and a JSONL of captions")
-            return FolderSource(data_dir, captions, cfg.vision.image_size, seed)
-        return SceneSource(cfg.vision.image_size, seed)
+    def source_for(stage: str):
+        def make_source(seed: int):
+            if data_dir or captions:
+                if not (data_dir and captions):
+                    raise UserError("--data-dir and --captions go together: a folder of images and a JSONL of captions")
+                return FolderSource(data_dir, captions, cfg.vision.image_size, seed)
+            data = tcfg.scene_data.get(stage, SceneData())
+            return SceneSource(cfg.vision.image_size, seed, data.questions_per_image, data.hard_negative_rate)
+        return make_source
 
     if rank == 0:
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
@@ -235,7 +251,7 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
         if stage_done(run_dir, name):
             continue
         report.append(run_stage(name, build_stage(name, model, codec), tcfg.stages[name], run_dir, tcfg,
-                                make_source))
+                                source_for(name)))
         if name == "vae":
             model.cfg.vae.scaling_factor = measure_latent_scale(model, cfg.vision.image_size)
         if rank == 0:
