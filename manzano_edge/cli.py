@@ -128,6 +128,25 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.grid}")
 
 
+def cmd_probe_codes(args) -> None:
+    from manzano_edge.eval.code_probe import code_probe
+    from manzano_edge.models.manzano import load_checkpoint
+
+    if args.controlled < 1 or args.train < 10 or args.test < 10:
+        raise UserError("probe-codes needs --controlled >= 1, --train >= 10 and --test >= 10 scenes")
+    model, _ = load_checkpoint(args.checkpoint)
+    report = code_probe(model, args.controlled, args.train, args.test, args.seed)
+    c, p = report["controlled"], report["probe"]
+    print(f"FSQ levels {report['fsq_levels']}, {c['tokens']} tokens per image")
+    print(f"controlled: two shapes share all ids in {c['scenes_with_two_shapes_on_identical_ids']}/{c['scenes']} "
+          f"scenes; {c['mean_differing_tokens_per_shape_pair']:.2f} tokens differ per shape pair")
+    print(f"shape probe on the codes: held-out accuracy {p['test_accuracy']:.3f} (train {p['train_accuracy']:.3f}, "
+          f"chance {p['chance']:.3f})")
+    if args.json:
+        _write_atomic(Path(args.json), lambda f: Path(f).write_text(json.dumps(report, indent=2) + "\n"))
+        print(f"wrote {args.json}")
+
+
 def cmd_caption(args) -> None:
     from manzano_edge.data.images import load_image
 
@@ -350,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device name for imported ETDumps (e.g. 'Pixel 8, XNNPACK 4 threads')")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("probe-codes", help="how much shape the discrete image codes carry (single-object scenes)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--controlled", type=int, default=200, help="scenes rendered once per shape")
+    p.add_argument("--train", type=int, default=4000, help="scenes the MLP probe trains on")
+    p.add_argument("--test", type=int, default=800, help="held-out scenes it is scored on")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_probe_codes)
 
     p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")

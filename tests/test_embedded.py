@@ -7,6 +7,8 @@ met target, regression floors for the rest, and mark the unmet targets as strict
 start failing loudly the day a retrained model passes.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,7 @@ def test_cli_caption_and_generate(tmp_path, capsys):
     (["generate", "--prompt", "red " * 400, "-o", "{out}"], "context"),
     (["generate", "--prompt", "a red circle", "-o", "{tmp}/g.gif"], "must end in .png"),
     (["caption", "--image", "{gray}", "--checkpoint", "{tmp}"], "has no config.json"),
+    (["probe-codes", "--train", "5", "--json", "{tmp}/p.json"], "--train >= 10"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
@@ -163,3 +166,16 @@ def test_every_fsq_channel_of_the_shipped_tokenizer_is_alive(pipe):
         codes = model.tokenizer.discrete.codes(model.tokenizer.encoder(pixels.to(next(model.parameters()).dtype)))
     levels_used = [codes[..., k].unique().numel() for k in range(codes.shape[-1])]
     assert all(n >= 3 for n in levels_used), levels_used
+
+
+def test_the_shipped_codes_carry_shape_but_not_all_of_it(tmp_path, capsys):
+    # The README's diagnosis of the image scores. Full size (200 / 4000 / 800, v7 tokenizer):
+    # two shapes on identical ids in 7/200 scenes, 3.6 of 16 tokens differ, probe 0.71.
+    out = tmp_path / "probe.json"
+    assert main(["probe-codes", "--controlled", "30", "--train", "1500", "--test", "300", "--json", str(out)]) == 0
+    assert "shape probe on the codes" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    controlled, probe = report["controlled"], report["probe"]
+    assert controlled["scenes_with_two_shapes_on_identical_ids"] <= 6
+    assert 1.5 < controlled["mean_differing_tokens_per_shape_pair"] < 8
+    assert probe["chance"] + 0.15 < probe["test_accuracy"] < 0.95, probe
