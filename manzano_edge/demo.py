@@ -89,8 +89,10 @@ def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: st
     graphs = {r["graph"]: min((m["psnr_db"] for m in r["metrics"].values() if isinstance(m, dict) and "psnr_db" in m),
                               default=None) for r in result.report["graphs"] if r["recipe"] == "w8a8"}
     decoder = next(r for r in result.report["graphs"] if r["graph"] == "decoder")
+    failed = [f"{r['graph'] if 'graph' in r else 'end to end'}: {c['name']} {c['value']:.3g} (bar {c['bar']:g})"
+              for r in result.report["graphs"] + result.report["end_to_end"] for c in r["checks"] if not c["passed"]]
     return {"passed": result.passed, "report": "validate-w8a8/report.md", "min_psnr_db": graphs,
-            "decoder_top1": decoder["metrics"]["teacher_forcing"]["top1_agreement"]}
+            "decoder_top1": decoder["metrics"]["teacher_forcing"]["top1_agreement"], "failed_checks": failed}
 
 
 def quick_bench(tmp: Path) -> dict:
@@ -125,6 +127,8 @@ def print_summary(summary: dict, out: Path) -> None:
         worst = min((db for db in v["min_psnr_db"].values() if db is not None), default=float("nan"))
         print(f"int8      ONNX w8a8 vs float: {'PASSED' if v['passed'] else 'FAILED'} (worst graph {worst:.1f} dB, "
               f"decoder top-1 {v['decoder_top1']:.3f}) -> {out / v['report']}")
+        for check in v["failed_checks"]:
+            print(f"          failed {check}")
         b = summary["bench"]
         tok = ", ".join(f"{k} {v:.0f}" if v else f"{k} n/a" for k, v in b["decode_tok_s"].items())
         t2i = ", ".join(f"{k} {v:.0f} ms" for k, v in b["text_to_image_ms"].items())
