@@ -77,7 +77,7 @@ def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: st
     """ONNX w8a8 (dynamic, the default) of every graph but the embedding lookup, validated
     against the float model with the default thresholds; report in validate-w8a8/."""
     from manzano_edge.validate.core import Settings, Thresholds, validate
-    from manzano_edge.validate.report import write_report
+    from manzano_edge.validate.report import failed_checks, write_report
 
     export_bundle(model, tokenizer_json, tmp / "bundle-w8a8", ExportOptions(
         formats=["onnx"], recipe="w8a8", keep_float="graph:embed_tokens", show_progress=False))
@@ -89,8 +89,7 @@ def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: st
     graphs = {r["graph"]: min((m["psnr_db"] for m in r["metrics"].values() if isinstance(m, dict) and "psnr_db" in m),
                               default=None) for r in result.report["graphs"] if r["recipe"] == "w8a8"}
     decoder = next(r for r in result.report["graphs"] if r["graph"] == "decoder")
-    failed = [f"{r['graph'] if 'graph' in r else 'end to end'}: {c['name']} {c['value']:.3g} (bar {c['bar']:g})"
-              for r in result.report["graphs"] + result.report["end_to_end"] for c in r["checks"] if not c["passed"]]
+    failed = [f"{graph}: {c['name']} {c['value']:.3g} (bar {c['bar']:g})" for graph, _, c in failed_checks(result.report)]
     return {"passed": result.passed, "report": "validate-w8a8/report.md", "min_psnr_db": graphs,
             "decoder_top1": decoder["metrics"]["teacher_forcing"]["top1_agreement"], "failed_checks": failed}
 

@@ -29,6 +29,12 @@ def _graph_psnr(row: dict) -> float | None:
     return min(values) if values else None
 
 
+def failed_checks(report: dict) -> list[tuple[str, str, dict]]:
+    """(graph or "end to end", format, check) for every check that missed its bar."""
+    return [(r.get("graph", "end to end"), r["format"], c) for r in report["graphs"] + report["end_to_end"]
+            for c in r["checks"] if not c["passed"]]
+
+
 def markdown(report: dict, plots: list[str]) -> str:
     b = report["bundle"]
     lines = [f"# Validation report: `{b['recipe']}` bundle", "",
@@ -61,10 +67,9 @@ def markdown(report: dict, plots: list[str]) -> str:
             im = r["image_vs_float"]
             lines.append(f"| {r['format']} | image PSNR dB / SSIM vs float (same tokens, seed) | – | "
                          f"{_fmt(im['psnr_db'])} / {_fmt(im['ssim'], 4)} | |")
-    failed = [(r.get("graph", "end to end"), r["format"], c) for r in report["graphs"] + report["end_to_end"]
-              for c in r["checks"] if not c["passed"]]
     lines += ["", "## Failed checks", ""]
-    lines += [f"- {g} / {f}: {c['name']} = {_fmt(c['value'], 4)} (bar {c['bar']})" for g, f, c in failed] or ["none"]
+    lines += [f"- {g} / {f}: {c['name']} = {_fmt(c['value'], 4)} (bar {c['bar']})"
+              for g, f, c in failed_checks(report)] or ["none"]
     lines += ["", "## Thresholds", "", "```json", json.dumps(report["thresholds"], indent=2), "```", ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
