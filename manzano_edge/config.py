@@ -192,7 +192,10 @@ class ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    return ModelConfig(name="tiny", vision=VisionConfig(conv_stem=[24, 48]))
+    # 144 px / patch 16: a 9x9 ViT grid folds into 3x3 image tokens, one per scene cell, so each
+    # token describes a whole object. At 96 px (4x4 tokens) objects straddled 2-4 tokens, each
+    # holding an edge fragment, and the codes carried too little shape to draw from.
+    return ModelConfig(name="tiny", vision=VisionConfig(image_size=144, patch_size=16, conv_stem=[24, 48]))
 
 
 def _small() -> ModelConfig:

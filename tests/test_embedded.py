@@ -112,7 +112,8 @@ def test_seeded_generation_is_reproducible(pipe):
 
 
 def test_bad_prompts(pipe):
-    px = to_pixels(scenes.render(scenes.sample_scene(np.random.default_rng(0))), 96)
+    size = pipe.cfg.vision.image_size
+    px = to_pixels(scenes.render(scenes.sample_scene(np.random.default_rng(0)), size), size)
     with pytest.raises(UserError, match="empty"):
         pipe.understand(px, "   ")
     with pytest.raises(UserError, match="context"):
@@ -125,12 +126,13 @@ def test_bad_prompts(pipe):
 
 def test_cli_caption_and_generate(tmp_path, capsys):
     img = tmp_path / "in.png"
-    scenes.render(scenes.Scene((scenes.SceneObject("triangle", "green", "center"),))).save(img)
+    size = load_checkpoint(None)[0].cfg.vision.image_size
+    scenes.render(scenes.Scene((scenes.SceneObject("triangle", "green", "center"),)), size).save(img)
     assert main(["caption", "--image", str(img), "--prompt", "what color is the shape in the center?"]) == 0
     assert "green" in capsys.readouterr().out
     out = tmp_path / "g.png"
     assert main(["generate", "--prompt", "a yellow circle at the top", "--seed", "3", "-o", str(out), "--quiet"]) == 0
-    assert Image.open(out).size == (96, 96)
+    assert Image.open(out).size == (size, size)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -160,8 +162,8 @@ def test_every_fsq_channel_of_the_shipped_tokenizer_is_alive(pipe):
     # (saturated tanh, no gradient), so 64 scenes used ~31 codes; stage 1 now bounds the range.
     model = pipe.g.model
     rng = np.random.default_rng(7)
-    pixels = torch.cat([to_pixels(scenes.render(scenes.sample_scene(rng)), model.cfg.vision.image_size)
-                        for _ in range(64)])
+    size = model.cfg.vision.image_size
+    pixels = torch.cat([to_pixels(scenes.render(scenes.sample_scene(rng), size), size) for _ in range(64)])
     with torch.no_grad():
         codes = model.tokenizer.discrete.codes(model.tokenizer.encoder(pixels.to(next(model.parameters()).dtype)))
     levels_used = [codes[..., k].unique().numel() for k in range(codes.shape[-1])]

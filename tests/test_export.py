@@ -338,7 +338,8 @@ def test_executorch_coreml_delegate_runs_on_macos(bundle, tiny):
     spec = graph_specs(model.cfg)["vae_decoder"]
     program = EtProgram(spec, out / manifest["graphs"]["vae_decoder"]["formats"]["executorch-coreml"]["file"])
     latent = torch.zeros(1, *spec.inputs[0].shape[1:])
-    assert program.run({"latent": latent})["pixels"].shape == (1, 3, 96, 96)
+    size = model.cfg.vision.image_size
+    assert program.run({"latent": latent})["pixels"].shape == (1, 3, size, size)
 
 
 def test_bundled_programs_for_device_runners(tiny, tmp_path):

@@ -75,11 +75,13 @@ def test_fsq_ids_roundtrip_and_cover_codebook():
 
 
 def test_tokenizer_branches(model):
-    px = torch.rand(2, 3, 96, 96) * 2 - 1
+    size, n = model.cfg.vision.image_size, model.cfg.vision.num_image_tokens
+    assert n == 9  # tiny: 144 px, 9x9 patches folded 3x3 -> one token per scene cell
+    px = torch.rand(2, 3, size, size) * 2 - 1
     with torch.no_grad():
         cont, ids = model.tokenizer(px)
         feats = model.tokenizer.discrete.ids_to_features(ids)
-    assert cont.shape == (2, 16, 256) and ids.shape == (2, 16) and ids.dtype == torch.int64
+    assert cont.shape == (2, n, 256) and ids.shape == (2, n) and ids.dtype == torch.int64
     assert feats.shape == (2, 16, 256)
 
 
@@ -125,8 +127,10 @@ def test_left_padded_batch_matches_unpadded_rows(model, build):
 
 
 def test_diffusion_shapes(model):
-    latent = torch.randn(2, 8, 12, 12)
+    cfg = model.cfg
+    latent = torch.randn(2, 8, cfg.latent_size, cfg.latent_size)
     with torch.no_grad():
-        v = model.dit(latent, torch.tensor([0.1, 0.9]), torch.randn(2, 16, 256))
+        v = model.dit(latent, torch.tensor([0.1, 0.9]), torch.randn(2, cfg.vision.num_image_tokens, 256))
         px = model.vae.decoder(latent)
-    assert v.shape == latent.shape and px.shape == (2, 3, 96, 96) and px.abs().max() <= 1
+    size = cfg.vision.image_size
+    assert v.shape == latent.shape and px.shape == (2, 3, size, size) and px.abs().max() <= 1

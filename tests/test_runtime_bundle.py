@@ -33,7 +33,8 @@ def test_same_captions_on_every_backend(pipes):
     rng = np.random.default_rng(3)
     for _ in range(4):
         scene = scenes.sample_scene(rng)
-        px = to_pixels(scenes.render(scene), 96)
+        size = pipes["torch"].cfg.vision.image_size
+        px = to_pixels(scenes.render(scene, size), size)
         question, _ = scenes.question_answer(scene, rng)
         answers = {name: p.understand(px, question) for name, p in pipes.items()}
         assert len(set(answers.values())) == 1, answers

@@ -35,7 +35,8 @@ def pil_images():
 
 
 def tensors():
-    shapes = st.sampled_from([(1, 3, 96, 96), (1, 3, 64, 64), (3, 96, 96), (2, 3, 96, 96), (1, 1, 96, 96), (0,)])
+    shapes = st.sampled_from([(1, 3, 144, 144), (1, 3, 96, 96), (1, 3, 64, 64), (3, 96, 96), (2, 3, 96, 96),
+                              (1, 1, 96, 96), (0,)])
     dtypes = st.sampled_from([torch.float32, torch.float16, torch.float64, torch.int64, torch.uint8, torch.bool])
     fills = st.sampled_from([0.0, 0.5, -1.0, 7.0, NAN, math.inf])
     return st.builds(lambda s, d, f: torch.full(s, f).to(d) if d.is_floating_point else torch.zeros(s, dtype=d),

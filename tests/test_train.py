@@ -101,7 +101,8 @@ def test_reconstruction_losses_weight_the_objects():
     cond = torch.randn(2, cfg.vision.num_image_tokens, cfg.decoder.hidden_size)
     args = dict(cond_dropout=0.0)
     plain = flow_matching_loss(dit, latent, cond, torch.Generator().manual_seed(0), **args)
-    ones = flow_matching_loss(dit, latent, cond, torch.Generator().manual_seed(0), weight=torch.ones(2, 1, 12, 12), **args)
+    ones = torch.ones(2, 1, cfg.latent_size, cfg.latent_size)
+    ones = flow_matching_loss(dit, latent, cond, torch.Generator().manual_seed(0), weight=ones, **args)
     assert torch.allclose(plain, ones)
     np.testing.assert_array_less(0, plain.item())
 
@@ -150,3 +151,39 @@ def test_fsq_range_loss_is_free_inside_the_range_and_pulls_saturated_codes_back(
     saturated = torch.full((4, 4), -10.0, requires_grad=True)  # tanh'(-10) ~ 1e-8: no other loss moves it
     fsq_range_loss(saturated).backward()
     assert (saturated.grad < 0).all()  # gradient descent moves it up, back towards the range
+
+
+def test_a_stage_trains_the_same_alone_or_after_the_others(tmp_path):
+    # Each stage reseeds torch's RNG (`stage_seed`): before, stage 2's fresh scene-parsing head
+    # took whatever state stage 1 left, so `--stages decoder` on a copied run gave other weights.
+    from safetensors.torch import load_file
+
+    one_go = train(tmp_path / "a", micro_budget(), cfg=micro_config())
+    train(tmp_path / "b", micro_budget(), cfg=micro_config(), stages=("tokenizer",))
+    split = train(tmp_path / "b", micro_budget(), cfg=micro_config(), stages=("decoder", "vae", "dit"))
+    a, b = load_file(one_go / "model.safetensors"), load_file(split / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_image_tokens_coincide_with_the_scene_cells():
+    # The tiny tokenizer's 3x3 tokens are the scene's 3x3 positions, so a token holds one whole
+    # object and stage 1 can ask each token's code for its own cell's shape (`CellParseHead`).
+    import torch.nn.functional as F
+
+    from manzano_edge.config import preset
+    from manzano_edge.data import scenes
+    from manzano_edge.data.images import to_pixels
+    from manzano_edge.train.stages import CellParseHead, foreground_weight, one_token_per_cell
+
+    cfg = preset("tiny")
+    assert one_token_per_cell(cfg) and not one_token_per_cell(preset("small"))
+    side, size = 3, cfg.vision.image_size
+    for cell, position in enumerate(scenes.POSITIONS):
+        for shape in scenes.SHAPES:  # the largest, most displaced object still falls in its token
+            obj = scenes.SceneObject(shape, "red", position, size=0.125, jitter=(0.025, -0.025))
+            fg = foreground_weight(to_pixels(scenes.render(scenes.Scene((obj,)), size), size)) > 1
+            per_token = F.avg_pool2d(fg.float(), size // side).flatten()
+            assert per_token.argmax() == cell and per_token[cell] / per_token.sum() > 0.97, (position, shape)
+    head = CellParseHead(cfg)
+    shape_logits, color_logits = head(torch.randn(2, cfg.vision.num_image_tokens, cfg.decoder.hidden_size))
+    assert shape_logits.shape == (2, 9, 1 + len(scenes.SHAPES)) and color_logits.shape == (2, 9, 1 + len(scenes.COLORS))

@@ -148,6 +148,12 @@ def lr_at(step: int, budget: StageBudget) -> float:
     return budget.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def stage_seed(seed: int, stage: str) -> int:
+    """Torch's global RNG is reseeded per stage (training-only heads, VAE sampling noise), so a stage
+    trains the same whether it runs in one process after the others, alone with --stages, or resumed."""
+    return seed * 1_000_003 + STAGES.index(stage) + 1
+
+
 def build_stage(name: str, model: Manzano, codec: TextCodec) -> nn.Module:
     if name == "tokenizer":
         return TokenizerStage(model, codec)
@@ -250,6 +256,7 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
     for name in stages:
         if stage_done(run_dir, name):
             continue
+        torch.manual_seed(stage_seed(tcfg.seed, name))
         report.append(run_stage(name, build_stage(name, model, codec), tcfg.stages[name], run_dir, tcfg,
                                 source_for(name)))
         if name == "vae":
