@@ -113,11 +113,13 @@ def cmd_eval(args) -> None:
     report = evaluate(pipe, EvalConfig(vqa=args.vqa, captions=args.captions, generation=args.generation,
                                        reconstruction=args.reconstruction, seed=args.seed, sampling=_sampling(args)))
     u, g, r = report["understanding"], report["generation"], report["reconstruction"]
-    rows = [("VQA accuracy", u["vqa_accuracy"]), ("caption accuracy", u["caption_accuracy"]),
-            ("understanding (VQA+caption)", u["understanding_accuracy"]), ("ShapesEval (text-to-image)", g["shapes_eval"]),
-            ("ShapesEval (reconstruction)", r["shapes_eval"]), ("reconstruction PSNR dB", r["pixel_psnr_db"])]
-    for name, value in rows:
-        print(f"{name:<30} {value:8.3f}")
+    rows = [("VQA accuracy", u["vqa_accuracy"], args.vqa), ("caption accuracy", u["caption_accuracy"], args.captions),
+            ("understanding (VQA+caption)", u["understanding_accuracy"], args.vqa + args.captions),
+            ("ShapesEval (text-to-image)", g["shapes_eval"], args.generation),
+            ("ShapesEval (reconstruction)", r["shapes_eval"], args.reconstruction),
+            ("reconstruction PSNR dB", r["pixel_psnr_db"], args.reconstruction)]
+    for name, value, samples in rows:
+        print(f"{name:<30} {value:8.3f}" if samples else f"{name:<30} {'not run':>8}")
     if args.json:
         _write_atomic(Path(args.json), lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
         print(f"wrote {args.json}")

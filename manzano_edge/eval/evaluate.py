@@ -97,7 +97,7 @@ def eval_reconstruction(pipe: Pipeline, n: int, seed: int, sampling: SamplingCon
         mse = float(((out - pixels) ** 2).mean())
         psnr_value = 10 * np.log10(4.0 / max(mse, 1e-12))  # pixels span [-1, 1]: peak-to-peak 2
         psnrs.append(psnr_value)
-    return {**score.summary(), "pixel_psnr_db": float(np.mean(psnrs))}
+    return {**score.summary(), "pixel_psnr_db": float(np.mean(psnrs)) if psnrs else None}
 
 
 def evaluate(pipe: Pipeline, ecfg: EvalConfig, show: bool = True) -> dict:
