@@ -12,7 +12,9 @@ captions/VQA alone, the tiny tokenizer's codes carried too little shape to gener
 (TRAINING-NOTES.md, fact 3). Stages 1 and 2 also add a scene-parsing loss: a linear head
 (discarded too) reads each 3x3 scene position's shape and colour from the continuous adapter's output,
 with labels parsed from the example's own description (`scenes.cell_labels`), so it needs no
-annotation beyond the caption a user's JSONL already has.
+annotation beyond the caption a user's JSONL already has. Where the image tokens are the 3x3
+scene cells (the tiny preset), stage 1 also asks each token's code for its own cell
+(`CellParseHead`): the codes are all the DiT and the generating decoder ever see.
 """
 
 from __future__ import annotations
