@@ -82,7 +82,7 @@ def test_tokenizer_branches(model):
         cont, ids = model.tokenizer(px)
         feats = model.tokenizer.discrete.ids_to_features(ids)
     assert cont.shape == (2, n, 256) and ids.shape == (2, n) and ids.dtype == torch.int64
-    assert feats.shape == (2, 16, 256)
+    assert feats.shape == (2, n, 256)
 
 
 @pytest.mark.parametrize("decoder_cls", [StatefulDecoder, InPlaceKVDecoder])

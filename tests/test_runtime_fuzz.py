@@ -1,6 +1,7 @@
 """Generated bad (and good) inputs against the runtime API: the only failure allowed is a
 one-line UserError that names the problem."""
 
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
+from manzano_edge.models.manzano import CONFIG_FILE, EMBEDDED_DEFAULT
 from manzano_edge.runtime.bundle import Bundle, BundleGraphs
 from manzano_edge.runtime.graphs import TorchGraphs
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
@@ -19,6 +21,7 @@ from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 FUZZ = settings(max_examples=20, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 NAN = float("nan")
+SIZE = json.loads((EMBEDDED_DEFAULT / CONFIG_FILE).read_text())["vision"]["image_size"]  # the model the pipes load
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,9 @@ def test_understand_never_crashes(pipes, backend):
 
     @FUZZ
     @given(image=images, prompt=prompts, max_new=max_tokens, sampling=samplings, seed=seeds)
-    @example(image=torch.full((1, 3, 96, 96), NAN), prompt="what is it?", max_new=2, sampling=None, seed=0)
-    @example(image=torch.zeros(1, 3, 96, 96, dtype=torch.float16), prompt="what is it?", max_new=2, sampling=None, seed=0)
+    @example(image=torch.full((1, 3, SIZE, SIZE), NAN), prompt="what is it?", max_new=2, sampling=None, seed=0)
+    @example(image=torch.zeros(1, 3, SIZE, SIZE, dtype=torch.float16), prompt="what is it?", max_new=2, sampling=None,
+             seed=0)
     @example(image=Image.new("RGB", (1, 1000)), prompt="red " * 400, max_new=2, sampling=None, seed=0)
     def check(image, prompt, max_new, sampling, seed):
         out = _only_user_errors(lambda: pipe.understand(image, prompt, max_new_tokens=max_new, sampling=sampling, seed=seed))
@@ -99,9 +103,9 @@ def test_named_errors(pipes):
     """The errors the issue names, with the problem in the message."""
     pipe = pipes["ort"]
     with pytest.raises(UserError, match="NaN"):
-        pipe.understand(torch.full((1, 3, 96, 96), NAN), "what is it?")
+        pipe.understand(torch.full((1, 3, SIZE, SIZE), NAN), "what is it?")
     with pytest.raises(UserError, match="float32"):
-        pipe.understand(torch.zeros(1, 3, 96, 96, dtype=torch.float16), "what is it?")
+        pipe.understand(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.float16), "what is it?")
     with pytest.raises(UserError, match="context"):
         pipe.generate("red " * 400)
     with pytest.raises(UserError, match="temperature"):

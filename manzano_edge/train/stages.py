@@ -219,13 +219,13 @@ class TokenizerStage(nn.Module):
         range_loss = fsq_range_loss(z)
         labels = scene_labels(examples)
         scene_loss = self.scene_weight * scene_parse_loss(self.continuous_parse, continuous, labels)
-        logs = {}
+        logs = {"lm": lm_loss.item(), "recon": recon_loss.item(), "range": range_loss.item(),
+                "scene": scene_loss.item()}
+        loss = lm_loss + self.recon_weight * recon_loss + range_loss + scene_loss
         if self.code_parse is not None:
             code_loss = self.code_parse_weight * scene_parse_loss(self.code_parse, discrete, labels)
-            scene_loss, logs = scene_loss + code_loss, {"code_parse": code_loss.item()}
-        loss = lm_loss + self.recon_weight * recon_loss + range_loss + scene_loss
-        return loss, {"lm": lm_loss.item(), "recon": recon_loss.item(), "range": range_loss.item(),
-                      "scene": scene_loss.item(), **logs}
+            loss, logs["code_parse"] = loss + code_loss, code_loss.item()
+        return loss, logs
 
 
 class DecoderStage(nn.Module):
