@@ -146,9 +146,9 @@ def test_bad_prompts(pipe):
         pipe.edit(Image.new("RGB", (96, 96)), "make it blue")
 
 
-def test_cli_caption_and_generate(tmp_path, capsys):
+def test_cli_caption_and_generate(pipe, tmp_path, capsys):
     img = tmp_path / "in.png"
-    size = load_checkpoint(None)[0].cfg.vision.image_size
+    size = pipe.cfg.vision.image_size
     scenes.render(scenes.Scene((scenes.SceneObject("triangle", "green", "center"),)), size).save(img)
     assert main(["caption", "--image", str(img), "--prompt", "what color is the shape in the center?"]) == 0
     assert "green" in capsys.readouterr().out

@@ -31,9 +31,9 @@ def pipes(tiny, bundle):
 
 def test_same_captions_on_every_backend(pipes):
     rng = np.random.default_rng(3)
+    size = pipes["torch"].cfg.vision.image_size
     for _ in range(4):
         scene = scenes.sample_scene(rng)
-        size = pipes["torch"].cfg.vision.image_size
         px = to_pixels(scenes.render(scene, size), size)
         question, _ = scenes.question_answer(scene, rng)
         answers = {name: p.understand(px, question) for name, p in pipes.items()}

@@ -1,7 +1,6 @@
 """Generated bad (and good) inputs against the runtime API: the only failure allowed is a
 one-line UserError that names the problem."""
 
-import json
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from manzano_edge.config import ModelConfig
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import CONFIG_FILE, EMBEDDED_DEFAULT
@@ -21,7 +21,7 @@ from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 FUZZ = settings(max_examples=20, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 NAN = float("nan")
-SIZE = json.loads((EMBEDDED_DEFAULT / CONFIG_FILE).read_text())["vision"]["image_size"]  # the model the pipes load
+SIZE = ModelConfig.load(EMBEDDED_DEFAULT / CONFIG_FILE).vision.image_size  # the model the pipes load
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def pil_images():
 
 
 def tensors():
-    shapes = st.sampled_from([(1, 3, 144, 144), (1, 3, 96, 96), (1, 3, 64, 64), (3, 96, 96), (2, 3, 96, 96),
+    shapes = st.sampled_from([(1, 3, SIZE, SIZE), (1, 3, 96, 96), (1, 3, 64, 64), (3, 96, 96), (2, 3, 96, 96),
                               (1, 1, 96, 96), (0,)])
     dtypes = st.sampled_from([torch.float32, torch.float16, torch.float64, torch.int64, torch.uint8, torch.bool])
     fills = st.sampled_from([0.0, 0.5, -1.0, 7.0, NAN, math.inf])

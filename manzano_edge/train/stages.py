@@ -81,7 +81,16 @@ class CodePixelDecoder(nn.Module):
         return F.avg_pool2d(pixels, self.DOWNSAMPLE)
 
 
-class SceneParseHead(nn.Module):
+class _ParseLogits(nn.Module):
+    """Shared by the parse heads: logits over (empty + shapes) then (empty + colours), split in two."""
+
+    shapes, colors = 1 + len(scenes.SHAPES), 1 + len(scenes.COLORS)
+
+    def split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits[..., : self.shapes], logits[..., self.shapes:]
+
+
+class SceneParseHead(_ParseLogits):
     """Training-only: image tokens [B, N, D] -> for each of the 3x3 scene positions, logits
     over (empty + shapes) and (empty + colours). One Linear over the flattened token grid, so
     the adapter must make shape *linearly* readable: trained through the helper LM alone,
@@ -91,16 +100,14 @@ class SceneParseHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cells = len(scenes.POSITIONS)
-        self.shapes, self.colors = 1 + len(scenes.SHAPES), 1 + len(scenes.COLORS)
         self.proj = nn.Linear(cfg.vision.num_image_tokens * cfg.decoder.hidden_size,
                               self.cells * (self.shapes + self.colors))
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.proj(tokens.flatten(1)).view(-1, self.cells, self.shapes + self.colors)
-        return logits[..., : self.shapes], logits[..., self.shapes:]
+        return self.split(self.proj(tokens.flatten(1)).view(-1, self.cells, self.shapes + self.colors))
 
 
-class CellParseHead(nn.Module):
+class CellParseHead(_ParseLogits):
     """Training-only, for a 3x3 token grid (one token per scene cell): each code feature [B, 9, D]
     -> its own cell's (empty + shapes) and (empty + colours) logits, one Linear shared by every
     token. It makes the *code* of each token name its object's shape: under the pixel loss alone
@@ -109,12 +116,10 @@ class CellParseHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.shapes, self.colors = 1 + len(scenes.SHAPES), 1 + len(scenes.COLORS)
         self.proj = nn.Linear(cfg.decoder.hidden_size, self.shapes + self.colors)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.proj(tokens)
-        return logits[..., : self.shapes], logits[..., self.shapes:]
+        return self.split(self.proj(tokens))
 
 
 def one_token_per_cell(cfg: ModelConfig) -> bool:
