@@ -117,7 +117,9 @@ def cmd_eval(args) -> None:
             ("understanding (VQA+caption)", u["understanding_accuracy"], args.vqa + args.captions),
             ("ShapesEval (text-to-image)", g["shapes_eval"], args.generation),
             ("ShapesEval (reconstruction)", r["shapes_eval"], args.reconstruction),
-            ("reconstruction PSNR dB", r["pixel_psnr_db"], args.reconstruction)]
+            ("reconstruction PSNR dB", r["pixel_psnr_db"], args.reconstruction),
+            ("ShapesEval (VAE round trip)", (r["vae_round_trip"] or {}).get("shapes_eval"),
+             args.reconstruction if r["vae_round_trip"] else 0)]
     for name, value, samples in rows:
         print(f"{name:<30} {value:8.3f}" if samples else f"{name:<30} {'not run':>8}")
     if args.json:

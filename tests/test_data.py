@@ -180,3 +180,19 @@ def test_default_questions_are_those_of_earlier_releases():
     rng = np.random.default_rng(11)
     pairs = [scenes.question_answer(scenes.sample_scene(rng), rng) for _ in range(300)]
     assert hashlib.sha256(repr(pairs).encode()).hexdigest()[:16] == "c5b15440548cbc11"
+
+
+def test_two_object_share_sets_the_object_count_and_none_keeps_the_held_out_stream():
+    def counts(share: float | None) -> list[int]:
+        rng = np.random.default_rng(11)
+        return [len(scenes.sample_scene(rng, two_object_share=share).objects) for _ in range(2000)]
+
+    rng = np.random.default_rng(11)
+    assert counts(None) == [len(scenes.sample_scene(rng).objects) for _ in range(2000)]
+    assert abs(np.mean(np.array(counts(None)) == 2) - 0.5) < 0.05
+    assert abs(np.mean(np.array(counts(0.8)) == 2) - 0.8) < 0.03
+    assert set(counts(1.0)) == {2} and set(counts(0.0)) == {1}
+    from manzano_edge.data.batches import SceneSource
+
+    source = SceneSource(48, seed=3, two_object_share=1.0)
+    assert all(len(scenes.parse_objects(source.sample().prompt)) == 2 for _ in range(20))

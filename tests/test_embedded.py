@@ -215,3 +215,5 @@ def test_cli_eval_writes_json_and_marks_parts_it_did_not_run(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["generation"]["prompts"] == 0 and report["reconstruction"]["prompts"] == 2
     assert report["reconstruction"]["pixel_psnr_db"] > 10 and 0 <= report["understanding"]["vqa_accuracy"] <= 1
+    assert report["schema"] == "manzano-edge/eval@1" and report["reconstruction"]["vae_round_trip"]["prompts"] == 2
+    assert re.search(r"ShapesEval \(VAE round trip\) +[01]\.\d{3}", printed), printed

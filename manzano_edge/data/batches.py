@@ -47,16 +47,17 @@ class SceneSource:
     """Endless procedural examples; a given seed always yields the same stream."""
 
     def __init__(self, image_size: int, seed: int, questions_per_image: int = 3,
-                 hard_negative_rate: float = 0.0) -> None:
+                 hard_negative_rate: float = 0.0, two_object_share: float | None = None) -> None:
         self.image_size = image_size
         self.hard_negative_rate = hard_negative_rate
+        self.two_object_share = two_object_share
         self.rng = np.random.default_rng(seed)
         # Several questions per scene: the image encoder dominates a step's cost, and one pass
         # then supervises several answers (VQA stalled at ~57% with one question per image).
         self.questions_per_image = questions_per_image
 
     def sample(self, caption_prob: float = 0.4) -> Example:
-        scene = scenes.sample_scene(self.rng)
+        scene = scenes.sample_scene(self.rng, two_object_share=self.two_object_share)
         pixels = to_pixels(scenes.render(scene, self.image_size), self.image_size)[0]
         qa = []
         for _ in range(self.questions_per_image):

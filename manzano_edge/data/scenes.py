@@ -70,8 +70,13 @@ class Scene:
         return sorted(self.objects, key=lambda o: POSITIONS.index(o.position))
 
 
-def sample_scene(rng: np.random.Generator, max_objects: int = 2) -> Scene:
-    count = int(rng.integers(1, max_objects + 1))
+def sample_scene(rng: np.random.Generator, max_objects: int = 2, two_object_share: float | None = None) -> Scene:
+    """`two_object_share` (training data only): the chance of two objects instead of a uniform count.
+    None keeps the uniform draw, so held-out streams are those of earlier releases."""
+    if two_object_share is None:
+        count = int(rng.integers(1, max_objects + 1))
+    else:
+        count = 2 if rng.random() < two_object_share else 1
     cells = rng.choice(len(POSITIONS), size=count, replace=False)
     objects = tuple(
         SceneObject(

@@ -57,6 +57,10 @@ class SceneData:
     # Share of "is there a <colour> <shape>?" distractors that differ from a real object in one
     # attribute. Stage 2 only: the same data in stage 1 (v8) weakened the tokenizer's captions.
     hard_negative_rate: float = 0.0
+    # Chance that a scene has two objects (None: 1 or 2, uniformly). Stage 2 only. With one token
+    # per object (v11) the decoder answered colour/place questions about two-object scenes with the
+    # first object's attribute about half the time; questions that need binding are two-object ones.
+    two_object_share: float | None = None
 
 
 @dataclass
@@ -71,7 +75,7 @@ class TrainConfig:
         "dit": StageBudget(steps=2000, batch_size=32, lr=5e-4),
     })
     scene_data: dict[str, SceneData] = field(default_factory=lambda: {
-        "decoder": SceneData(questions_per_image=4, hard_negative_rate=0.5),
+        "decoder": SceneData(questions_per_image=4, hard_negative_rate=0.5, two_object_share=0.8),
     })
 
     def scaled(self, factor: float) -> TrainConfig:
@@ -247,7 +251,8 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
                     raise UserError("--data-dir and --captions go together: a folder of images and a JSONL of captions")
                 return FolderSource(data_dir, captions, cfg.vision.image_size, seed)
             data = tcfg.scene_data.get(stage, SceneData())
-            return SceneSource(cfg.vision.image_size, seed, data.questions_per_image, data.hard_negative_rate)
+            return SceneSource(cfg.vision.image_size, seed, data.questions_per_image, data.hard_negative_rate,
+                               data.two_object_share)
         return make_source
 
     if rank == 0:
