@@ -82,6 +82,11 @@ class DiTConfig:
     patch_size: int = 2
     # DiT-Air: one adaLN modulation network shared by every block.
     share_adaln: bool = True
+    # How the image tokens' condition is spread over the latent patches ("bilinear" | "nearest").
+    # Bilinear (the default, and what configs without the key were trained with) blends
+    # neighbouring tokens at every patch; where each token is one scene cell that blurs the
+    # edge patches of every object, so the tiny preset uses "nearest".
+    cond_resample: str = "bilinear"
 
 
 @dataclass
@@ -155,6 +160,8 @@ class ModelConfig:
             problems.append("vision/dit heads must divide their width")
         if v.image_size % self.vae.downsample or self.latent_size % t.patch_size:
             problems.append("image_size must be divisible by the VAE downsample and the DiT patch size")
+        if t.cond_resample not in ("bilinear", "nearest"):
+            problems.append(f"dit.cond_resample must be 'bilinear' or 'nearest', got {t.cond_resample!r}")
         if problems:
             raise UserError(f"invalid model config '{self.name}': " + "; ".join(problems))
         return self
@@ -195,7 +202,8 @@ def _tiny() -> ModelConfig:
     # 144 px / patch 16: a 9x9 ViT grid folds into 3x3 image tokens, one per scene cell, so each
     # token describes a whole object. At 96 px (4x4 tokens) objects straddled 2-4 tokens, each
     # holding an edge fragment, and the codes carried too little shape to draw from.
-    return ModelConfig(name="tiny", vision=VisionConfig(image_size=144, patch_size=16, conv_stem=[24, 48]))
+    return ModelConfig(name="tiny", vision=VisionConfig(image_size=144, patch_size=16, conv_stem=[24, 48]),
+                       dit=DiTConfig(cond_resample="nearest"))
 
 
 def _small() -> ModelConfig:

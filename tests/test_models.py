@@ -134,3 +134,22 @@ def test_diffusion_shapes(model):
         px = model.vae.decoder(latent)
     size = cfg.vision.image_size
     assert v.shape == latent.shape and px.shape == (2, 3, size, size) and px.abs().max() <= 1
+
+
+def test_dit_condition_resampling():
+    from manzano_edge.models.dit import token_to_patch_matrix
+
+    nearest = token_to_patch_matrix(9, 9, "nearest")  # tiny: 3x3 tokens over 9x9 latent patches
+    assert ((nearest == 0) | (nearest == 1)).all() and (nearest.sum(1) == 1).all()
+    owner = nearest.argmax(1).view(9, 9)  # each token conditions exactly the 3x3 patches of its cell
+    assert owner.tolist() == [[3 * (r // 3) + c // 3 for c in range(9)] for r in range(9)]
+    bilinear = token_to_patch_matrix(9, 9, "bilinear")
+    assert torch.allclose(bilinear.sum(1), torch.ones(81)) and (bilinear[2] > 0).sum() == 2  # edge patches blend
+    assert preset("tiny").dit.cond_resample == "nearest" and preset("small").dit.cond_resample == "bilinear"
+    older = preset("tiny").to_dict()
+    del older["dit"]["cond_resample"]  # configs saved before the option keep what they were trained with
+    assert ModelConfig.from_dict(older).dit.cond_resample == "bilinear"
+    cfg = preset("tiny")
+    cfg.dit.cond_resample = "cubic"
+    with pytest.raises(UserError, match="cond_resample"):
+        cfg.validate()

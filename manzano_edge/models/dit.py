@@ -26,12 +26,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def token_to_patch_matrix(num_tokens: int, patch_grid: int) -> torch.Tensor:
-    """[patch_grid^2, num_tokens]: bilinear resampling of a square token grid onto the latent
-    patch grid, as one constant matmul (exports the same everywhere, unlike an interpolate op)."""
+def token_to_patch_matrix(num_tokens: int, patch_grid: int, mode: str = "bilinear") -> torch.Tensor:
+    """[patch_grid^2, num_tokens]: resampling ("bilinear" or "nearest") of a square token grid onto
+    the latent patch grid, as one constant matmul (exports the same everywhere, unlike an
+    interpolate op)."""
     side = int(round(num_tokens ** 0.5))
     basis = torch.eye(num_tokens).reshape(num_tokens, 1, side, side)
-    resampled = F.interpolate(basis, size=(patch_grid, patch_grid), mode="bilinear", align_corners=False)
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    resampled = F.interpolate(basis, size=(patch_grid, patch_grid), mode=mode, **kwargs)
     return resampled.reshape(num_tokens, patch_grid * patch_grid).T.contiguous()
 
 
@@ -73,7 +75,8 @@ class DiT(nn.Module):
         # Each latent patch also adds the (bilinearly resampled) condition of the image tokens
         # over it. With cross-attention alone the tiny DiT never learned to use its condition
         # (loss with shuffled conditions was the same); the token grid is spatial, so say so.
-        self.register_buffer("token_to_patch", token_to_patch_matrix(cfg.vision.num_image_tokens, grid), persistent=False)
+        self.register_buffer("token_to_patch", token_to_patch_matrix(cfg.vision.num_image_tokens, grid, d.cond_resample),
+                             persistent=False)
         n_mod = 1 if d.share_adaln else d.depth
         self.adaln = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(d.width, 6 * d.width)) for _ in range(n_mod))
         self.blocks = nn.ModuleList(DiTBlock(d.width, d.heads, d.mlp_ratio) for _ in range(d.depth))
