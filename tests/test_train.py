@@ -13,7 +13,7 @@ from manzano_edge.train.loop import StageBudget, train
 
 MICRO = textwrap.dedent("""
     from manzano_edge.config import DecoderConfig, DiTConfig, ModelConfig, VAEConfig, VisionConfig
-    from manzano_edge.train.loop import StageBudget, TrainConfig
+    from manzano_edge.train.loop import STAGES, StageBudget, TrainConfig
 
     def micro_config():
         return ModelConfig(
@@ -27,7 +27,7 @@ MICRO = textwrap.dedent("""
 
     def micro_budget(steps=2):
         return TrainConfig(save_every=1, stages={name: StageBudget(steps=steps, batch_size=4, lr=1e-3, warmup=1)
-                                                 for name in ("tokenizer", "decoder", "vae", "dit")})
+                                                 for name in STAGES})
 """)
 namespace: dict = {}
 exec(MICRO, namespace)
@@ -39,7 +39,7 @@ def test_all_stages_train_and_write_a_loadable_checkpoint(tmp_path):
     model, _ = load_checkpoint(final)
     assert model.cfg.name == "micro" and model.cfg.vae.scaling_factor != 1.0  # measured after the VAE stage
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
-    assert [e["stage"] for e in log] == ["tokenizer", "decoder", "vae", "dit"]
+    assert [e["stage"] for e in log] == ["tokenizer", "decoder", "binding", "vae", "dit"]
     assert all(all(v == v for v in e["final_losses"].values()) for e in log)  # no NaN losses
     assert not list((tmp_path / "run").rglob("*.pt")) and not list((tmp_path / "run").rglob("*.bin"))
 
@@ -73,7 +73,7 @@ def test_ddp_two_processes(tmp_path):
     model, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert model.cfg.name == "micro"
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
-    assert len(log) == 4  # only rank 0 writes the log
+    assert len(log) == 5  # only rank 0 writes the log
 
 
 def test_reconstruction_losses_weight_the_objects():
@@ -160,9 +160,12 @@ def test_a_stage_trains_the_same_alone_or_after_the_others(tmp_path):
 
     one_go = train(tmp_path / "a", micro_budget(), cfg=micro_config())
     train(tmp_path / "b", micro_budget(), cfg=micro_config(), stages=("tokenizer",))
-    split = train(tmp_path / "b", micro_budget(), cfg=micro_config(), stages=("decoder", "vae", "dit"))
+    split = train(tmp_path / "b", micro_budget(), cfg=micro_config(), stages=("decoder", "binding", "vae", "dit"))
     a, b = load_file(one_go / "model.safetensors"), load_file(split / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from manzano_edge.train.loop import STAGE_SEED_OFFSET, STAGES
+
+    assert set(STAGE_SEED_OFFSET) == set(STAGES) and len(set(STAGE_SEED_OFFSET.values())) == len(STAGES)
 
 
 def test_tiny_image_tokens_coincide_with_the_scene_cells():

@@ -40,7 +40,8 @@ from manzano_edge.models.decoder import LlamaDecoder
 from manzano_edge.models.dit import flow_matching_loss
 from manzano_edge.models.manzano import Manzano
 
-STAGES = ("tokenizer", "decoder", "vae", "dit")
+# "binding" (stage 2b) fine-tunes the decoder again, on two-object scenes at a constant lower rate.
+STAGES = ("tokenizer", "decoder", "binding", "vae", "dit")
 
 
 def freeze(module: nn.Module) -> nn.Module:
