@@ -191,26 +191,3 @@ def test_tiny_image_tokens_coincide_with_the_scene_cells():
     shape_logits, color_logits = head(torch.randn(2, cfg.vision.num_image_tokens, cfg.decoder.hidden_size))
     assert shape_logits.shape == (2, 9, 1 + len(scenes.SHAPES)) and color_logits.shape == (2, 9, 1 + len(scenes.COLORS))
 
-
-def test_the_vae_trains_on_aligned_half_size_crops():
-    import numpy as np
-
-    from manzano_edge.config import preset
-    from manzano_edge.models.manzano import Manzano
-    from manzano_edge.train.stages import VAEStage, random_crops
-
-    cfg = preset("tiny")
-    with torch.device("meta"):
-        stage = VAEStage(Manzano(cfg))
-    assert stage.crop == cfg.vision.image_size // 2 and stage.crop % cfg.vae.downsample == 0
-    size, align = 40, 8
-    pixels = torch.arange(16 * 3 * size * size, dtype=torch.float32).view(16, 3, size, size)
-    crops = random_crops(pixels, 16, align, np.random.default_rng(0))
-    assert crops.shape == (16, 3, 16, 16)
-    corners = set()
-    for image, crop in zip(pixels, crops):
-        y, x = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), size)  # where the crop's first pixel came from
-        assert y % align == 0 and x % align == 0 and torch.equal(crop, image[:, y:y + 16, x:x + 16])
-        corners.add((y, x))
-    assert len(corners) > 3  # offsets vary across the batch
-    assert max(max(c) for c in corners) <= size - 16

@@ -272,33 +272,18 @@ class DecoderStage(nn.Module):
                       "scene": scene_loss.item()}
 
 
-def random_crops(pixels: torch.Tensor, size: int, align: int, rng: np.random.Generator) -> torch.Tensor:
-    """One [size x size] crop per image, at offsets on the `align` grid (the VAE's downsample, so
-    every crop sees the same latent-cell phase as a full image)."""
-    slots = (pixels.shape[-1] - size) // align + 1
-    offsets = rng.integers(slots, size=(pixels.shape[0], 2)) * align
-    return torch.stack([img[:, y:y + size, x:x + size] for img, (y, x) in zip(pixels, offsets.tolist())])
-
-
 class VAEStage(nn.Module):
     """Foreground-weighted like the tokenizer's reconstruction head: with a plain mean the VAE
-    decoded every latent to background and reconstructions through tokens scored 0.
-
-    The VAE is fully convolutional, so it trains on half-size crops (as image VAEs train on
-    crops): a quarter of the compute per image, and an object still fits in a crop."""
+    decoded every latent to background and reconstructions through tokens scored 0."""
 
     KL_WEIGHT = 1e-4
 
-    def __init__(self, model: Manzano, crop_fraction: float | None = 0.5) -> None:
+    def __init__(self, model: Manzano) -> None:
         super().__init__()
         self.vae = model.vae
-        size, align = model.cfg.vision.image_size, model.cfg.vae.downsample
-        self.crop = None if crop_fraction is None else max(align, int(size * crop_fraction) // align * align)
 
     def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         pixels = torch.stack([ex.pixels for ex in examples])
-        if self.crop is not None and self.crop < pixels.shape[-1]:
-            pixels = random_crops(pixels, self.crop, self.vae.cfg.downsample, rng)
         recon, kl = self.vae.reconstruct(pixels)
         recon_loss = foreground_weighted_loss(recon, pixels)
         return recon_loss + self.KL_WEIGHT * kl, {"recon": recon_loss.item(), "kl": kl.item()}
