@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
-    p.add_argument("--stages", help="comma-separated subset of tokenizer,decoder,vae,dit")
+    p.add_argument("--stages", help="comma-separated subset of tokenizer,decoder,binding,vae,dit (in that order)")
     p.add_argument("--data-dir", help="folder of your images (with --captions)")
     p.add_argument("--captions", help="JSONL: {\"image\": \"a.png\", \"caption\": \"...\"} per line")
     p.set_defaults(func=cmd_train)

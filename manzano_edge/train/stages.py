@@ -1,10 +1,11 @@
-"""The four training stages as modules whose forward(batch) returns the loss.
+"""The training stages as modules whose forward(batch) returns the loss.
 
 Each stage wraps the parts of `Manzano` it trains and freezes the rest, following the
 paper: (1) tokenizer with a small helper LM through a randomly chosen adapter per sample;
-(2) the unified decoder with the ViT and discrete adapter frozen; (3) VAE, then (4) DiT on
-frozen discrete tokens. Wrapping each stage in one module is what lets the same loop run
-under DDP.
+(2) the unified decoder with the ViT and discrete adapter frozen, then (2b, "binding") the
+same stage again, briefly, on two-object scenes at a constant lower learning rate; (3) VAE,
+then (4) DiT on frozen discrete tokens. Wrapping each stage in one module is what lets the same
+loop run under DDP.
 
 Departure from the paper, on purpose: stage 1 adds an auxiliary pixel-reconstruction loss
 through the discrete branch (a small conv decoder, discarded after training). Trained on
