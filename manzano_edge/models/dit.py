@@ -72,8 +72,8 @@ class DiT(nn.Module):
         self.cond_proj = nn.Linear(cfg.decoder.hidden_size, d.width)
         # Learned "no condition" token: classifier-free guidance's unconditional branch.
         self.null_cond = nn.Parameter(torch.randn(1, 1, cfg.decoder.hidden_size) * 0.02)
-        # Each latent patch also adds the (bilinearly resampled) condition of the image tokens
-        # over it. With cross-attention alone the tiny DiT never learned to use its condition
+        # Each latent patch also adds the condition of the image tokens over it (resampled per
+        # `cond_resample`). With cross-attention alone the tiny DiT never learned to use its condition
         # (loss with shuffled conditions was the same); the token grid is spatial, so say so.
         self.register_buffer("token_to_patch", token_to_patch_matrix(cfg.vision.num_image_tokens, grid, d.cond_resample),
                              persistent=False)

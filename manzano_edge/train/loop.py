@@ -79,7 +79,8 @@ class TrainConfig:
         # both image paths. 1800 score 1.00. (Half-size crops at a quarter of the cost also scored
         # 1.00, but the DiT trained on their latents drew worse shapes: 0.63 vs 0.76 reconstruction.)
         "vae": StageBudget(steps=1800, batch_size=16, lr=1e-3),
-        # 2000 steps (v11): reconstruction 0.76, text-to-image 0.79; 3000: 0.94 / 0.96 (v12).
+        # v11's 2000 steps, under v12's VAE, decoder and nearest resampling: reconstruction 0.76,
+        # text-to-image 0.79; 3000 steps: 0.94 / 0.96.
         "dit": StageBudget(steps=3000, batch_size=32, lr=5e-4),
     })
     scene_data: dict[str, SceneData] = field(default_factory=lambda: {
