@@ -108,14 +108,15 @@ def eval_reconstruction(pipe: Pipeline, n: int, seed: int, sampling: SamplingCon
     for i in tqdm(range(n), desc="eval reconstruction", disable=not show):
         scene = scenes.sample_scene(rng)
         pixels = to_pixels(scenes.render(scene, size), size)
+        specs = scenes.scene_specs(scene)
         out = pipe.reconstruct(pixels, sampling, seed=seed + i)
-        score.add(scenes.scene_specs(scene), detect(to_image(out)))
+        score.add(specs, detect(to_image(out)))
         mse = float(((out - pixels) ** 2).mean())
         psnr_value = 10 * np.log10(4.0 / max(mse, 1e-12))  # pixels span [-1, 1]: peak-to-peak 2
         psnrs.append(psnr_value)
         ceiling = vae_round_trip(pipe, pixels)
         if ceiling is not None:
-            vae_score.add(scenes.scene_specs(scene), detect(to_image(ceiling)))
+            vae_score.add(specs, detect(to_image(ceiling)))
     return {**score.summary(), "pixel_psnr_db": float(np.mean(psnrs)) if psnrs else None,
             "vae_round_trip": vae_score.summary() if vae_score.prompts else None}
 

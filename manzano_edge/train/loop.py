@@ -164,14 +164,14 @@ def lr_at(step: int, budget: StageBudget) -> float:
     return budget.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+# Fixed per stage (not the position in STAGES), so adding a stage leaves the others' seeds alone.
+STAGE_SEED_OFFSET = {"tokenizer": 1, "decoder": 2, "vae": 3, "dit": 4, "binding": 5}
+
+
 def stage_seed(seed: int, stage: str) -> int:
     """Torch's global RNG is reseeded per stage (training-only heads, VAE sampling noise), so a stage
     trains the same whether it runs in one process after the others, alone with --stages, or resumed."""
     return seed * 1_000_003 + STAGE_SEED_OFFSET[stage]
-
-
-# Fixed per stage (not the position in STAGES), so adding a stage leaves the others' seeds alone.
-STAGE_SEED_OFFSET = {"tokenizer": 1, "decoder": 2, "vae": 3, "dit": 4, "binding": 5}
 
 
 def build_stage(name: str, model: Manzano, codec: TextCodec) -> nn.Module:
