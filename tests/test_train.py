@@ -191,3 +191,88 @@ def test_tiny_image_tokens_coincide_with_the_scene_cells():
     shape_logits, color_logits = head(torch.randn(2, cfg.vision.num_image_tokens, cfg.decoder.hidden_size))
     assert shape_logits.shape == (2, 9, 1 + len(scenes.SHAPES)) and color_logits.shape == (2, 9, 1 + len(scenes.COLORS))
 
+
+
+def test_bf16_mixed_autocasts_the_forward_and_keeps_weights_fp32(tmp_path):
+    from manzano_edge.errors import UserError
+    from manzano_edge.train.loop import TrainConfig, run_stage
+
+    class Probe(torch.nn.Module):  # records the dtype its linear computes in
+        def __init__(self):
+            super().__init__()
+            self.linear, self.seen = torch.nn.Linear(32, 32), []
+
+        def forward(self, examples, rng):
+            out = self.linear(torch.stack(examples))
+            self.seen.append(out.dtype)
+            return out.float().pow(2).mean(), {}
+
+    class Source:
+        def sample(self):
+            return torch.randn(32)
+
+    budget = StageBudget(steps=2, batch_size=4, lr=1e-3, warmup=1)
+    for precision, dtype in (("bf16-mixed", torch.bfloat16), ("fp32", torch.float32)):
+        probe = Probe()
+        run_stage("probe", probe, budget, tmp_path / precision, TrainConfig(precision=precision), lambda seed: Source())
+        assert probe.seen == [dtype, dtype]
+        assert probe.linear.weight.dtype == torch.float32  # master weights and AdamW state stay fp32
+    with pytest.raises(UserError, match="unknown precision 'fp16'; choose from bf16-mixed, fp32"):
+        TrainConfig(precision="fp16").validate()
+
+
+def test_frozen_image_ids_are_computed_in_fp32_under_bf16_autocast(monkeypatch):
+    # bf16 before FSQ's rounding flips ids near level boundaries (0.56% of ids on v12); the decoder's
+    # generation targets and the DiT's condition must be the ids inference computes, bit for bit.
+    from manzano_edge.data.batches import SceneSource
+    from manzano_edge.data.text import TextCodec, domain_corpus, train_bpe
+    from manzano_edge.models.manzano import Manzano
+    from manzano_edge.train import stages
+    from manzano_edge.train.loop import autocast_for
+
+    torch.manual_seed(0)
+    cfg = micro_config()
+    model = Manzano(cfg)
+    source = SceneSource(cfg.vision.image_size, seed=3)
+    examples = [source.sample() for _ in range(64)]
+    pixels = torch.stack([ex.pixels for ex in examples])
+    with torch.no_grad():
+        reference = model.tokenizer.image_to_ids(pixels)
+        with autocast_for("bf16-mixed"):
+            assert not torch.equal(model.tokenizer.image_to_ids(pixels), reference)  # the hazard is real here
+
+    seen = {}
+    real_generation_batch = stages.generation_batch
+
+    def capture_ids(prompts, ids, *args):
+        seen["decoder"] = ids
+        return real_generation_batch(prompts, ids, *args)
+
+    def capture_cond(dit, latent, cond, **kwargs):
+        seen["dit"] = cond
+        return latent.sum() * 0
+
+    monkeypatch.setattr(stages, "generation_batch", capture_ids)
+    monkeypatch.setattr(stages, "flow_matching_loss", capture_cond)
+    codec = TextCodec(train_bpe(cfg.text.text_vocab_size, domain_corpus(seed=0)).to_str(), cfg.text)
+    rng = __import__("numpy").random.default_rng(0)
+    with autocast_for("bf16-mixed"):
+        stages.DecoderStage(model, codec)(examples, rng)
+        stages.DiTStage(model)(examples, rng)
+    half = len(examples) * 5 // 8
+    assert torch.equal(seen["decoder"], reference[half:])
+    assert torch.equal(seen["dit"], model.tokenizer.discrete.ids_to_features(reference))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision", "fp16"], "unknown precision 'fp16'; choose from bf16-mixed, fp32"),
+    (["--stages", "vae,difusion"], "unknown stage 'difusion'; choose from tokenizer, decoder, binding, vae, dit"),
+])
+def test_bad_train_options_fail_cleanly_and_write_nothing(tmp_path, capsys, args, message):
+    from manzano_edge.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -31,7 +31,7 @@ class FSQ(nn.Module):
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """z [..., d] -> codes [..., d], each in [-1, 1] on the level grid (straight-through)."""
-        bounded = self._bound(z)
+        bounded = self._bound(z.float())  # rounding in fp32, also when training under bf16 autocast
         rounded = bounded + (torch.round(bounded) - bounded).detach()
         return rounded / (self._levels // 2)
 

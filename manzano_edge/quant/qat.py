@@ -325,7 +325,9 @@ def qat(checkpoint: str | None, run_dir: str | Path, qcfg: QATRunConfig) -> Path
         p.requires_grad_(False)
     swapped = prepare(model, qcfg.recipe, qcfg.graphs, qcfg.keep_float)
     codec = TextCodec(tokenizer_json, model.cfg.text)
-    tcfg = TrainConfig(seed=qcfg.seed, save_every=qcfg.save_every)
+    # fp32: the fake quantizers round like FSQ does, and the distillation targets sit at the 35 dB level;
+    # bf16 (8 bits of mantissa) would move values across int8 steps before they are rounded.
+    tcfg = TrainConfig(seed=qcfg.seed, save_every=qcfg.save_every, precision="fp32")
     if rank == 0:
         record_path.write_text(json.dumps({"config": dataclasses.asdict(qcfg)}, indent=2) + "\n")
 
