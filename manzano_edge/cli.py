@@ -111,15 +111,17 @@ def cmd_eval(args) -> None:
 
     pipe = _pipeline(args.checkpoint)
     report = evaluate(pipe, EvalConfig(vqa=args.vqa, captions=args.captions, generation=args.generation,
-                                       reconstruction=args.reconstruction, seed=args.seed, sampling=_sampling(args)))
-    u, g, r = report["understanding"], report["generation"], report["reconstruction"]
+                                       reconstruction=args.reconstruction, drawings=args.drawings, seed=args.seed,
+                                       sampling=_sampling(args)))
+    u, g, r, d = report["understanding"], report["generation"], report["reconstruction"], report["drawings"]
     rows = [("VQA accuracy", u["vqa_accuracy"], args.vqa), ("caption accuracy", u["caption_accuracy"], args.captions),
             ("understanding (VQA+caption)", u["understanding_accuracy"], args.vqa + args.captions),
             ("ShapesEval (text-to-image)", g["shapes_eval"], args.generation),
             ("ShapesEval (reconstruction)", r["shapes_eval"], args.reconstruction),
             ("reconstruction PSNR dB", r["pixel_psnr_db"], args.reconstruction),
             ("ShapesEval (VAE round trip)", (r["vae_round_trip"] or {}).get("shapes_eval"),
-             args.reconstruction if r["vae_round_trip"] else 0)]
+             args.reconstruction if r["vae_round_trip"] else 0),
+            ("caption accuracy (PIL drawings)", d["caption_accuracy"], args.drawings)]
     for name, value, samples in rows:
         print(f"{name:<30} {value:8.3f}" if samples else f"{name:<30} {'not run':>8}")
     if args.json:
@@ -393,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", type=int, default=200)
     p.add_argument("--generation", type=int, default=150)
     p.add_argument("--reconstruction", type=int, default=150)
+    p.add_argument("--drawings", type=int, default=100,
+                   help="captions of shapes drawn with PIL on canvases of any size (a user's own pictures)")
     p.add_argument("--seed", type=int, default=0)
     _add_sampling(p, temperature=0.0)
     p.set_defaults(func=cmd_eval)

@@ -43,7 +43,7 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
         image.save(tmp / "generated.png")
         found = detect(image)
         metrics = evaluate(pipe, EvalConfig(vqa=eval_size, captions=eval_size // 2, generation=eval_size // 2,
-                                            reconstruction=eval_size // 2), show=False)
+                                            reconstruction=eval_size // 2, drawings=eval_size // 2), show=False)
         summary = {
             "caption": {"image": "input.png", "truth": scenes.caption(scene), "output": caption},
             "vqa": {"question": question, "truth": answer, "output": reply},
@@ -54,6 +54,7 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
                            "caption_accuracy": metrics["understanding"]["caption_accuracy"],
                            "shapes_eval": metrics["generation"]["shapes_eval"],
                            "reconstruction_shapes_eval": metrics["reconstruction"]["shapes_eval"],
+                           "drawings_caption_accuracy": metrics["drawings"]["caption_accuracy"],
                            "samples": eval_size},
             "seconds": 0.0,
         }
@@ -115,7 +116,8 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"vqa       {v['question']} -> {v['output']} (truth: {v['truth']})")
     print(f"generate  '{g['prompt']}' -> {out / g['image']} ({'passed' if g['passed'] else 'failed'} ShapesEval)")
     print(f"quick eval on {q['samples']} held-out scenes: VQA {q['vqa_accuracy']:.2f}, caption {q['caption_accuracy']:.2f}, "
-          f"ShapesEval {q['shapes_eval']:.2f}, reconstruction ShapesEval {q['reconstruction_shapes_eval']:.2f}")
+          f"ShapesEval {q['shapes_eval']:.2f}, reconstruction ShapesEval {q['reconstruction_shapes_eval']:.2f}, "
+          f"captions of PIL drawings {q['drawings_caption_accuracy']:.2f}")
     if "export" in summary:
         ex = summary["export"]
         ok = sum(v["passed"] for v in ex.values())

@@ -196,3 +196,47 @@ def test_two_object_share_sets_the_object_count_and_none_keeps_the_held_out_stre
 
     source = SceneSource(48, seed=3, two_object_share=1.0)
     assert all(len(scenes.parse_objects(source.sample().prompt)) == 2 for _ in range(20))
+
+
+def test_canonical_scenes_are_those_of_earlier_releases():
+    # Digest taken with v12's scenes.py (before loose layouts existed): held-out streams unchanged.
+    rng = np.random.default_rng(11)
+    drawn = [scenes.sample_scene(rng) for _ in range(300)]
+    key = [(s.background, [(o.shape, o.color, o.position, round(o.size, 9), tuple(round(j, 9) for j in o.jitter))
+                           for o in s.objects]) for s in drawn]
+    assert hashlib.sha256(repr(key).encode()).hexdigest()[:16] == "8224b7bedd741f6e"
+    assert all(o.aspect == 1.0 and o.tint == (0, 0, 0) for s in drawn for o in s.objects)
+
+
+def test_loose_scenes_keep_their_labels_true():
+    # Anywhere in the cell, stretched, tinted, on any light background: the centre still names the
+    # position, objects stay inside the image and apart, and the rule-based detector (no ML) reads
+    # every rendered scene as its labels say.
+    rng = np.random.default_rng(5)
+    drawn = [scenes.sample_scene(rng, loose=True) for _ in range(300)]
+    objects = [o for s in drawn for o in s.objects]
+    for o in objects:
+        cell = scenes.POSITIONS.index(o.position)
+        cx, cy = o.center()
+        assert int(cx * 3) == cell % 3 and int(cy * 3) == cell // 3
+        assert scenes._inside(o) and 1 / 1.5 <= o.aspect <= 1.5 and max(map(abs, o.tint)) <= scenes.LOOSE_TINT
+    assert not any(scenes._touch(a, b) for s in drawn for i, a in enumerate(s.objects) for b in s.objects[i + 1:])
+    # The layouts really vary: stretch, off-centre placement, sizes and backgrounds.
+    assert np.mean([abs(np.log(o.aspect)) > np.log(1.2) for o in objects]) > 0.3
+    assert np.mean([max(map(abs, o.jitter)) > 0.05 for o in objects]) > 0.5
+    assert len({s.background for s in drawn}) > 250
+    for s in drawn[:120]:
+        assert scenes.scene_matches(scenes.scene_specs(s), detect(scenes.render(s, 144))), s
+
+
+def test_drawings_eval_labels_are_what_the_detector_sees():
+    # `eval --drawings`: a shape drawn with PIL on a canvas of any size; its label must be true.
+    from manzano_edge.eval.evaluate import held_out_rng, users_drawing
+
+    rng = held_out_rng(0, "drawings")
+    sizes = set()
+    for _ in range(100):
+        img, truth = users_drawing(rng)
+        sizes.add(img.size)
+        assert [(f.shape, f.color, f.position) for f in detect(img)] == [truth]
+    assert len(sizes) > 90 and any(w > h for w, h in sizes) and any(w < h for w, h in sizes)

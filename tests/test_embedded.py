@@ -208,7 +208,8 @@ def test_the_shipped_codes_carry_shape(tmp_path, capsys):
 
 def test_cli_eval_writes_json_and_marks_parts_it_did_not_run(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    argv = ["eval", "--vqa", "6", "--captions", "2", "--generation", "0", "--reconstruction", "2", "--json", str(out)]
+    argv = ["eval", "--vqa", "6", "--captions", "2", "--generation", "0", "--reconstruction", "2", "--drawings", "3",
+            "--json", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert re.search(r"ShapesEval \(text-to-image\) +not run", printed) and "nan" not in printed
@@ -217,3 +218,6 @@ def test_cli_eval_writes_json_and_marks_parts_it_did_not_run(tmp_path, capsys):
     assert report["reconstruction"]["pixel_psnr_db"] > 10 and 0 <= report["understanding"]["vqa_accuracy"] <= 1
     assert report["schema"] == "manzano-edge/eval@1" and report["reconstruction"]["vae_round_trip"]["prompts"] == 2
     assert re.search(r"ShapesEval \(VAE round trip\) +[01]\.\d{3}", printed), printed
+    assert report["drawings"]["drawings"] == 3 and len(report["drawings"]["examples"]) == 3
+    assert re.search(r"caption accuracy \(PIL drawings\) +[01]\.\d{3}", printed), printed
+    assert report["settings"]["drawings"] == 3

@@ -47,17 +47,20 @@ class SceneSource:
     """Endless procedural examples; a given seed always yields the same stream."""
 
     def __init__(self, image_size: int, seed: int, questions_per_image: int = 3,
-                 hard_negative_rate: float = 0.0, two_object_share: float | None = None) -> None:
+                 hard_negative_rate: float = 0.0, two_object_share: float | None = None,
+                 loose_share: float = 0.0) -> None:
         self.image_size = image_size
         self.hard_negative_rate = hard_negative_rate
         self.two_object_share = two_object_share
+        self.loose_share = loose_share  # chance of a loose layout (scenes.LOOSE_*); 0 keeps the stream
         self.rng = np.random.default_rng(seed)
         # Several questions per scene: the image encoder dominates a step's cost, and one pass
         # then supervises several answers (VQA stalled at ~57% with one question per image).
         self.questions_per_image = questions_per_image
 
     def sample(self, caption_prob: float = 0.4) -> Example:
-        scene = scenes.sample_scene(self.rng, two_object_share=self.two_object_share)
+        loose = self.loose_share > 0 and self.rng.random() < self.loose_share
+        scene = scenes.sample_scene(self.rng, two_object_share=self.two_object_share, loose=loose)
         pixels = to_pixels(scenes.render(scene, self.image_size), self.image_size)[0]
         qa = []
         for _ in range(self.questions_per_image):

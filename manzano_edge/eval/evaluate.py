@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from manzano_edge.data import scenes
@@ -30,6 +31,7 @@ class EvalConfig:
     captions: int = 200
     generation: int = 150
     reconstruction: int = 150
+    drawings: int = 100
     seed: int = 0
     sampling: SamplingConfig | None = None
 
@@ -121,15 +123,53 @@ def eval_reconstruction(pipe: Pipeline, n: int, seed: int, sampling: SamplingCon
             "vae_round_trip": vae_score.summary() if vae_score.prompts else None}
 
 
+def users_drawing(rng: np.random.Generator) -> tuple[Image.Image, tuple[str, str, str]]:
+    """One shape drawn with PIL the way a user might: a canvas of any size and aspect (96-480 px on
+    the short side, up to 1.6:1), a plain light background, the palette colour +-15 per channel,
+    the shape undistorted on the canvas (so stretched once resized to the square input), anywhere in
+    the middle 60% of its cell, aliased. Returns the image and its (shape, colour, position)."""
+    aspect = float(np.exp(rng.uniform(-np.log(1.6), np.log(1.6))))
+    short = int(rng.integers(96, 481))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+    shape, color = scenes.SHAPES[rng.integers(len(scenes.SHAPES))], list(scenes.COLORS)[rng.integers(len(scenes.COLORS))]
+    cell = int(rng.integers(len(scenes.POSITIONS)))
+    r = float(rng.uniform(0.07, 0.13)) * short
+    center = []
+    for index, side in ((cell % 3, w), (cell // 3, h)):
+        c = ((index + 0.5) / 3 + rng.uniform(-0.1, 0.1)) * side
+        center.append(float(np.clip(c, 1.2 * r, side - 1.2 * r)))  # inside the canvas, still in its cell
+    fill = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in scenes.COLORS[color])
+    img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(228, 256, size=3)))
+    scenes.draw_shape(ImageDraw.Draw(img), shape, fill, center[0], center[1], r)
+    return img, (shape, color, scenes.POSITIONS[cell])
+
+
+def eval_drawings(pipe: Pipeline, n: int, seed: int, show: bool = True) -> dict:
+    """Captions of `users_drawing` pictures: the issue asks that a user's own picture work as well
+    as a generated scene."""
+    rng = held_out_rng(seed, "drawings")
+    ok_count, examples = 0, []
+    for i in tqdm(range(n), desc="eval drawings", disable=not show):
+        img, truth = users_drawing(rng)
+        got = pipe.understand(img, scenes.caption_question(rng))
+        ok = scenes.scene_matches([scenes.ObjectSpec(*truth)], scenes.parse_objects(got))
+        ok_count += ok
+        if i < 5:
+            examples.append({"truth": " ".join(truth), "size": list(img.size), "output": got, "correct": bool(ok)})
+    return {"caption_accuracy": ok_count / n if n else None, "drawings": n, "examples": examples}
+
+
 def evaluate(pipe: Pipeline, ecfg: EvalConfig, show: bool = True) -> dict:
     t0 = time.time()
     report = {"schema": EVAL_SCHEMA,
               "understanding": eval_understanding(pipe, ecfg.vqa, ecfg.captions, ecfg.seed, show),
               "generation": eval_generation(pipe, ecfg.generation, ecfg.seed, ecfg.sampling, show),
-              "reconstruction": eval_reconstruction(pipe, ecfg.reconstruction, ecfg.seed, ecfg.sampling, show)}
+              "reconstruction": eval_reconstruction(pipe, ecfg.reconstruction, ecfg.seed, ecfg.sampling, show),
+              "drawings": eval_drawings(pipe, ecfg.drawings, ecfg.seed, show)}
     report["seconds"] = round(time.time() - t0, 1)
     report["settings"] = {"seed": ecfg.seed, "vqa": ecfg.vqa, "captions": ecfg.captions,
                           "generation": ecfg.generation, "reconstruction": ecfg.reconstruction,
+                          "drawings": ecfg.drawings,
                           "sampling": vars(ecfg.sampling or SamplingConfig())}
     return report
 

@@ -65,6 +65,10 @@ class SceneData:
     # with the first object's attribute about half the time: only two-object questions need binding.
     # From scratch in stage 2 it did not help (VQA 0.863, "no" 0.0); as a fine-tune it did.
     two_object_share: float | None = None
+    # Share of scenes drawn with a loose layout (scenes.LOOSE_*: anywhere in the cell, sizes 0.065-0.14,
+    # stretched up to 1.5:1), like a user's own drawing resized to the square input. Understanding
+    # stages only: the VAE and DiT render what the decoder generates, mostly canonical layouts.
+    loose_share: float = 0.0
 
 
 PRECISIONS = ("bf16-mixed", "fp32")
@@ -94,8 +98,9 @@ class TrainConfig:
         "dit": StageBudget(steps=3000, batch_size=32, lr=5e-4),
     })
     scene_data: dict[str, SceneData] = field(default_factory=lambda: {
-        "decoder": SceneData(questions_per_image=4, hard_negative_rate=0.5),
-        "binding": SceneData(questions_per_image=4, hard_negative_rate=0.5, two_object_share=0.8),
+        "tokenizer": SceneData(loose_share=0.5),
+        "decoder": SceneData(questions_per_image=4, hard_negative_rate=0.5, loose_share=0.5),
+        "binding": SceneData(questions_per_image=4, hard_negative_rate=0.5, two_object_share=0.8, loose_share=0.5),
     })
 
     def scaled(self, factor: float) -> TrainConfig:
@@ -296,7 +301,7 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
                 return FolderSource(data_dir, captions, cfg.vision.image_size, seed)
             data = tcfg.scene_data.get(stage, SceneData())
             return SceneSource(cfg.vision.image_size, seed, data.questions_per_image, data.hard_negative_rate,
-                               data.two_object_share)
+                               data.two_object_share, data.loose_share)
         return make_source
 
     if rank == 0:
