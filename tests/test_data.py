@@ -229,6 +229,17 @@ def test_loose_scenes_keep_their_labels_true():
         assert scenes.scene_matches(scenes.scene_specs(s), detect(scenes.render(s, 144))), s
 
 
+def test_a_loose_scenes_canonical_twin_has_the_same_objects_laid_out_canonically():
+    rng = np.random.default_rng(6)
+    for _ in range(40):
+        scene = scenes.sample_scene(rng, loose=True)
+        twin = scenes.canonical_twin(scene, rng)
+        assert scenes.scene_specs(twin) == scenes.scene_specs(scene)
+        assert all(o.aspect == 1.0 and o.tint == (0, 0, 0) and 0.085 <= o.size <= 0.125 for o in twin.objects)
+        assert twin.background in scenes.BACKGROUNDS
+        assert scenes.scene_matches(scenes.scene_specs(twin), detect(scenes.render(twin, 144)))
+
+
 def test_drawings_eval_labels_are_what_the_detector_sees():
     # `eval --drawings`: a shape drawn with PIL on a canvas of any size; its label must be true.
     from manzano_edge.eval.evaluate import held_out_rng, users_drawing

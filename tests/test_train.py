@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -276,3 +277,34 @@ def test_bad_train_options_fail_cleanly_and_write_nothing(tmp_path, capsys, args
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_loose_scenes_train_generation_on_their_canonical_twin(monkeypatch):
+    # Loose layouts are for understanding: with a loose scene's own codes as the generation target,
+    # a prompt's target codes blurred over sizes and stretches and text-to-image fell from 0.96
+    # to 0.21 (run s13c). The generation half of a decoder batch must target the canonical twin.
+    from manzano_edge.data.batches import SceneSource
+    from manzano_edge.data.text import TextCodec, domain_corpus, train_bpe
+    from manzano_edge.models.manzano import Manzano
+    from manzano_edge.train import stages
+
+    torch.manual_seed(0)
+    cfg = micro_config()
+    model = Manzano(cfg)
+    examples = [SceneSource(cfg.vision.image_size, seed=4, loose_share=1.0).sample() for _ in range(16)]
+    assert all(ex.generation_pixels is not None for ex in examples)
+    seen = {}
+    real_generation_batch = stages.generation_batch
+
+    def capture_ids(prompts, ids, *args):
+        seen["ids"] = ids
+        return real_generation_batch(prompts, ids, *args)
+
+    monkeypatch.setattr(stages, "generation_batch", capture_ids)
+    codec = TextCodec(train_bpe(cfg.text.text_vocab_size, domain_corpus(seed=0)).to_str(), cfg.text)
+    stages.DecoderStage(model, codec)(examples, np.random.default_rng(0))
+    gen = examples[len(examples) * 5 // 8:]
+    with torch.no_grad():
+        twin_ids = model.tokenizer.image_to_ids(torch.stack([ex.generation_pixels for ex in gen]))
+        own_ids = model.tokenizer.image_to_ids(torch.stack([ex.pixels for ex in gen]))
+    assert torch.equal(seen["ids"], twin_ids) and not torch.equal(twin_ids, own_ids)

@@ -33,6 +33,13 @@ class Example:
     pixels: torch.Tensor  # [3, H, W]
     qa: list[tuple[str, str]]  # (question, answer) pairs about this image; a caption is one of them
     prompt: str  # text-to-image prompt for this image
+    # The image whose codes `prompt` should generate, when not `pixels`: a loose scene's canonical
+    # twin, so loose layouts teach understanding without blurring what generation draws.
+    generation_pixels: torch.Tensor | None = None
+
+    @property
+    def generation_target(self) -> torch.Tensor:
+        return self.pixels if self.generation_pixels is None else self.generation_pixels
 
     @property
     def question(self) -> str:
@@ -68,7 +75,10 @@ class SceneSource:
                 qa.append((scenes.caption_question(self.rng), scenes.caption(scene)))
             else:
                 qa.append(scenes.question_answer(scene, self.rng, self.hard_negative_rate))
-        return Example(pixels, qa, scenes.generation_prompt(scene, self.rng))
+        twin = None
+        if loose:
+            twin = to_pixels(scenes.render(scenes.canonical_twin(scene, self.rng), self.image_size), self.image_size)[0]
+        return Example(pixels, qa, scenes.generation_prompt(scene, self.rng), twin)
 
 
 class FolderSource:

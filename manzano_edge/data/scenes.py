@@ -122,6 +122,13 @@ def sample_scene(rng: np.random.Generator, max_objects: int = 2, two_object_shar
     return Scene(objects, BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
 
 
+def canonical_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same objects (shape, colour, position) laid out as a canonical scene: what a prompt for a
+    loose scene should generate, since generation targets stay canonical."""
+    objects = tuple(_canonical_object(rng, o.shape, o.color, o.position) for o in scene.objects)
+    return Scene(objects, BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+
+
 def _canonical_object(rng: np.random.Generator, shape: str, color: str, position: str) -> SceneObject:
     return SceneObject(shape, color, position, size=float(rng.uniform(0.085, 0.125)),
                        jitter=(float(rng.uniform(-0.025, 0.025)), float(rng.uniform(-0.025, 0.025))))

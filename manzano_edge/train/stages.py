@@ -260,7 +260,7 @@ class DecoderStage(nn.Module):
     def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         half = (len(examples) * 5) // 8  # understanding is the harder task: it gets 5/8 of the batch
         und, gen = examples[:half], examples[half:]
-        pixels = torch.stack([ex.pixels for ex in examples])
+        pixels = torch.stack([ex.pixels for ex in und] + [ex.generation_target for ex in gen])
         with torch.no_grad(), frozen_precision():
             features = self.encoder(pixels)
             ids = self.discrete.fsq.codes_to_indices(self.discrete.codes(features[half:]))
