@@ -216,8 +216,14 @@ class TokenizerStage(nn.Module):
 
     def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         batch = understanding_batch(examples, self.codec, self.cfg)
-        features = self.tokenizer.encoder(batch["pixels"])
-        continuous = self.tokenizer.continuous(features)
+        # Loose scenes are for understanding: the continuous adapter reads them, while the codes and
+        # all that is scored on them (reconstruction, per-cell parse, the helper LM's discrete half)
+        # see the canonical twin. Loose scenes on both paths (run s13b) cost the codes shape.
+        canonical = torch.stack([ex.generation_target for ex in examples])
+        loose = torch.tensor([i for i, ex in enumerate(examples) if ex.generation_pixels is not None], dtype=torch.long)
+        features = self.tokenizer.encoder(torch.cat([canonical, batch["pixels"][loose]]))
+        features, loose_features = features[:len(examples)], features[len(examples):]
+        continuous = self.tokenizer.continuous(features.index_copy(0, loose, loose_features))
         z = self.tokenizer.discrete.project(features)
         codes = self.tokenizer.discrete.fsq.quantize(z)
         discrete = self.tokenizer.discrete.codes_to_features(codes)
@@ -226,7 +232,7 @@ class TokenizerStage(nn.Module):
         image_embeds = torch.where(use_discrete, discrete, continuous)[batch["image_index"]]
         embeds = splice_image_embeddings(self.helper_lm.embed(batch["tokens"]), image_embeds)
         lm_loss = weighted_lm_loss(self.helper_lm(inputs_embeds=embeds), batch["targets"], batch["weights"])
-        recon, target = self.pixel_decoder(codes), self.pixel_decoder.target(batch["pixels"])
+        recon, target = self.pixel_decoder(codes), self.pixel_decoder.target(canonical)
         if recon.shape != target.shape:
             recon = F.interpolate(recon, size=target.shape[-2:], mode="bilinear", align_corners=False)
         recon_loss = foreground_weighted_loss(recon, target)
