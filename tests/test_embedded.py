@@ -1,9 +1,11 @@
 """The trained tiny model that ships in the repo, through the public API and CLI.
 
 The issue-2 targets (caption/VQA >= 90%, ShapesEval >= 0.70, reconstruction ShapesEval >= 0.85)
-are met by the current embedded model (docs/eval-tiny.json, v12): VQA 0.920, captions 1.000,
-ShapesEval 0.96, reconstruction 0.94. (v11: 0.860 / 0.900 / 0.67 / 0.59.) The target tests run on
+are met by the current embedded model (docs/eval-tiny.json, v13): VQA 0.930, captions 1.000,
+ShapesEval 0.99, reconstruction 1.00. (v12: 0.920 / 1.000 / 0.96 / 0.94.) The target tests run on
 held-out subsets; the floors below them catch a regression in one attribute before it moves a target.
+The issue's "a user's own picture works as well as a generated scene" is not met yet: captions of
+PIL drawings score 0.875 (v12: 0.280) against 1.000 on scenes; that test is a strict xfail.
 """
 
 import json
@@ -19,7 +21,7 @@ from manzano_edge.data import scenes
 from manzano_edge.data.images import to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.eval.evaluate import eval_generation, eval_reconstruction, eval_understanding
+from manzano_edge.eval.evaluate import eval_drawings, eval_generation, eval_reconstruction, eval_understanding
 from manzano_edge.eval.shapes_eval import detect
 from manzano_edge.models.manzano import EMBEDDED_DEFAULT, WEIGHTS_FILE, load_checkpoint
 from manzano_edge.runtime.graphs import TorchGraphs
@@ -42,9 +44,9 @@ def understanding(pipe):
 
 
 def test_understanding_regression_floor(understanding):
-    # Measured on 300 held-out questions / 150 captions (v12): count 1.00, shape 1.00, color 0.98,
-    # position 0.84, yes 0.89, no 0.57, captions 1.000. This 80/20 subset: color 1.00,
-    # position 0.86, shape 0.92, no 0.64, captions 1.00.
+    # Measured on 300 held-out questions / 150 captions (v13): count 1.00, shape 1.00, color 1.00,
+    # position 0.89, yes 0.79, no 0.61, captions 1.000. This 80/20 subset: color 1.00,
+    # position 0.86, shape 1.00, no 0.73, yes 1.00, captions 1.00.
     assert understanding["vqa_by_answer_kind"]["color"] >= 0.85, understanding
     assert understanding["vqa_by_answer_kind"]["position"] >= 0.75, understanding
     assert understanding["vqa_by_answer_kind"]["no"] >= 0.5, understanding
@@ -54,21 +56,21 @@ def test_understanding_regression_floor(understanding):
 
 
 def test_understanding_meets_the_target(understanding):
-    # 300 questions / 150 captions (docs/eval-tiny.json): VQA 0.920, captions 1.000; this 80/20
-    # subset: 0.9125 / 1.00. (v11: 0.860 / 0.900; v10: 0.937 / 0.987.)
+    # 300 questions / 150 captions (docs/eval-tiny.json): VQA 0.930, captions 1.000; this 80/20
+    # subset: 0.9375 / 1.00. (v12: 0.920 / 1.000; v11: 0.860 / 0.900.)
     assert understanding["vqa_accuracy"] >= 0.9 and understanding["caption_accuracy"] >= 0.9
 
 
 def test_generation_draws_the_requested_colors_where_asked(pipe):
-    # Regression floor: on 100 held-out prompts (v12) ShapesEval 0.96 with position 1.00, color
-    # 0.99, shape 0.98 (v11: 0.67, shape 0.83); these 12: all 1.00.
+    # Regression floor: on 100 held-out prompts (v13) ShapesEval 0.99 with position 0.99, color
+    # 1.00, shape 1.00 (v12: 0.96, shape 0.98); these 12: 1.00.
     summary = eval_generation(pipe, 12, seed=1, sampling=SamplingConfig(temperature=0), show=False)
     assert summary["position"] >= 0.9 and summary["color"] >= 0.9 and summary["shape"] >= 0.85, summary
     assert summary["shapes_eval"] >= 0.75, summary
 
 
 def test_generation_on_held_out_prompts(pipe):
-    # These 20: 1.00 (v12); 100 prompts: 0.96.
+    # These 20: 1.00 (v13 and v12); 100 prompts: 0.99.
     summary = eval_generation(pipe, 20, seed=1, sampling=SamplingConfig(temperature=0), show=False)
     assert summary["shapes_eval"] >= 0.7, summary
 
@@ -79,15 +81,15 @@ def reconstruction(pipe):
 
 
 def test_reconstruction_through_the_codes_regression_floor(reconstruction):
-    # Image -> ids -> code features -> DiT -> VAE. 100 scenes (v12): 0.94, shape 0.97, color 1.00,
-    # 22.2 dB (v11: 0.59, shape 0.81, color 0.89); these 20: 0.95, shape 0.97, color 1.00, 21.5 dB.
+    # Image -> ids -> code features -> DiT -> VAE. 100 scenes (v13): 1.00, 21.6 dB (v12: 0.94,
+    # shape 0.97, 22.2 dB); these 20: 0.95 (one extra object counted), shape 1.00, color 1.00, 21.3 dB.
     assert reconstruction["position"] >= 0.9 and reconstruction["shape"] >= 0.85, reconstruction
     assert reconstruction["color"] >= 0.95 and reconstruction["pixel_psnr_db"] >= 20, reconstruction
 
 
 def test_the_vae_alone_keeps_every_attribute(reconstruction):
     # The ceiling of reconstruction and text-to-image: v11's VAE (600 steps) decoded purple as
-    # blue and scored 0.78 on 100 scenes, capping both paths; v12's (1800 steps) scores 1.00.
+    # blue and scored 0.78 on 100 scenes, capping both paths; v12's and v13's (1800 steps) score 1.00.
     assert reconstruction["vae_round_trip"]["shapes_eval"] >= 0.95, reconstruction["vae_round_trip"]
 
 
@@ -113,14 +115,32 @@ def test_a_users_own_wording_color(pipe):
 
 
 def test_a_users_own_drawing_caption(pipe):
-    # Squeezed from 300x200 to the model's square input, the circle becomes an upright ellipse, a
-    # shape the scenes never have: v7 and v10 called it a triangle, v11 (and v6) a circle.
+    # Squeezed from 300x200 to the model's square input, the circle becomes an upright ellipse:
+    # v7 and v10 called it a triangle, v11 a circle, v12 a triangle; v13 (loose layouts) gets it.
     caption = pipe.understand(users_drawing(), "Tell me what is in this image")
     assert [(o.shape, o.color, o.position) for o in scenes.parse_objects(caption)] == [("circle", "red", "top left")]
 
 
+@pytest.fixture(scope="module")
+def drawings(pipe):
+    return eval_drawings(pipe, 40, seed=1, show=False)
+
+
+def test_users_drawings_regression_floor(drawings):
+    # `eval --drawings`: 200 held-out drawings (v13) 0.875 (v12: 0.280); these 40: 0.900.
+    assert drawings["caption_accuracy"] >= 0.8, drawings
+
+
+@pytest.mark.xfail(strict=True, reason="a user's own picture does not yet work as well as a scene: PIL drawings caption "
+                   "at 0.875 on 200 against 1.000 for scenes (README, 'Where the embedded model stands'); squares "
+                   "and circles on stretched canvases are mistaken for each other")
+def test_users_drawings_caption_as_well_as_scenes(drawings):
+    # "As well as generated scenes": scenes caption at 1.000, so within a few points of that.
+    assert drawings["caption_accuracy"] >= 0.95, drawings
+
+
 def test_user_wording_generates_what_was_asked(pipe):
-    # "please paint", "one", "corner": v11 drew a circle here; v12 draws the square.
+    # "please paint", "one", "corner": v11 drew a circle here; v12 and v13 draw the square.
     image = pipe.generate("Please paint one blue square in the lower right corner", SamplingConfig(temperature=0))
     found = detect(image)
     assert [(f.shape, f.color, f.position) for f in found] == [("square", "blue", "bottom right")]
@@ -193,9 +213,9 @@ def test_every_fsq_channel_of_the_shipped_tokenizer_is_alive(pipe):
 
 
 def test_the_shipped_codes_carry_shape(tmp_path, capsys):
-    # The README's diagnosis of the image scores. Full size (200 / 4000 / 800): the 3x3 codes (v11's stage 1, kept by v12)
-    # give two shapes identical ids in 0/200 scenes and a probe reads shape at 0.996; v10's 4x4
-    # codes: 7/200 and 0.71.
+    # The README's diagnosis of the image scores. Full size (200 / 4000 / 800): v13's 3x3 codes give two
+    # shapes identical ids in 0/200 scenes (1.65 tokens differ) and a probe reads shape at 0.995 (v11/v12:
+    # 0/200, 0.996); v10's 4x4 codes: 7/200 and 0.71.
     out = tmp_path / "probe.json"
     assert main(["probe-codes", "--controlled", "30", "--train", "1500", "--test", "300", "--json", str(out)]) == 0
     assert "shape probe on the codes" in capsys.readouterr().out
