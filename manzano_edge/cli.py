@@ -142,12 +142,15 @@ def cmd_probe_codes(args) -> None:
         raise UserError("probe-codes needs --controlled >= 1, --train >= 10 and --test >= 10 scenes")
     model, _ = load_checkpoint(args.checkpoint)
     report = code_probe(model, args.controlled, args.train, args.test, args.seed)
-    c, p = report["controlled"], report["probe"]
+    c, p, u = report["controlled"], report["probe"], report["understanding_probe"]
     print(f"FSQ levels {report['fsq_levels']}, {c['tokens']} tokens per image")
     print(f"controlled: two shapes share all ids in {c['scenes_with_two_shapes_on_identical_ids']}/{c['scenes']} "
           f"scenes; {c['mean_differing_tokens_per_shape_pair']:.2f} tokens differ per shape pair")
     print(f"shape probe on the codes: held-out accuracy {p['test_accuracy']:.3f} (train {p['train_accuracy']:.3f}, "
           f"chance {p['chance']:.3f})")
+    print(f"shape probe on the understanding tokens (trained on loose scenes): held-out loose scenes "
+          f"{u['loose_test_accuracy']:.3f}, canonical scenes {u['canonical_test_accuracy']:.3f}, "
+          f"a user's drawings {u['drawings_accuracy']:.3f} (train {u['train_accuracy']:.3f})")
     if args.json:
         _write_atomic(Path(args.json), lambda f: Path(f).write_text(json.dumps(report, indent=2) + "\n"))
         print(f"wrote {args.json}")
@@ -378,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("probe-codes", help="how much shape the discrete image codes carry (single-object scenes)")
+    p = sub.add_parser("probe-codes", help="how much shape the image codes and understanding tokens carry (single-object scenes)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--controlled", type=int, default=200, help="scenes rendered once per shape")
