@@ -228,7 +228,7 @@ def test_the_shipped_codes_carry_shape(tmp_path, capsys):
     # The same probe on the understanding tokens, trained on loose scenes. Full size, v13: canonical 1.000,
     # held-out loose 0.935, a user's drawings 0.901 (the decoder captions them at 0.875); at this size
     # 1.000 / 0.887 / 0.907. Across runs the decoder's drawing captions stayed within 0.05 below it
-    # (s13d: probe 0.801, captions 0.765; s14a: 0.754, 0.750), so the gap to scenes sits in the tokens.
+    # (s13d: probe 0.801, captions 0.765; s14a: 0.754, 0.750), so the gap to scenes shows in the tokens.
     understanding = report["understanding_probe"]
     assert understanding["canonical_test_accuracy"] >= 0.97, understanding
     assert understanding["loose_test_accuracy"] >= 0.8 and understanding["drawings_accuracy"] >= 0.8, understanding

@@ -1,5 +1,6 @@
-"""How much shape the discrete image codes carry: the diagnostic behind the README's
-"Generation is still limited by the codes".
+"""How much shape the discrete image codes and the understanding tokens carry: the diagnostics
+behind the README's "Generation is still limited by the codes" and "Where the drawing errors
+come from".
 
 Three measurements on single-object scenes:
 - controlled: each scene rendered once per shape (same colour, place, size, background); how
@@ -8,8 +9,8 @@ Three measurements on single-object scenes:
   held-out ones (1/3 is chance). The DiT sees only these codes, so its shape accuracy is bounded
   by what they carry.
 - understanding probe: the same probe on the continuous (understanding) tokens of loose scenes,
-  scored on held-out loose scenes and on pictures drawn like a user's; the decoder's captions of
-  a user's drawing are bounded by it.
+  scored on held-out loose scenes, canonical scenes and pictures drawn like a user's; the
+  decoder's captions of a user's drawing have come in at or a little below its drawings score.
 
     manzano-edge probe-codes [CHECKPOINT] [--json out.json]
 """
