@@ -18,6 +18,7 @@ Three measurements on single-object scenes:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,12 +31,17 @@ from manzano_edge.models.manzano import Manzano
 BATCH = 256
 
 
+def _pixel_batches(model: Manzano, images: list) -> Iterator[torch.Tensor]:
+    """PIL images -> model-input pixel batches of at most BATCH."""
+    size = model.cfg.vision.image_size
+    for i in range(0, len(images), BATCH):
+        yield torch.cat([to_pixels(im, size) for im in images[i:i + BATCH]])
+
+
 @torch.no_grad()
 def _codes(model: Manzano, images: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, N], FSQ codes flattened [B, N * code_dim]) for PIL images."""
-    size = model.cfg.vision.image_size
-    ids = torch.cat([model.tokenizer.image_to_ids(torch.cat([to_pixels(im, size) for im in images[i:i + BATCH]]))
-                     for i in range(0, len(images), BATCH)])
+    ids = torch.cat([model.tokenizer.image_to_ids(pixels) for pixels in _pixel_batches(model, images)])
     return ids, model.tokenizer.discrete.fsq.indices_to_codes(ids).flatten(1)
 
 
@@ -98,9 +104,8 @@ def shape_probe(model: Manzano, n_train: int, n_test: int, rng: np.random.Genera
 
 @torch.no_grad()
 def _continuous_tokens(model: Manzano, images: list) -> torch.Tensor:
-    size = model.cfg.vision.image_size
-    return torch.cat([model.tokenizer.embed_continuous(torch.cat([to_pixels(im, size) for im in images[i:i + BATCH]]))
-                      for i in range(0, len(images), BATCH)]).flatten(1)
+    """Understanding tokens flattened, [B, N * llm width], for PIL images."""
+    return torch.cat([model.tokenizer.embed_continuous(pixels) for pixels in _pixel_batches(model, images)]).flatten(1)
 
 
 def understanding_probe(model: Manzano, n_train: int, n_test: int, rng: np.random.Generator, steps: int = 3000) -> dict:
