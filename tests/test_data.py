@@ -182,6 +182,16 @@ def test_default_questions_are_those_of_earlier_releases():
     assert hashlib.sha256(repr(pairs).encode()).hexdigest()[:16] == "c5b15440548cbc11"
 
 
+def test_search_weight_asks_more_colour_and_shape_searches():
+    def search_share(weight: float) -> float:
+        rng = np.random.default_rng(3)
+        answers = [scenes.question_answer(scenes.sample_scene(rng), rng, search_weight=weight)[1] for _ in range(3000)]
+        return np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers])
+
+    # Five or six kinds, two of them searches: ~0.36 of questions at 1, ~0.63 at 3.
+    plain, boosted = search_share(1.0), search_share(3.0)
+    assert 0.3 < plain < 0.42 and 0.55 < boosted < 0.7
+
 def test_two_object_share_sets_the_object_count_and_none_keeps_the_held_out_stream():
     def counts(share: float | None) -> list[int]:
         rng = np.random.default_rng(11)
