@@ -12,6 +12,7 @@ from manzano_edge.data.batches import FolderSource, SceneSource, generation_batc
 from manzano_edge.data.images import load_image, to_pixels
 from manzano_edge.errors import UserError
 from manzano_edge.eval.shapes_eval import detect
+from manzano_edge.train.loop import SEARCH_QUESTIONS
 
 
 def test_scene_stream_is_seeded():
@@ -182,15 +183,19 @@ def test_default_questions_are_those_of_earlier_releases():
     assert hashlib.sha256(repr(pairs).encode()).hexdigest()[:16] == "c5b15440548cbc11"
 
 
-def test_search_weight_asks_more_colour_and_shape_searches():
-    def search_share(weight: float) -> float:
+def test_question_weights_ask_more_of_a_kind():
+    def search_share(weights: dict[str, float] | None) -> float:
         rng = np.random.default_rng(3)
-        answers = [scenes.question_answer(scenes.sample_scene(rng), rng, search_weight=weight)[1] for _ in range(3000)]
+        answers = [scenes.question_answer(scenes.sample_scene(rng), rng, question_weights=weights)[1] for _ in range(3000)]
         return np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers])
 
-    # Five or six kinds, two of them searches: ~0.36 of questions at 1, ~0.63 at 3.
-    plain, boosted = search_share(1.0), search_share(3.0)
+    # Five or six kinds, two of them searches: ~0.36 of questions uniformly, ~0.63 at 3x.
+    plain, boosted = search_share(None), search_share(SEARCH_QUESTIONS)
     assert 0.3 < plain < 0.42 and 0.55 < boosted < 0.7
+    # The training source passes them on (SceneData.question_weights -> SceneSource).
+    source = SceneSource(48, seed=0, questions_per_image=4, question_weights=SEARCH_QUESTIONS)
+    answers = [a for _ in range(100) for _, a in source.sample(caption_prob=0.0).qa]
+    assert np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers]) > 0.5
 
 def test_two_object_share_sets_the_object_count_and_none_keeps_the_held_out_stream():
     def counts(share: float | None) -> list[int]:

@@ -55,10 +55,10 @@ class SceneSource:
 
     def __init__(self, image_size: int, seed: int, questions_per_image: int = 3,
                  hard_negative_rate: float = 0.0, two_object_share: float | None = None,
-                 loose_share: float = 0.0, search_weight: float = 1.0) -> None:
+                 loose_share: float = 0.0, question_weights: dict[str, float] | None = None) -> None:
         self.image_size = image_size
         self.hard_negative_rate = hard_negative_rate
-        self.search_weight = search_weight  # scenes.question_answer; 1 keeps the stream
+        self.question_weights = question_weights  # scenes.question_answer; None keeps the stream
         self.two_object_share = two_object_share
         self.loose_share = loose_share  # chance of a loose layout (scenes.LOOSE_*); 0 keeps the stream
         self.rng = np.random.default_rng(seed)
@@ -75,7 +75,8 @@ class SceneSource:
             if self.rng.random() < caption_prob:
                 qa.append((scenes.caption_question(self.rng), scenes.caption(scene)))
             else:
-                qa.append(scenes.question_answer(scene, self.rng, self.hard_negative_rate, self.search_weight))
+                qa.append(scenes.question_answer(scene, self.rng, self.hard_negative_rate,
+                                                     self.question_weights))
         twin = None
         if loose:
             twin = to_pixels(scenes.render(scenes.canonical_twin(scene, self.rng), self.image_size), self.image_size)[0]

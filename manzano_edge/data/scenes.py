@@ -212,13 +212,14 @@ def _pick(rng: np.random.Generator, options: list[str] | tuple[str, ...]) -> str
     return options[rng.integers(len(options))]
 
 
-# Question kinds that find an object by its colour *and* shape ("is there a red circle?", "where is
-# the red circle?"), as opposed to reading a place ("what shape is on the left?") or counting.
-SEARCH_KINDS = ("where", "exists")
+# The kinds of VQA question `question_answer` draws ("color_of" only when the object's shape is unique):
+# count, "what shape is on the left?", "what color is the shape on the left?", "where is the red
+# circle?", "is there a red circle?", "what color is the circle?".
+QUESTION_KINDS = ("count", "shape_at", "color_at", "where", "exists", "color_of")
 
 
 def question_answer(scene: Scene, rng: np.random.Generator, hard_negative_rate: float = 0.0,
-                    search_weight: float = 1.0) -> tuple[str, str]:
+                    question_weights: dict[str, float] | None = None) -> tuple[str, str]:
     """One VQA pair about the scene, drawn from several question kinds and phrasings.
 
     `hard_negative_rate` (training data only) is the share of "is there" distractors that are a real
@@ -227,17 +228,17 @@ def question_answer(scene: Scene, rng: np.random.Generator, hard_negative_rate: 
     never had to bind colour to shape. At 0 the draws are exactly those of earlier releases, so the
     held-out eval set stays comparable.
 
-    `search_weight` (training data only) makes each of `SEARCH_KINDS` that many times likelier than
-    another kind; at 1 the kind is one uniform draw, as in earlier releases."""
+    `question_weights` (training data only) maps a kind (`QUESTION_KINDS`) to how many times likelier
+    it is than an unlisted kind; empty or None keeps the one uniform draw of earlier releases."""
     objs = list(scene.objects)
     obj = objs[rng.integers(len(objs))]
     where = _pick(rng, POSITION_PHRASES[obj.position])
     unique_shape = sum(o.shape == obj.shape for o in objs) == 1
     kinds = ["count", "shape_at", "color_at", "where", "exists"] + (["color_of"] if unique_shape else [])
-    if search_weight == 1.0:
+    if not question_weights:
         kind = _pick(rng, kinds)
     else:
-        weights = np.array([search_weight if k in SEARCH_KINDS else 1.0 for k in kinds])
+        weights = np.array([question_weights.get(k, 1.0) for k in kinds])
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
     if kind == "count":
         q = _pick(rng, ["how many shapes are there?", "how many objects are in the image?", "count the shapes.",
