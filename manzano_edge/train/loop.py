@@ -77,7 +77,8 @@ class SceneData:
 # Not a default yet. On e2's longer stage 1, the questions that find an object by its colour *and*
 # shape at 3x: VQA 0.843 -> 0.947, drawings 0.920 (run x1, stages 2/2b at one thread); one run of
 # the whole recipe in one sitting (s18a, two threads) drew the wrong shape for 45% of the objects
-# its text-to-image prompts asked for (ShapesEval 0.28). README, "Where the embedded model stands".
+# its text-to-image prompts asked for (ShapesEval 0.28), and every weighted mix learned generation
+# more slowly in stage 2. README, "Where the embedded model stands".
 SEARCH_QUESTIONS = {"where": 3.0, "exists": 3.0}
 
 PRECISIONS = ("bf16-mixed", "fp32")
