@@ -196,6 +196,10 @@ def test_question_weights_ask_more_of_a_kind():
     source = SceneSource(48, seed=0, questions_per_image=4, question_weights=SEARCH_QUESTIONS)
     answers = [a for _ in range(100) for _, a in source.sample(caption_prob=0.0).qa]
     assert np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers]) > 0.5
+    for bad, message in (({"exist": 3.0}, "unknown question kind 'exist'"), ({"where": 0.0}, "must be positive")):
+        with pytest.raises(UserError, match=message):
+            SceneSource(48, seed=0, question_weights=bad)
+
 
 def test_two_object_share_sets_the_object_count_and_none_keeps_the_held_out_stream():
     def counts(share: float | None) -> list[int]:

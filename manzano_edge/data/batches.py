@@ -50,6 +50,17 @@ class Example:
         return self.qa[0][1]
 
 
+def check_question_weights(weights: dict[str, float] | None) -> dict[str, float] | None:
+    """A misspelt kind would silently keep the uniform draw: refuse it, and non-positive weights."""
+    for kind, weight in (weights or {}).items():
+        if kind not in scenes.QUESTION_KINDS:
+            raise UserError(f"unknown question kind {kind!r} in question_weights; choose from "
+                            f"{', '.join(scenes.QUESTION_KINDS)}")
+        if not weight > 0:
+            raise UserError(f"question_weights[{kind!r}] must be positive, got {weight}")
+    return weights
+
+
 class SceneSource:
     """Endless procedural examples; a given seed always yields the same stream."""
 
@@ -58,7 +69,7 @@ class SceneSource:
                  loose_share: float = 0.0, question_weights: dict[str, float] | None = None) -> None:
         self.image_size = image_size
         self.hard_negative_rate = hard_negative_rate
-        self.question_weights = question_weights  # scenes.question_answer; None keeps the stream
+        self.question_weights = check_question_weights(question_weights)  # None keeps the stream
         self.two_object_share = two_object_share
         self.loose_share = loose_share  # chance of a loose layout (scenes.LOOSE_*); 0 keeps the stream
         self.rng = np.random.default_rng(seed)

@@ -234,7 +234,7 @@ def question_answer(scene: Scene, rng: np.random.Generator, hard_negative_rate: 
     obj = objs[rng.integers(len(objs))]
     where = _pick(rng, POSITION_PHRASES[obj.position])
     unique_shape = sum(o.shape == obj.shape for o in objs) == 1
-    kinds = ["count", "shape_at", "color_at", "where", "exists"] + (["color_of"] if unique_shape else [])
+    kinds = [k for k in QUESTION_KINDS if k != "color_of" or unique_shape]
     if not question_weights:
         kind = _pick(rng, kinds)
     else:
