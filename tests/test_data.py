@@ -183,19 +183,23 @@ def test_default_questions_are_those_of_earlier_releases():
     assert hashlib.sha256(repr(pairs).encode()).hexdigest()[:16] == "c5b15440548cbc11"
 
 
+def _search_share(answers: list[str]) -> float:
+    """Share of answers to "is there ...?" (yes/no) or "where is ...?" (a position)."""
+    return float(np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers]))
+
+
 def test_question_weights_ask_more_of_a_kind():
     def search_share(weights: dict[str, float] | None) -> float:
         rng = np.random.default_rng(3)
-        answers = [scenes.question_answer(scenes.sample_scene(rng), rng, question_weights=weights)[1] for _ in range(3000)]
-        return np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers])
+        return _search_share([scenes.question_answer(scenes.sample_scene(rng), rng, question_weights=weights)[1]
+                              for _ in range(3000)])
 
     # Five or six kinds, two of them searches: ~0.36 of questions uniformly, ~0.63 at 3x.
     plain, boosted = search_share(None), search_share(SEARCH_QUESTIONS)
     assert 0.3 < plain < 0.42 and 0.55 < boosted < 0.7
     # The training source passes them on (SceneData.question_weights -> SceneSource).
     source = SceneSource(48, seed=0, questions_per_image=4, question_weights=SEARCH_QUESTIONS)
-    answers = [a for _ in range(100) for _, a in source.sample(caption_prob=0.0).qa]
-    assert np.mean([a in ("yes", "no") or a in scenes.POSITIONS for a in answers]) > 0.5
+    assert _search_share([a for _ in range(100) for _, a in source.sample(caption_prob=0.0).qa]) > 0.5
     for bad, message in (({"exist": 3.0}, "unknown question kind 'exist'"), ({"where": 0.0}, "must be positive")):
         with pytest.raises(UserError, match=message):
             SceneSource(48, seed=0, question_weights=bad)

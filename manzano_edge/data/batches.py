@@ -86,8 +86,7 @@ class SceneSource:
             if self.rng.random() < caption_prob:
                 qa.append((scenes.caption_question(self.rng), scenes.caption(scene)))
             else:
-                qa.append(scenes.question_answer(scene, self.rng, self.hard_negative_rate,
-                                                     self.question_weights))
+                qa.append(scenes.question_answer(scene, self.rng, self.hard_negative_rate, self.question_weights))
         twin = None
         if loose:
             twin = to_pixels(scenes.render(scenes.canonical_twin(scene, self.rng), self.image_size), self.image_size)[0]
