@@ -233,12 +233,11 @@ def test_coreml_w8a8_calibrates_in_pytorch_and_quantizes_activations(tiny, corem
     assert manifest["quantization"]["w8a8_mode"] == {"coreml": "static"}
 
 
-@pytest.mark.xfail(strict=True, reason="v13's decoder under Core ML static w8a8: logits 31.1 dB with these 2 calibration "
-                   "samples, 33.9 dB with export's default 8, worst step 21.6 dB, against the 35 dB validate bar "
-                   "(v12's passed; runs s13d 40.9 and s13e 36.0 dB); greedy tokens still match float")
 def test_coreml_w8a8_decoder_tracks_float_within_the_validate_bar(coreml_w8a8_decoder):
-    # Static MinMax scales: the worst single decode step sits below the validate bar (31.5 dB
-    # measured, README "Recipes"); a garbled program would be far off both checks.
+    # Static MinMax scales. v14's decoder: logits 37.1 dB with these 2 calibration samples, worst
+    # decode step 27.1 dB (36.5 / 23.5 with export's default 8). This moves from run to run: v13's
+    # decoder sat at 31.1 dB, below the bar (a strict xfail then); v12's and s13d's passed. A garbled
+    # program would be far off both checks.
     p = coreml_w8a8_decoder["graphs"]["decoder"]["formats"]["coreml"]["parity"]
     assert p["psnr_db"] >= W8A8_DB and p["min_step_psnr_db"] >= 25, p
 
