@@ -213,9 +213,9 @@ def test_every_fsq_channel_of_the_shipped_tokenizer_is_alive(pipe):
 
 
 def test_the_shipped_codes_carry_shape(tmp_path, capsys):
-    # The README's diagnosis of the image scores. Full size (200 / 4000 / 800): v13's 3x3 codes give two
-    # shapes identical ids in 0/200 scenes (1.65 tokens differ) and a probe reads shape at 0.995 (v11/v12:
-    # 0/200, 0.996); v10's 4x4 codes: 7/200 and 0.71.
+    # The README's diagnosis of the image scores. Full size (200 / 4000 / 800): v14's 3x3 codes give two
+    # shapes identical ids in 0/200 scenes (1.40 tokens differ) and a probe reads shape at 1.000 (v13:
+    # 0/200, 1.65, 0.995); v10's 4x4 codes: 7/200 and 0.71. At this size: 0/30, 1.02, 0.997.
     out = tmp_path / "probe.json"
     assert main(["probe-codes", "--controlled", "30", "--train", "1500", "--test", "300", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -225,9 +225,9 @@ def test_the_shipped_codes_carry_shape(tmp_path, capsys):
     assert controlled["tokens"] == 9 and controlled["scenes_with_two_shapes_on_identical_ids"] == 0
     assert 1.0 <= controlled["mean_differing_tokens_per_shape_pair"] < 3  # the object's own token, and no more
     assert probe["test_accuracy"] >= 0.95, probe
-    # The same probe on the understanding tokens, trained on loose scenes. Full size, v13: canonical 1.000,
-    # held-out loose 0.935, a user's drawings 0.901 (the decoder captions them at 0.875); at this size
-    # 1.000 / 0.887 / 0.907. Across runs the decoder's drawing captions stayed within 0.05 below it
+    # The same probe on the understanding tokens, trained on loose scenes. Full size, v14: canonical 1.000,
+    # held-out loose 0.952, a user's drawings 0.944 (the decoder captions them at 0.920; v13: 1.000 /
+    # 0.935 / 0.901, captions 0.875); at this size 1.000 / 0.923 / 0.923. Across runs the decoder's drawing captions stayed within 0.05 below it
     # (s13d: probe 0.801, captions 0.765; s14a: 0.754, 0.750), so the gap to scenes shows in the tokens.
     understanding = report["understanding_probe"]
     assert understanding["canonical_test_accuracy"] >= 0.97, understanding
