@@ -5,7 +5,8 @@ are met by the current embedded model (docs/eval-tiny.json, v14): VQA 0.920, cap
 ShapesEval 0.96, reconstruction 0.95. (v13: 0.930 / 1.000 / 0.99 / 1.00.) The target tests run on
 held-out subsets; the floors below them catch a regression in one attribute before it moves a target.
 The issue's "a user's own picture works as well as a generated scene" is not met yet: captions of
-PIL drawings score 0.920 (v13: 0.875, v12: 0.280) against 0.987 on scenes; that test is a strict xfail."""
+PIL drawings score 0.920 (v13: 0.875, v12: 0.280) against 0.987 on scenes; that test is a strict xfail.
+"""
 
 import json
 import re
@@ -227,8 +228,9 @@ def test_the_shipped_codes_carry_shape(tmp_path, capsys):
     assert probe["test_accuracy"] >= 0.95, probe
     # The same probe on the understanding tokens, trained on loose scenes. Full size, v14: canonical 1.000,
     # held-out loose 0.952, a user's drawings 0.944 (the decoder captions them at 0.920; v13: 1.000 /
-    # 0.935 / 0.901, captions 0.875); at this size 1.000 / 0.923 / 0.923. Across runs the decoder's drawing captions stayed within 0.05 below it
-    # (s13d: probe 0.801, captions 0.765; s14a: 0.754, 0.750), so the gap to scenes shows in the tokens.
+    # 0.935 / 0.901, captions 0.875); at this size 1.000 / 0.923 / 0.923. Across runs the decoder's
+    # drawing captions stayed within 0.05 below it (s13d: probe 0.801, captions 0.765; s14a: 0.754,
+    # 0.750), so the gap to scenes shows in the tokens.
     understanding = report["understanding_probe"]
     assert understanding["canonical_test_accuracy"] >= 0.97, understanding
     assert understanding["loose_test_accuracy"] >= 0.8 and understanding["drawings_accuracy"] >= 0.8, understanding

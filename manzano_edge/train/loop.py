@@ -96,8 +96,8 @@ class TrainConfig:
     precision: str = "bf16-mixed"
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
         # v14. 2250 steps with 5 warmup instead of v13's 1500 / 50 (run e2) read loose scenes better (probe
-        # 0.81 -> 0.91 after stage 1, drawings 0.875 -> 0.935) but lost the search questions, which
-        # stage 2b's SEARCH_QUESTIONS mix brings back.
+        # 0.81 -> 0.91 after stage 1; drawings 0.875 -> 0.935 in e2, 0.920 in v14) but lost the search
+        # questions, which stage 2b's SEARCH_QUESTIONS mix brings back.
         "tokenizer": StageBudget(steps=2250, batch_size=32, lr=1e-3, warmup=5),
         "decoder": StageBudget(steps=3000, batch_size=32, lr=1e-3),
         # Stage 2b on stage 2's output (same run): 600 steps gave VQA 0.893, 1200 gave 0.920.
