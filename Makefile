@@ -27,7 +27,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check manzano_edge tests
 
-# Re-train the embedded tiny model from scratch (40-48 minutes alone on a 2-core VM; see README "Training").
+# Re-train the embedded tiny model from scratch (about 46 minutes alone on a 2-core VM; see README "Training").
 train-tiny: install
 	$(VENV)/bin/manzano-edge train --preset tiny -o runs/tiny
 
