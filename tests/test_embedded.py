@@ -251,3 +251,23 @@ def test_cli_eval_writes_json_and_marks_parts_it_did_not_run(tmp_path, capsys):
     assert report["drawings"]["drawings"] == 3 and len(report["drawings"]["examples"]) == 3
     assert re.search(r"caption accuracy \(PIL drawings\) +[01]\.\d{3}", printed), printed
     assert report["settings"]["drawings"] == 3
+
+
+def test_demo_without_export_writes_its_summary_and_scores_like_eval(pipe, tmp_path, capsys):
+    # The main job's first half (`make demo` adds export, int8 validation and a smoke bench).
+    from manzano_edge.demo import print_summary, run_demo
+
+    out = tmp_path / "demo"
+    summary = run_demo(pipe, out, eval_size=4)
+    assert sorted(p.name for p in out.iterdir()) == ["generated.png", "input.png", "summary.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary directory left behind
+    assert json.loads((out / "summary.json").read_text()) == summary
+    q = summary["quick_eval"]
+    # Greedy like `manzano-edge eval`, so the demo's quick numbers are the first prompts of eval's stream.
+    assert q["sampling"]["temperature"] == 0.0
+    greedy = eval_generation(pipe, 2, seed=0, sampling=SamplingConfig(temperature=0), show=False)
+    assert q["shapes_eval"] == greedy["shapes_eval"]
+    print_summary(summary, out)
+    assert "quick eval on 4 held-out scenes" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not empty"):
+        run_demo(pipe, out, eval_size=4)
