@@ -39,14 +39,15 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
         question, answer = scenes.question_answer(scene, rng)
         reply = pipe.understand(pixels, question)
         prompt = "a red circle at the top left and a blue square at the bottom right"
-        image = to_image(pipe.render_ids(pipe.generate_ids(prompt, SamplingConfig(temperature=0.0)), seed=0))
+        greedy = SamplingConfig(temperature=0.0)
+        image = to_image(pipe.render_ids(pipe.generate_ids(prompt, greedy), seed=0))
         image.save(tmp / "generated.png")
         found = detect(image)
         # Greedy, as `manzano-edge eval` and `generate` default to (EvalConfig's None would sample at
         # temperature 1, which scored text-to-image 0.73 against greedy 0.96 on v14's 100 prompts).
         metrics = evaluate(pipe, EvalConfig(vqa=eval_size, captions=eval_size // 2, generation=eval_size // 2,
                                             reconstruction=eval_size // 2, drawings=eval_size // 2,
-                                            sampling=SamplingConfig(temperature=0.0)), show=False)
+                                            sampling=greedy), show=False)
         summary = {
             "caption": {"image": "input.png", "truth": scenes.caption(scene), "output": caption},
             "vqa": {"question": question, "truth": answer, "output": reply},
