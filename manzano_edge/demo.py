@@ -43,8 +43,7 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
         image = to_image(pipe.render_ids(pipe.generate_ids(prompt, greedy), seed=0))
         image.save(tmp / "generated.png")
         found = detect(image)
-        # Greedy, as `manzano-edge eval` and `generate` default to (EvalConfig's None would sample at
-        # temperature 1, which scored text-to-image 0.73 against greedy 0.96 on v14's 100 prompts).
+        # Greedy, as `manzano-edge eval` and `generate` default to, for the quick eval and the image alike.
         metrics = evaluate(pipe, EvalConfig(vqa=eval_size, captions=eval_size // 2, generation=eval_size // 2,
                                             reconstruction=eval_size // 2, drawings=eval_size // 2,
                                             sampling=greedy), show=False)

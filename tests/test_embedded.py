@@ -253,6 +253,17 @@ def test_cli_eval_writes_json_and_marks_parts_it_did_not_run(tmp_path, capsys):
     assert report["settings"]["drawings"] == 3
 
 
+def test_the_python_eval_defaults_to_greedy_like_the_cli(pipe, monkeypatch):
+    # EvalConfig's default sampled at temperature 1 until v14, while `manzano-edge eval` decoded greedily.
+    from manzano_edge.eval.evaluate import EvalConfig, evaluate
+
+    used, generate = [], pipe.generate
+    monkeypatch.setattr(pipe, "generate", lambda prompt, sampling=None, seed=0: (
+        used.append(sampling), generate(prompt, sampling, seed=seed))[1])
+    report = evaluate(pipe, EvalConfig(vqa=0, captions=0, generation=1, reconstruction=0, drawings=0), show=False)
+    assert [s.temperature for s in used] == [0.0] and report["settings"]["sampling"]["temperature"] == 0.0
+
+
 def test_demo_without_export_writes_its_summary_and_scores_like_eval(pipe, tmp_path, capsys):
     # The main job's first half (`make demo` adds export, int8 validation and a smoke bench).
     from manzano_edge.demo import print_summary, run_demo
