@@ -169,22 +169,6 @@ def test_a_stage_trains_the_same_alone_or_after_the_others(tmp_path):
     assert set(STAGE_SEED_OFFSET) == set(STAGES) and len(set(STAGE_SEED_OFFSET.values())) == len(STAGES)
 
 
-def test_batches_drawn_ahead_on_a_thread_are_the_plain_loops_stream():
-    # The loop draws the next step's scenes on a worker thread; the weights it trains must not change.
-    from manzano_edge.data.batches import SceneSource
-    from manzano_edge.train.loop import batches_ahead
-
-    plain, ahead = SceneSource(48, seed=3, loose_share=0.5), SceneSource(48, seed=3, loose_share=0.5)
-    expected = [[plain.sample() for _ in range(4)] for _ in range(5)]
-    got = list(batches_ahead(ahead, per_rank=4, count=5))
-    assert len(got) == 5 and all(len(batch) == 4 for batch in got)
-    for want, have in zip(sum(expected, []), sum(got, [])):
-        assert torch.equal(want.pixels, have.pixels) and want.qa == have.qa and want.prompt == have.prompt
-        assert (want.generation_pixels is None) == (have.generation_pixels is None)
-    assert plain.sample().qa == ahead.sample().qa  # nothing drawn past the last batch
-    assert list(batches_ahead(ahead, per_rank=4, count=0)) == []
-
-
 def test_tiny_image_tokens_coincide_with_the_scene_cells():
     # The tiny tokenizer's 3x3 tokens are the scene's 3x3 positions, so a token holds one whole
     # object and stage 1 can ask each token's code for its own cell's shape (`CellParseHead`).

@@ -16,8 +16,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from manzano_edge.config import ModelConfig, preset
-from manzano_edge.data.batches import Example, FolderSource, SceneSource
+from manzano_edge.data.batches import FolderSource, SceneSource
 from manzano_edge.data.text import TextCodec, domain_corpus, train_bpe
 from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import (
@@ -233,23 +231,6 @@ def build_stage(name: str, model: Manzano, codec: TextCodec) -> nn.Module:
     return DiTStage(model)
 
 
-def batches_ahead(source: SceneSource | FolderSource, per_rank: int, count: int) -> Iterator[list[Example]]:
-    """`count` batches of `per_rank` examples, each drawn on a worker thread while the previous step
-    trains (rendering and resizing with PIL release the GIL, as torch's kernels do). One worker, one
-    batch ahead: the source's RNG is consumed in the order of a plain loop, so the stream, and with it
-    the trained weights, are unchanged."""
-    def draw() -> list[Example]:
-        return [source.sample() for _ in range(per_rank)]
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-data") as pool:
-        pending = pool.submit(draw) if count > 0 else None
-        for i in range(count):
-            batch = pending.result()
-            if i + 1 < count:
-                pending = pool.submit(draw)
-            yield batch
-
-
 def run_stage(name: str, stage: nn.Module, budget: StageBudget, run_dir: Path, tcfg: TrainConfig,
               make_source) -> dict:
     """Train `stage` (forward(examples, rng) -> loss, logs) for `budget`; resumable from run_dir/stage-<name>.
@@ -268,9 +249,10 @@ def run_stage(name: str, stage: nn.Module, budget: StageBudget, run_dir: Path, t
     t0 = time.time()
     bar = tqdm(range(start, budget.steps), desc=f"train {name}", initial=start, total=budget.steps,
                disable=rank != 0, dynamic_ncols=True)
-    for step, examples in zip(bar, batches_ahead(source, per_rank, budget.steps - start)):
+    for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, budget)
+        examples = [source.sample() for _ in range(per_rank)]
         rng = np.random.default_rng((tcfg.seed, rank, step))
         with autocast_for(tcfg.precision):
             loss, logs = wrapped(examples, rng)
