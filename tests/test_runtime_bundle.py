@@ -56,7 +56,7 @@ def test_token_guidance_decodes_both_rows_as_one_batch_on_every_backend(pipes):
     s = SamplingConfig(temperature=0.0, token_guidance=3.0)
     # The first prompt where guidance changes a code, so the unconditional row is seen to matter.
     # Which one depends on the model (v11 and v13: the purple square, 1 code on v13; v12: the yellow circle;
-    # v14: the orange triangle, all 9 codes).
+    # v14 and v15, the same decoder: the orange triangle, all 9 codes).
     candidates = ["draw a purple square in the upper right", "draw a yellow circle on the left and an orange square "
                   "at the bottom", "an orange triangle", "draw something"]
     unguided = SamplingConfig(temperature=0.0)

@@ -103,12 +103,14 @@ class TrainConfig:
         # Stage 2b on stage 2's output (same run): 600 steps gave VQA 0.893, 1200 gave 0.920.
         "binding": StageBudget(steps=1200, batch_size=32, lr=3e-4, warmup=0, decay=False),
         # 600 steps (v11) decoded purple as blue: the VAE alone scored 0.78 on held-out scenes, capping
-        # both image paths. 1800 score 1.00. (Half-size crops at a quarter of the cost also scored
-        # 1.00, but the DiT trained on their latents drew worse shapes: 0.63 vs 0.76 reconstruction.)
-        "vae": StageBudget(steps=1800, batch_size=16, lr=1e-3),
+        # both image paths. 1800 (v12-v14) and 1200 (v15, 2.4 minutes less) score 1.00. (Half-size
+        # crops at a quarter of the cost also scored 1.00, but the DiT trained on their latents drew
+        # worse shapes: 0.63 vs 0.76 reconstruction.)
+        "vae": StageBudget(steps=1200, batch_size=16, lr=1e-3),
         # v11's 2000 steps, under v12's VAE, decoder and nearest resampling: reconstruction 0.76,
-        # text-to-image 0.79; 3000 steps: 0.94 / 0.96.
-        "dit": StageBudget(steps=3000, batch_size=32, lr=5e-4),
+        # text-to-image 0.79; 3000 steps: 0.94 / 0.96. v15's 2400 on its 1200-step VAE: 0.93 / 0.95
+        # (3000 on the same VAE: 0.94 / 0.96), about 2 minutes less.
+        "dit": StageBudget(steps=2400, batch_size=32, lr=5e-4),
     })
     scene_data: dict[str, SceneData] = field(default_factory=lambda: {
         # Loose scenes reach only the continuous adapter in stage 1 (TokenizerStage). On both paths
