@@ -106,10 +106,13 @@ def test_corrupted_quantization_fails_export(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_ptq, "quantize", wrong)
     # The DiT, not code_features: code_features ends in an RMSNorm plus float position
     # embeddings, which bound how far corrupted weights can move its output.
-    with pytest.raises(UserError, match="parity check failed for dit/onnx"):
+    with pytest.raises(UserError, match="parity check failed for dit/onnx") as failure:
         export_bundle(model, tok, tmp_path / "o", ExportOptions(formats=["onnx"], recipe="w8a8",
                                                                 graphs=["dit"], show_progress=False))
     assert list(tmp_path.iterdir()) == []
+    # The one-line error names the fix: the command that finds which layers to keep float.
+    assert "manzano-edge sensitivity --recipe w8a8 --graphs dit -o REPORT_DIR" in str(failure.value)
+    assert "\n" not in str(failure.value)
 
 
 def test_not_smaller_fails_export(tiny, tmp_path, monkeypatch):
