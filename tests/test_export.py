@@ -13,6 +13,7 @@ from manzano_edge.export.bundle import (
     Entry,
     ExportFailed,
     ExportOptions,
+    _parity_fix_hint,
     export_bundle,
     judge,
     run_parity,
@@ -308,6 +309,13 @@ def test_parity_failure_writes_nothing(tiny, tmp_path, monkeypatch):
                                                                 show_progress=False))
     assert list(tmp_path.iterdir()) == []
     assert "sensitivity" not in str(failure.value)  # a float export has no layers to keep float
+
+
+def test_a_quantized_parity_failure_names_the_fix():
+    assert _parity_fix_hint("fp32", ["decoder"]) == ""
+    assert _parity_fix_hint("w4", ["decoder", "vae_decoder"]) == (
+        "; find the layers to keep float with `manzano-edge sensitivity --recipe w4 --graphs decoder -o REPORT_DIR` "
+        "and pass its proposal as --keep-float; keep vae_decoder float with --keep-float graph:vae_decoder")
 
 
 def test_user_error_is_an_error(tmp_path):

@@ -562,13 +562,13 @@ def _parity_fix_hint(recipe: str, graphs: list[str]) -> str:
     from manzano_edge.quant.sensitivity import GRAPHS as LAYERED_GRAPHS
 
     layered = [g for g in graphs if g in LAYERED_GRAPHS]
-    whole = [f"graph:{g}" for g in graphs if g not in LAYERED_GRAPHS]
+    whole = [g for g in graphs if g not in LAYERED_GRAPHS]  # no Linear layers to pick from (the VAE)
     hints = []
     if layered:
         hints.append(f"find the layers to keep float with `manzano-edge sensitivity --recipe {recipe} --graphs "
                      f"{','.join(layered)} -o REPORT_DIR` and pass its proposal as --keep-float")
     if whole:
-        hints.append(f"keep {', '.join(g[6:] for g in whole)} float with --keep-float {','.join(whole)}")
+        hints.append(f"keep {', '.join(whole)} float with --keep-float {','.join('graph:' + g for g in whole)}")
     return "; " + "; ".join(hints)
 
 
