@@ -39,7 +39,13 @@ from manzano_edge.metrics import compare
 from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
 from manzano_edge.quant import calibration as calib
 from manzano_edge.quant import coreml_ptq, onnx_ptq, xnnpack_ptq
-from manzano_edge.quant.overrides import KeepFloat, check_all_matched, parse_keep_float, resolve_layers
+from manzano_edge.quant.overrides import (
+    LAYERED_GRAPHS,
+    KeepFloat,
+    check_all_matched,
+    parse_keep_float,
+    resolve_layers,
+)
 from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, FLOAT_RECIPES, FORMATS, SUPPORT, check_mode, check_supported
 
 MANIFEST = "manifest.json"
@@ -559,10 +565,8 @@ def _parity_fix_hint(recipe: str, graphs: list[str]) -> str:
     a few sensitive layers (v15's w4 decoder: 26.6 dB all int4, 42.0 dB with lm_head float)."""
     if recipe in FLOAT_RECIPES:
         return ""
-    from manzano_edge.quant.sensitivity import GRAPHS as LAYERED_GRAPHS
-
     layered = [g for g in graphs if g in LAYERED_GRAPHS]
-    whole = [g for g in graphs if g not in LAYERED_GRAPHS]  # no Linear layers to pick from (the VAE)
+    whole = [g for g in graphs if g not in LAYERED_GRAPHS]
     hints = []
     if layered:
         hints.append(f"find the layers to keep float with `manzano-edge sensitivity --recipe {recipe} --graphs "

@@ -15,6 +15,10 @@ from torch import nn
 
 from manzano_edge.errors import UserError
 
+# Graphs with Linear layers, which `sensitivity` ranks layer by layer to propose a --keep-float;
+# for the others (embed_tokens, the all-conv VAE decoder) the advice is graph:NAME.
+LAYERED_GRAPHS = ("tokenizer", "decoder", "code_features", "dit")
+
 
 @dataclass(frozen=True)
 class KeepFloat:

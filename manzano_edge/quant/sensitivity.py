@@ -31,10 +31,11 @@ from manzano_edge.errors import UserError
 from manzano_edge.export.common import TorchProgram, build_module
 from manzano_edge.export.spec import GraphSpec, graph_specs
 from manzano_edge.models.manzano import Manzano
+from manzano_edge.quant.overrides import LAYERED_GRAPHS
 from manzano_edge.quant.qat import QAT_RECIPES, prepare
 
 SCHEMA = "manzano-edge/sensitivity@1"
-GRAPHS = ("tokenizer", "decoder", "code_features", "dit")  # graphs with Linear layers
+GRAPHS = LAYERED_GRAPHS
 PREPARE_GRAPH = {"tokenizer": "tokenizer", "code_features": "tokenizer", "decoder": "decoder", "dit": "dit"}
 GRANULARITIES = ("layer", "block")
 
