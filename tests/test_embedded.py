@@ -11,6 +11,7 @@ PIL drawings score 0.920 (v13: 0.875, v12: 0.280) against 0.987 on scenes; that 
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,16 @@ def test_users_drawings_regression_floor(drawings):
 def test_users_drawings_caption_as_well_as_scenes(drawings):
     # "As well as generated scenes": scenes caption at 0.987-1.000, so within a few points of that.
     assert drawings["caption_accuracy"] >= 0.95, drawings
+
+
+def test_the_committed_report_describes_the_embedded_model(pipe):
+    # docs/eval-tiny.json is what the README quotes: its understanding rows must be this model's.
+    report = json.loads((Path(__file__).parents[1] / "docs" / "eval-tiny.json").read_text())
+    settings = report["settings"]
+    measured = eval_understanding(pipe, n_vqa=settings["vqa"], n_captions=settings["captions"],
+                                  seed=settings["seed"], show=False)
+    for key in ("vqa_accuracy", "caption_accuracy", "vqa_by_answer_kind"):
+        assert measured[key] == pytest.approx(report["understanding"][key]), key
 
 
 def test_user_wording_generates_what_was_asked(pipe):
