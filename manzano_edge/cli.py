@@ -88,10 +88,11 @@ def cmd_qat(args) -> None:
 def cmd_sensitivity(args) -> None:
     from manzano_edge.data.text import TextCodec
     from manzano_edge.models.manzano import load_checkpoint
-    from manzano_edge.quant.sensitivity import GRAPHS, Target, sensitivity, write_report
+    from manzano_edge.quant.overrides import LAYERED_GRAPHS
+    from manzano_edge.quant.sensitivity import Target, sensitivity, write_report
 
     model, tok = load_checkpoint(args.checkpoint)
-    graphs = [g.strip() for g in (args.graphs or ",".join(GRAPHS)).split(",") if g.strip()]
+    graphs = [g.strip() for g in (args.graphs or ",".join(LAYERED_GRAPHS)).split(",") if g.strip()]
     target = Target(psnr_db=args.target_psnr if args.target_psnr is not None else
                     (35.0 if args.recipe == "w8a8" else 20.0), top1=args.target_top1)
     report = sensitivity(model, TextCodec(tok, model.cfg.text), args.recipe, graphs, samples=args.samples,

@@ -35,7 +35,6 @@ from manzano_edge.quant.overrides import LAYERED_GRAPHS
 from manzano_edge.quant.qat import QAT_RECIPES, prepare
 
 SCHEMA = "manzano-edge/sensitivity@1"
-GRAPHS = LAYERED_GRAPHS
 PREPARE_GRAPH = {"tokenizer": "tokenizer", "code_features": "tokenizer", "decoder": "decoder", "dit": "dit"}
 GRANULARITIES = ("layer", "block")
 
@@ -149,9 +148,9 @@ def sensitivity(model: Manzano, codec: TextCodec, recipe: str, graphs: list[str]
         raise UserError(f"sensitivity: unknown recipe '{recipe}'; choose from {', '.join(QAT_RECIPES)}")
     if granularity not in GRANULARITIES:
         raise UserError(f"sensitivity: unknown granularity '{granularity}'; choose from {', '.join(GRANULARITIES)}")
-    bad = [g for g in graphs if g not in GRAPHS]
+    bad = [g for g in graphs if g not in LAYERED_GRAPHS]
     if bad or not graphs:
-        raise UserError(f"sensitivity: unknown graph '{bad[0] if bad else ''}'; choose from {', '.join(GRAPHS)} "
+        raise UserError(f"sensitivity: unknown graph '{bad[0] if bad else ''}'; choose from {', '.join(LAYERED_GRAPHS)} "
                         "(vae_decoder and embed_tokens have no Linear layers)")
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
