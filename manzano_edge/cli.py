@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="layer", help="layer (each Linear) | block (layers.N / blocks.N)")
     p.add_argument("--samples", type=int, default=4, help="validation samples per graph")
     p.add_argument("--target-psnr", type=float, help="dB per graph output (default 35 for w8a8, 20 for w4)")
-    p.add_argument("--target-top1", type=float, default=0.99, help="decoder top-1 agreement")
+    p.add_argument("--target-top1", type=float, default=0.99,
+                   help="decoder top-1 agreement where float decides by >= 0.3 nats (validate's gate)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sensitivity)
@@ -458,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exported-from", help="checkpoint the bundle was exported from, if not --reference (a QAT run's "
                                            "checkpoint): Core ML w8a8 emulation rebuilds its activation scales from it")
     p.add_argument("-o", "--output", required=True, help="report directory: report.json, report.md, plots")
-    p.add_argument("--thresholds", help="e.g. psnr_db=35,top1=0.99,e2e_drop_w8a8=1,e2e_drop_w4=3,psnr_db_w4=20")
+    p.add_argument("--thresholds", help="e.g. psnr_db=35,top1=0.99,top1_tie_nats=0.3,e2e_drop_w8a8=1,e2e_drop_w4=3,psnr_db_w4=20 "
+                   "(top1 is judged where float's top token leads by >= top1_tie_nats; 0 judges every position)")
     p.add_argument("--format", help="comma-separated subset of the bundle's formats")
     p.add_argument("--samples", type=int, default=4, help="validation samples per graph")
     p.add_argument("--greedy-tokens", type=int, default=16)

@@ -95,7 +95,7 @@ def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: st
     decoder = next(r for r in result.report["graphs"] if r["graph"] == "decoder")
     failed = [f"{graph}: {c['name']} {c['value']:.3g} (bar {c['bar']:g})" for graph, _, c in failed_checks(result.report)]
     return {"passed": result.passed, "report": "validate-w8a8/report.md", "min_psnr_db": graphs,
-            "decoder_top1": decoder["metrics"]["teacher_forcing"]["top1_agreement"], "failed_checks": failed}
+            "decoder_top1": decoder["metrics"]["teacher_forcing"]["decisive_top1_agreement"], "failed_checks": failed}
 
 
 def quick_bench(tmp: Path) -> dict:

@@ -245,6 +245,25 @@ def test_coreml_w8a8_decoder_tracks_float_within_the_validate_bar(coreml_w8a8_de
     assert p["psnr_db"] >= W8A8_DB and p["min_step_psnr_db"] >= 25, p
 
 
+def test_coreml_w8a8_leaves_graph_outputs_float():
+    """The last Linear's output is what the runtime reads (the decoder's logits): quantizing it to
+    one uint8 scale cost a tiny decoder 14.7 dB against 27.4 dB float. Inner outputs stay quantized."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 32)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32)).eval()
+    gm = prepare_pt2e(torch.export.export(net, (x,), strict=False).module(), coreml_ptq._quantizer())
+    with torch.no_grad():
+        gm(x)
+    gm = convert_pt2e(gm)
+    (out,) = gm.graph.output_node().args[0]
+    assert out.target == torch.ops.aten.linear.default, out.target  # not a dequantize
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    assert [n.target for n in out.all_input_nodes].count(dequantize) == 1  # its input is still int8
+    assert len(coreml_ptq.graph_activation_scales(gm)) == 2  # both Linear inputs, no output
+
+
 def test_coreml_w8a8_activation_ranges_cover_every_calibration_step():
     """MinMax, not the config's default moving average: one wide-range step (a prefill) followed
     by many narrow ones (decode steps) must keep the wide range. Under the moving average the

@@ -5,7 +5,8 @@ Each graph is run in eager PyTorch with torchao fake quantization on the recipe'
 dynamic activations), switched on for one unit at a time: one Linear (`--granularity layer`)
 or one block (`block`: every Linear under `layers.N` / `blocks.N`). The graph's outputs on real
 validation inputs are compared with the float graph (PSNR as DESIGN §5; for the decoder also
-top-1 agreement under teacher forcing), and units are ranked by what they cost.
+top-1 agreement under teacher forcing where float is decisive, as `validate` gates it), and
+units are ranked by what they cost.
 
 The proposal is greedy: quantize every unit, then keep the most sensitive units float, one at a
 time, until the graph meets the target (or nothing is left to keep). Its `keep_float` list is in
@@ -95,7 +96,8 @@ def _score(spec: GraphSpec, reference: dict, candidate: TorchProgram, seqs: list
     score: dict = {"psnr_db": min(metrics[t.name]["psnr_db"] for t in spec.outputs if not t.dtype.startswith("int"))}
     score.update({f"{t.name}_agreement": metrics[t.name]["agreement"] for t in spec.outputs if t.dtype.startswith("int")})
     if spec.name == "decoder":
-        score["top1"] = metrics["teacher_forcing"]["top1_agreement"]
+        tf = metrics["teacher_forcing"]  # validate's gated value: agreement where float is decisive
+        score["top1"] = tf["decisive_top1_agreement"] if tf["decisive_positions"] else tf["top1_agreement"]
     return score
 
 

@@ -1,4 +1,4 @@
-"""Write a validation report: report.json (schema manzano-edge/validate@1), report.md, plots."""
+"""Write a validation report: report.json (schema manzano-edge/validate@2), report.md, plots."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def failed_checks(report: dict) -> list[tuple[str, str, dict]]:
             for c in r["checks"] if not c["passed"]]
 
 
+def _top1(tf: dict) -> str:
+    """'decisive (n) / all (n)': the gated agreement first, then every position."""
+    if not tf:
+        return "–"
+    return (f"{_fmt(tf['decisive_top1_agreement'], 4)} ({tf['decisive_positions']}) / "
+            f"{_fmt(tf['top1_agreement'], 4)} ({tf['positions']})")
+
+
 def markdown(report: dict, plots: list[str]) -> str:
     b = report["bundle"]
     lines = [f"# Validation report: `{b['recipe']}` bundle", "",
@@ -44,8 +52,8 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"> **Note.** {note}")
         lines.append("")
     lines += ["## Per graph", "",
-              "| graph | format | recipe | verified by | min PSNR dB | cosine | SQNR dB | ids agree | top-1 | KL | "
-              "greedy exact | size MB | pass |",
+              "| graph | format | recipe | verified by | min PSNR dB | cosine | SQNR dB | ids agree | "
+              "top-1 decisive / all | KL | greedy exact | size MB | pass |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["graphs"]:
         floats = [m for m in r["metrics"].values() if isinstance(m, dict) and "psnr_db" in m]
@@ -54,7 +62,7 @@ def markdown(report: dict, plots: list[str]) -> str:
         lines.append(f"| {r['graph']} | {r['format']} | {r['recipe']} | {r['verified_by']} | {_fmt(_graph_psnr(r))} | "
                      f"{_fmt(min((m['cosine'] for m in floats), default=None), 5)} | "
                      f"{_fmt(min((m['sqnr_db'] for m in floats), default=None))} | "
-                     f"{_fmt(min(ids, default=None), 3)} | {_fmt(tf.get('top1_agreement'), 4)} | "
+                     f"{_fmt(min(ids, default=None), 3)} | {_top1(tf)} | "
                      f"{_fmt(tf.get('kl'), 5)} | {_fmt(gr.get('exact_match'), 2)} | {r['bytes'] / 1e6:.2f} | "
                      f"{'yes' if r['passed'] else '**no**'} |")
     if report["end_to_end"]:
