@@ -251,11 +251,16 @@ class TokenizerStage(nn.Module):
 class DecoderStage(nn.Module):
     """Unified decoder on understanding + generation + text, ViT and discrete adapter frozen.
     The continuous adapter trains with the decoder and keeps stage 1's scene-parsing loss
-    (a fresh head), so it cannot trade away the shape it was made to carry."""
+    (a fresh head), so it cannot trade away the shape it was made to carry.
 
-    def __init__(self, model: Manzano, codec: TextCodec, scene_weight: float = 1.0) -> None:
+    `generation_weight` scales the image-token loss against the understanding loss: codes from a
+    longer stage 1 are harder to predict, and at 1 text-to-image fell to 0.63 (loop.GENERATION_WEIGHT)."""
+
+    def __init__(self, model: Manzano, codec: TextCodec, scene_weight: float = 1.0,
+                 generation_weight: float = 1.0) -> None:
         super().__init__()
-        self.cfg, self.codec, self.scene_weight = model.cfg, codec, scene_weight
+        self.cfg, self.codec = model.cfg, codec
+        self.scene_weight, self.generation_weight = scene_weight, generation_weight
         freeze(model.tokenizer.encoder)
         freeze(model.tokenizer.discrete)
         self.encoder, self.discrete = model.tokenizer.encoder, model.tokenizer.discrete
@@ -281,7 +286,7 @@ class DecoderStage(nn.Module):
         texts = [f"{ex.question} {ex.answer}" if rng.random() < 0.5 else ex.prompt for ex in und[: max(1, half // 4)]]
         tb = text_batch(texts, self.codec, self.cfg)
         txt_loss = weighted_lm_loss(self.decoder(tokens=tb["tokens"]), tb["targets"], tb["weights"])
-        loss = und_loss + gen_loss + 0.25 * txt_loss + self.scene_weight * scene_loss
+        loss = und_loss + self.generation_weight * gen_loss + 0.25 * txt_loss + self.scene_weight * scene_loss
         return loss, {"und": und_loss.item(), "gen": gen_loss.item(), "text": txt_loss.item(),
                       "scene": scene_loss.item()}
 
