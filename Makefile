@@ -27,7 +27,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check manzano_edge tests
 
-# Re-train the embedded tiny model from scratch (39:51 alone on this 2-core VM, about 42 on a slower one; see README "Training").
+# Re-train the embedded tiny model from scratch (47:27 alone on this 2-core VM for v16; see README "Training").
 train-tiny: install
 	$(VENV)/bin/manzano-edge train --preset tiny -o runs/tiny
 
