@@ -8,6 +8,7 @@ are plain integers; evaluation uses the SeedSequence [seed, HELD_OUT_TAG]).
 from __future__ import annotations
 
 import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -188,7 +189,9 @@ def sample_grid(pipe: Pipeline, path: str, n: int = 12, seed: int = 0, sampling:
     rng = held_out_rng(seed, "grid")
     cols = 4
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.0))
+    # Constrained layout sizes each row's title band, so a four-line prompt cannot overlap the
+    # image above it (tight_layout let them collide).
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.2), layout="constrained")
     passed = 0
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -200,17 +203,9 @@ def sample_grid(pipe: Pipeline, path: str, n: int = 12, seed: int = 0, sampling:
         ok = scenes.scene_matches(scenes.parse_objects(prompt), detect(image))
         passed += ok
         ax.imshow(image)
-        words, lines, line = prompt.split(), [], ""
-        for w in words:
-            if len(line) + len(w) > 28:
-                lines.append(line)
-                line = ""
-            line = f"{line} {w}".strip()
-        lines.append(line)
-        ax.set_title("\n".join(lines) + f"\n[{'pass' if ok else 'fail'}]", fontsize=7,
+        ax.set_title(textwrap.fill(prompt, 30) + f"\n[{'pass' if ok else 'fail'}]", fontsize=7,
                      color="darkgreen" if ok else "firebrick")
     fig.suptitle(f"manzano-edge tiny: held-out prompts (ShapesEval {passed}/{n})", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return passed / n
