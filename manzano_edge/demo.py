@@ -98,10 +98,6 @@ def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: st
             "decoder_top1": decoder["metrics"]["teacher_forcing"]["decisive_top1_agreement"], "failed_checks": failed}
 
 
-def _or_na(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"  # None: float was never decisive (validate fails it)
-
-
 def quick_bench(tmp: Path) -> dict:
     """The fp32 bundle on eager PyTorch, ONNX Runtime and ExecuTorch: 3 runs each (a smoke run of
     `manzano-edge bench`; docs/bench-small/ holds the real measurement)."""
@@ -118,6 +114,8 @@ def quick_bench(tmp: Path) -> dict:
 
 
 def print_summary(summary: dict, out: Path) -> None:
+    from manzano_edge.validate.report import _fmt  # the report's number formatting, "n/a" for None
+
     c, v, g, q = summary["caption"], summary["vqa"], summary["generate"], summary["quick_eval"]
     print(f"caption   truth: {c['truth']}\n          model: {c['output']}")
     print(f"vqa       {v['question']} -> {v['output']} (truth: {v['truth']})")
@@ -134,7 +132,7 @@ def print_summary(summary: dict, out: Path) -> None:
         v = summary["validate_w8a8"]
         worst = min((db for db in v["min_psnr_db"].values() if db is not None), default=float("nan"))
         print(f"int8      ONNX w8a8 vs float: {'PASSED' if v['passed'] else 'FAILED'} (worst graph {worst:.1f} dB, "
-              f"decoder top-1 {_or_na(v['decoder_top1'])}) -> {out / v['report']}")
+              f"decoder top-1 {_fmt(v['decoder_top1'], 3)}) -> {out / v['report']}")  # n/a: never decisive
         for check in v["failed_checks"]:
             print(f"          failed {check}")
         b = summary["bench"]
