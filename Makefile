@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 demo: install
@@ -26,6 +27,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check manzano_edge tests
+	$(VENV)/bin/lint-imports --no-cache
 
 # Re-train the embedded tiny model from scratch (47:27 alone on this 2-core VM for v16; see README "Training").
 train-tiny: install

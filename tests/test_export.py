@@ -9,19 +9,15 @@ import torch
 from manzano_edge.cli import main
 from manzano_edge.errors import UserError
 from manzano_edge.export import coreml, onnx
-from manzano_edge.export.bundle import (
-    Entry,
-    ExportFailed,
-    ExportOptions,
-    _parity_fix_hint,
-    export_bundle,
-    judge,
-    run_parity,
-    validate_options,
-)
-from manzano_edge.export.common import TorchProgram, build_module, path_digest
-from manzano_edge.export.spec import graph_specs, real_examples
+from manzano_edge.export.base import Entry
+from manzano_edge.export.bundle import ExportFailed, ExportOptions, _parity_fix_hint, export_bundle, validate_options
+from manzano_edge.export.parity import judge, run_parity
+from manzano_edge.fsutil import path_digest
 from manzano_edge.models.manzano import load_checkpoint
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.examples import real_examples
+from manzano_edge.spec.graphs import graph_specs
+from manzano_edge.spec.modules import build_module
 
 GRAPHS = ("tokenizer", "embed_tokens", "decoder", "decoder_cfg", "code_features", "dit", "vae_decoder")
 
@@ -79,10 +75,10 @@ def test_dropped_state_is_caught(tiny, tmp_path):
 
     spec = graph_specs(model.cfg)["decoder"]
     examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph["decoder"]
-    stateful = build_module(spec, model, explicit_state=False)
+    stateful = build_module(spec, model)
     path = tmp_path / "dropped.onnx"
     args = tuple(examples[0][t.name] for t in spec.inputs)
-    from manzano_edge.export.common import torch_dynamic_shapes
+    from manzano_edge.spec.tracing import torch_dynamic_shapes
 
     torch.onnx.export(stateful, args, str(path), dynamo=True, opset_version=18,
                       input_names=[t.name for t in spec.inputs], output_names=["logits"],
@@ -101,7 +97,7 @@ def test_dropped_state_is_caught(tiny, tmp_path):
             return {"logits": torch.from_numpy(out[0])}
 
     entry = Entry("decoder", "onnx")
-    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)), StatelessOrt(), examples)
+    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model)), StatelessOrt(), examples)
     judge(entry, "fp32", fp16_compute=False)
     assert entry.parity["psnr_db"] < 60 or entry.parity["min_step_psnr_db"] < 60
     assert not entry.passed
@@ -161,7 +157,7 @@ def test_executorch_slice_cache_needs_no_custom_kernels(tiny, tmp_path):
     model, tok = tiny
     spec = graph_specs(model.cfg)["decoder"]
     examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph["decoder"]
-    module = build_module(spec, model, False, executorch=False)
+    module = build_module(spec, model)
     info = executorch.export(spec, module, examples[0], tmp_path / "decoder.pte", "xnnpack")
     assert not any("update_cache" in op or "sdpa" in op for op in info["non_delegated_ops"]), info
     parity = run_parity(spec, TorchProgram(spec, module), executorch.EtProgram(spec, tmp_path / "decoder.pte"), examples)
@@ -340,7 +336,7 @@ def test_coreml_predict_matches_eager_on_macos(bundle, tiny):
 @pytest.mark.skipif(not _predict_reason()[0], reason=f"CoreMLBackend for ExecuTorch needs Apple hardware: "
                                                      f"{_predict_reason()[1]}")
 def test_executorch_coreml_delegate_runs_on_macos(bundle, tiny):
-    from manzano_edge.export.executorch import EtProgram
+    from manzano_edge.runtime.backends.executorch import EtProgram
 
     out, manifest = bundle
     model, tok = tiny
@@ -356,7 +352,7 @@ def test_bundled_programs_for_device_runners(tiny, tmp_path):
     runners verify; a program whose expectation is wrong must fail that verification."""
     from manzano_edge.export import executorch as et
     from manzano_edge.export.bundle import ExportOptions, export_bundle
-    from manzano_edge.export.spec import graph_specs
+    from manzano_edge.spec.graphs import graph_specs
 
     model, tok = tiny
     out = tmp_path / "b"

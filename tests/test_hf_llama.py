@@ -9,8 +9,9 @@ transformers = pytest.importorskip("transformers")
 
 from manzano_edge.config import DecoderConfig  # noqa: E402
 from manzano_edge.errors import UserError  # noqa: E402
-from manzano_edge.models.decoder import LlamaDecoder, StatefulDecoder, causal_mask  # noqa: E402
+from manzano_edge.models.decoder import LlamaDecoder, causal_mask  # noqa: E402
 from manzano_edge.models.hf_llama import decoder_config_from_hf, hf_to_decoder_state, import_llama  # noqa: E402
+from manzano_edge.spec.modules import StatefulDecoder  # noqa: E402
 
 
 def tiny_hf_llama(tie: bool = False):

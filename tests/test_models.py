@@ -3,11 +3,12 @@ import torch
 
 from manzano_edge.config import ModelConfig, preset
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import InPlaceKVDecoder, StatefulDecoder, causal_mask
+from manzano_edge.models.decoder import causal_mask
 from manzano_edge.models.fsq import FSQ
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.models.vision_tokenizer import spatial_to_channel
-from manzano_edge.runtime.pipeline import padded_causal_mask
+from manzano_edge.spec.decoding import padded_causal_mask
+from manzano_edge.spec.modules import InPlaceKVDecoder, StatefulDecoder
 
 
 @pytest.fixture(scope="module")

@@ -95,10 +95,10 @@ def test_bad_qat_options_fail_cleanly(tmp_path, capsys, args, message):
 
 
 def test_sensitivity_ranks_layers_and_proposes_an_override_export_accepts(tiny, tiny_codec):
-    from manzano_edge.export.common import build_module
-    from manzano_edge.export.spec import graph_specs
     from manzano_edge.quant.overrides import parse_keep_float, resolve_layers
-    from manzano_edge.quant.sensitivity import Target, sensitivity
+    from manzano_edge.spec.graphs import graph_specs
+    from manzano_edge.spec.modules import build_module
+    from manzano_edge.validate.sensitivity import Target, sensitivity
 
     model, tok = tiny
     from manzano_edge.data.text import TextCodec
@@ -117,7 +117,7 @@ def test_sensitivity_ranks_layers_and_proposes_an_override_export_accepts(tiny, 
     assert hard["graphs"][0]["all_quantized"]["psnr_db"] < min(psnrs) + 1e-6
     spec = graph_specs(model.cfg)["code_features"]
     keep = parse_keep_float(hard["keep_float"], list(graph_specs(model.cfg)))
-    assert len(resolve_layers(build_module(spec, model, False), keep).modules) == 2
+    assert len(resolve_layers(build_module(spec, model), keep).modules) == 2
 
 
 def test_sensitivity_cli_writes_report_or_fails_in_one_line(tmp_path, capsys):

@@ -11,12 +11,16 @@ from manzano_edge.cli import main
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.export import onnx
-from manzano_edge.export.bundle import Entry, ExportOptions, export_bundle, judge, run_parity
-from manzano_edge.export.common import TorchProgram, build_module
-from manzano_edge.export.spec import graph_specs, real_examples
+from manzano_edge.export.base import Entry
+from manzano_edge.export.bundle import ExportOptions, export_bundle
+from manzano_edge.export.parity import judge, run_parity
 from manzano_edge.quant import calibration, coreml_ptq, onnx_ptq
 from manzano_edge.quant.overrides import parse_keep_float, resolve_layers
 from manzano_edge.quant.recipes import SUPPORT, check_supported
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.examples import real_examples
+from manzano_edge.spec.graphs import graph_specs
+from manzano_edge.spec.modules import build_module
 
 W8A8_DB = 35.0  # the validate bar; export itself only applies a 20 dB sanity bar
 
@@ -57,7 +61,7 @@ def _ort_parity(tiny, path, spec_name="decoder"):
     spec = graph_specs(model.cfg)[spec_name]
     examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph[spec_name]
     entry = Entry(spec_name, "onnx")
-    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model, False)),
+    entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model)),
                               onnx.OrtProgram(spec, path), examples)
     return entry
 
@@ -71,7 +75,7 @@ def test_static_qdq_on_all_op_types_is_caught(tiny, quant_bundle, tmp_path):
     model, tok = tiny
     spec = graph_specs(model.cfg)["decoder"]
     float_path = tmp_path / "decoder.onnx"
-    onnx.export(spec, build_module(spec, model, True), real_examples(
+    onnx.export(spec, build_module(spec, model, "explicit"), real_examples(
         model, TextCodec(tok, model.cfg.text)).per_graph["decoder"][0], float_path)
     cal = calibration.generated(model, TextCodec(tok, model.cfg.text), 2)["decoder"]
     bad = tmp_path / "all_ops.onnx"
@@ -160,7 +164,7 @@ def test_keep_float_resolution(tiny):
     specs = graph_specs(model.cfg)
     keep = parse_keep_float("lm_head,layers.0,graph:vae_decoder", list(specs))
     assert keep.graphs == {"vae_decoder"}
-    names = resolve_layers(build_module(specs["decoder"], model, False), keep).modules
+    names = resolve_layers(build_module(specs["decoder"], model), keep).modules
     assert "decoder.lm_head" in names and all(n == "decoder.lm_head" or ".layers.0." in n for n in names)
     with pytest.raises(UserError, match="unknown graph 'vae'"):
         parse_keep_float("graph:vae", list(specs))

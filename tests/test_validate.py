@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from manzano_edge.cli import main
-from manzano_edge.export.spec import graph_specs
-from manzano_edge.models.decoder import StatefulDecoder, causal_mask
+from manzano_edge.models.decoder import causal_mask
+from manzano_edge.spec.graphs import graph_specs
+from manzano_edge.spec.modules import StatefulDecoder
 from manzano_edge.validate.core import (
     SCHEMA,
     Thresholds,

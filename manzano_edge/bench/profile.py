@@ -27,9 +27,9 @@ import torch
 
 from manzano_edge.bench.measure import summarize as timing_stats
 from manzano_edge.errors import UserError
-from manzano_edge.export.spec import GraphSpec, TensorSpec
 from manzano_edge.fsutil import atomic_output_dir
 from manzano_edge.runtime.bundle import Bundle
+from manzano_edge.spec.graphs import GraphSpec, TensorSpec
 
 SCHEMA = "manzano-edge/profile@1"
 INTEGER_MARKERS = ("QD8", "QDU8", "QC8W", "QC4W", "QB4W", "QP8", "QS8", "QU8")
@@ -65,7 +65,7 @@ def _value(t: TensorSpec, shape: tuple[int, ...], cfg, gen: torch.Generator) -> 
 
 def run_with_etdump(pte: Path, inputs: dict[str, torch.Tensor], spec: GraphSpec, runs: int, etdump: Path,
                     threads: int | None) -> None:
-    from manzano_edge.export.executorch import runtime
+    from manzano_edge.runtime.backends.executorch import runtime
 
     if threads:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool

@@ -2,7 +2,7 @@
 PyTorch eager fp32 baseline, in one run on one machine.
 
 Each (bundle, backend) runs in its own worker process (worker.py) so load time and peak RSS are
-that backend's own. Example inputs come from export.spec.real_examples (the same declarations
+that backend's own. Example inputs come from spec.examples.real_examples (the same declarations
 the exporters traced), computed once here and shared with every worker."""
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ from manzano_edge.bench.worker import save_examples
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.export.bundle import tool_versions
-from manzano_edge.export.common import TorchProgram, build_module
-from manzano_edge.export.spec import real_examples
 from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
 from manzano_edge.metrics import psnr
-from manzano_edge.models.decoder import StatefulDecoder, causal_mask
-from manzano_edge.runtime.bundle import BACKEND_FORMAT, Bundle
-
-BACKENDS = ("torch", "ort", "executorch", "coreml")
-COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+from manzano_edge.runtime.backends import BACKENDS, backend_for_format, get_backend
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.runtime.bundle import Bundle
+from manzano_edge.spec.decoding import causal_mask
+from manzano_edge.spec.examples import real_examples
+from manzano_edge.spec.graphs import GraphKind
+from manzano_edge.spec.modules import StatefulDecoder, build_module
 
 
 @dataclass
 class BenchOptions:
-    backends: list[str] = field(default_factory=lambda: ["torch", "ort", "executorch", "coreml"])
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     runs: int = 5
     warmup: int = 1
     threads: dict[str, int] = field(default_factory=dict)  # backend -> threads; missing = default_threads
@@ -122,18 +122,20 @@ class Reference:
 
     def check_bundle(self, bundle: Bundle) -> dict:
         """PSNR of one bundle graph's output against this model's: refuses unrelated weights."""
-        fmt_backend = next((b for b in ("ort", "executorch") if BACKEND_FORMAT[b] in _formats(bundle, "vae_decoder")), None)
-        if fmt_backend is None:
-            return {"checked": False, "reason": "no ort/executorch vae_decoder in the bundle to compare with"}
-        spec = bundle.specs["vae_decoder"]
-        x = self.examples["vae_decoder"][0]
-        ref = TorchProgram(spec, build_module(spec, self.model, False)).run(x)["pixels"]
-        out = bundle.program("vae_decoder", fmt_backend).run(x)["pixels"]
+        graph = next(n for n, s in bundle.specs.items() if s.kind == GraphKind.LATENT_DECODER)
+        runnable = [b for f in _formats(bundle, graph) if (b := backend_for_format(f)) and b.runnable_here()[0]]
+        if not runnable:
+            return {"checked": False, "reason": f"no {graph} in the bundle that runs here to compare with"}
+        fmt_backend = runnable[0].name
+        spec = bundle.specs[graph]
+        x = self.examples[graph][0]
+        ref = TorchProgram(spec, build_module(spec, self.model)).run(x)["pixels"]
+        out = bundle.program(graph, fmt_backend).run(x)["pixels"]
         db = psnr(ref, out)
         if db < MATCH_DB:
-            raise UserError(f"the eager reference does not match bundle {bundle.path} (vae_decoder {db:.1f} dB); pass "
+            raise UserError(f"the eager reference does not match bundle {bundle.path} ({graph} {db:.1f} dB); pass "
                             "--reference CHECKPOINT, or --seed with the seed `export --preset` used")
-        return {"checked": True, "graph": "vae_decoder", "backend": fmt_backend, "psnr_db": db}
+        return {"checked": True, "graph": graph, "backend": fmt_backend, "psnr_db": db}
 
     def prefill_flops(self, tokens: int) -> int:
         dec = StatefulDecoder(self.model.decoder, last_logits=True).eval()  # as the graphs
@@ -171,7 +173,7 @@ def plan_jobs(bundles: list[Bundle], refs: dict[str, Reference], opts: BenchOpti
                 if key in seen:
                     continue
                 seen.add(key)
-            units = COMPUTE_UNITS if backend == "coreml" else (None,)
+            units = get_backend(backend).compute_units or (None,)
             for cu in units:
                 jobs.append(_job(bundle, backend, cu, ref, opts, workdir, len(jobs), named))
     return jobs
@@ -194,15 +196,13 @@ def _job(bundle: Bundle, backend: str, cu: str | None, ref: Reference, opts: Ben
 
 
 def skip_reason(bundle: Bundle, backend: str, token_guidance: float = 1.0) -> str | None:
-    if backend == "torch":
+    runner = get_backend(backend)
+    if runner.format is None:
         return None
-    if backend == "coreml":
-        from manzano_edge.export.coreml import predict_available
-
-        ok, why = predict_available()
-        if not ok:
-            return why
-    fmt = BACKEND_FORMAT[backend]
+    ok, why = runner.runnable_here()
+    if not ok:
+        return why
+    fmt = runner.format
     missing = [g for g in bundle.specs if fmt not in _formats(bundle, g)]
     if missing:
         return f"bundle has no {fmt} files (export --format {fmt})"
@@ -228,17 +228,15 @@ def run_worker(job: dict, workdir: Path) -> dict:
 
 # -- derived numbers -----------------------------------------------------------------------------
 def file_bytes(bundle: Bundle, backend: str) -> dict[str, int]:
-    fmt = BACKEND_FORMAT.get(backend)
+    fmt = get_backend(backend).format
     return {g: f[fmt]["bytes"] for g in bundle.specs if fmt and fmt in (f := _formats(bundle, g))}
 
 
 def partitions(bundle: Bundle, backend: str) -> dict[str, int]:
-    """Delegate partitions per graph (ExecuTorch; from the manifest): each boundary hands tensors
-    between XNNPACK and the portable kernels, so fewer is faster."""
-    if backend != "executorch":
-        return {}
-    return {g: f["executorch"]["delegates"] for g in bundle.specs
-            if "executorch" in (f := _formats(bundle, g)) and "delegates" in f["executorch"]}
+    """Delegate partitions per graph, where the manifest records them (ExecuTorch): each boundary
+    hands tensors between a delegate and the portable kernels, so fewer is faster."""
+    fmt = get_backend(backend).format
+    return {g: f[fmt]["delegates"] for g in bundle.specs if fmt in (f := _formats(bundle, g)) and "delegates" in f[fmt]}
 
 
 def add_roofline(row: dict, ref: Reference, roof: dict, flops_cache: dict) -> None:

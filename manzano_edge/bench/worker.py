@@ -19,17 +19,19 @@ from manzano_edge.data import scenes
 from manzano_edge.data.images import to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import GraphProgram, TorchProgram, build_module
-from manzano_edge.export.spec import GraphSpec
-from manzano_edge.models.decoder import causal_mask
-from manzano_edge.runtime.bundle import Bundle, BundleGraphs, CheckedProgram
+from manzano_edge.runtime.backends import GraphProgram, get_backend
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.runtime.bundle import Bundle, BundleGraphs
 from manzano_edge.runtime.graphs import GraphRunner, TorchGraphs
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
+from manzano_edge.spec.decoding import causal_mask, decode
+from manzano_edge.spec.graphs import GraphKind, GraphSpec
+from manzano_edge.spec.modules import build_module
 
 EXAMPLES_SEP = "."
 
 
-# -- examples shared by every worker (written once by run.py from export.spec.real_examples) ----
+# -- examples shared by every worker (written once by run.py from spec.examples.real_examples) ----
 def save_examples(per_graph: dict[str, list[dict[str, torch.Tensor]]], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -46,38 +48,6 @@ def load_examples(path: Path) -> dict[str, list[dict[str, torch.Tensor]]]:
     return {g: [steps[i] for i in sorted(steps)] for g, steps in out.items()}
 
 
-# -- threads -------------------------------------------------------------------------------------
-def apply_threads(backend: str, threads: int) -> dict:
-    """Set what each runtime lets us set, and record what is actually in effect."""
-    torch.set_num_threads(threads)  # eager graphs, and the pipeline's own tensor ops on every backend
-    info: dict = {"torch": torch.get_num_threads()}
-    if backend == "ort":
-        from manzano_edge.export.onnx import ORT_ALLOW_SPINNING
-
-        info["ort_intra_op"] = threads
-        info["ort_allow_spinning"] = ORT_ALLOW_SPINNING == "1"
-    if backend == "executorch":
-        try:
-            from executorch.extension.pybindings import portable_lib as et
-
-            et._unsafe_reset_threadpool(threads)  # XNNPACK's shared pthreadpool
-            info["executorch_threadpool"] = int(et._threadpool_get_thread_count())
-        except (ImportError, AttributeError) as exc:
-            info["executorch_threadpool"] = f"not settable ({type(exc).__name__}); ExecuTorch default"
-    return info
-
-
-# -- loading -------------------------------------------------------------------------------------
-class LoadedBundleGraphs(BundleGraphs):
-    """BundleGraphs over programs loaded (and timed) one by one."""
-
-    def __init__(self, bundle: Bundle, programs: dict[str, GraphProgram]) -> None:
-        self.bundle = bundle
-        self.p = {g: CheckedProgram(bundle.specs[g], programs[g]) for g in bundle.specs}
-        self._null = None
-        self._decoder = None
-
-
 def load_backend(job: dict, bundle: Bundle) -> tuple[GraphRunner, dict[str, GraphProgram], dict[str, float]]:
     load_s: dict[str, float] = {}
     if job["backend"] == "torch":
@@ -89,7 +59,7 @@ def load_backend(job: dict, bundle: Bundle) -> tuple[GraphRunner, dict[str, Grap
         programs = {}
         for name, spec in bundle.specs.items():
             t0 = time.perf_counter()
-            programs[name] = TorchProgram(spec, build_module(spec, model, False))
+            programs[name] = TorchProgram(spec, build_module(spec, model))
             load_s[name] = time.perf_counter() - t0
         return TorchGraphs(model), programs, load_s
     programs = {}
@@ -97,7 +67,7 @@ def load_backend(job: dict, bundle: Bundle) -> tuple[GraphRunner, dict[str, Grap
         t0 = time.perf_counter()
         programs[name] = bundle.program(name, job["backend"], job["threads"], job.get("compute_units") or "ALL")
         load_s[name] = time.perf_counter() - t0
-    return LoadedBundleGraphs(bundle, programs), programs, load_s
+    return BundleGraphs.from_programs(bundle, programs), programs, load_s
 
 
 # -- per-graph latency ---------------------------------------------------------------------------
@@ -114,7 +84,7 @@ def graph_latency(specs: dict[str, GraphSpec], programs: dict[str, GraphProgram]
             prog.run(prefill)
             # the same decode step re-writes the same cache slot: identical work each run
             out[f"{name}[decode E={step['causal_mask'].shape[-1]}]"] = time_fn(lambda p=prog, x=step: p.run(x), warmup, runs)
-        elif name == "dit":  # the CFG batch of 2 and the unguided batch of 1
+        elif specs[name].kind == GraphKind.DENOISER_STEP:  # the CFG batch of 2 and the unguided batch of 1
             for x in ex:
                 out[f"dit[batch={x['latent'].shape[0]}]"] = time_fn(lambda p=prog, x=x: p.run(x), warmup, runs)
         else:
@@ -123,29 +93,16 @@ def graph_latency(specs: dict[str, GraphSpec], programs: dict[str, GraphProgram]
 
 
 # -- decoder throughput --------------------------------------------------------------------------
-def understanding_embeds(g: GraphRunner, pipe: Pipeline, pixels: torch.Tensor, question: str) -> torch.Tensor:
-    """The caption prefill sequence, laid out exactly as Pipeline.understand does."""
-    t = pipe.cfg.text
-    q = pipe._prompt_ids(question, pipe.max_len - pipe.cfg.vision.num_image_tokens - 5)
-    return torch.cat([g.embed_tokens(torch.tensor([[t.bos_id, t.img_start_id]])), g.vision_embeddings(pixels),
-                      g.embed_tokens(torch.tensor([[t.img_end_id, *q, t.sep_id]]))], dim=1)
-
-
 def decode_once(g: GraphRunner, pipe: Pipeline, pixels: torch.Tensor, question: str, n: int) -> dict:
     """Greedy decode of exactly n tokens (no EOS stop: random weights must still produce n)."""
     t0 = time.perf_counter()
-    embeds = understanding_embeds(g, pipe, pixels, question)
+    embeds = pipe.understanding_embeds(pixels, question)
     g.decoder_reset(1)
     t1 = time.perf_counter()
     logits = g.decoder_step(embeds, causal_mask(0, embeds.shape[1]))[:, -1]
-    token = logits.argmax(-1)
+    logits.argmax(-1)  # the first token ends the time to first token
     t2 = time.perf_counter()
-    past, tokens = embeds.shape[1], [token.item()]
-    for _ in range(n):
-        logits = g.decoder_step(g.embed_tokens(token[:, None]), causal_mask(past, 1))[:, -1]
-        token = logits.argmax(-1)
-        tokens.append(token.item())
-        past += 1
+    tokens = decode(g.decoder_step, g.embed_tokens, logits, embeds.shape[1], n + 1)
     t3 = time.perf_counter()
     return {"ttft": t2 - t0, "prefill": t2 - t1, "decode": t3 - t2, "prompt_tokens": embeds.shape[1], "tokens": tokens}
 
@@ -179,7 +136,7 @@ def recompute_decode(model, embeds: torch.Tensor, n: int) -> tuple[float, list[i
 
 def kv_cache_comparison(g: TorchGraphs, pipe, pixels, question, n, warmup, runs) -> dict:
     """Same process, same threads, same tokens: stateful KV cache vs recomputing everything."""
-    embeds = understanding_embeds(g, pipe, pixels, question)
+    embeds = pipe.understanding_embeds(pixels, question)
     cached, recompute, same = [], [], True
     for i in range(warmup + max(1, runs)):
         c = decode_once(g, pipe, pixels, question, n)
@@ -230,7 +187,7 @@ def scene_inputs(cfg, seed: int) -> tuple[torch.Tensor, str, str]:
 
 def run_job(job: dict) -> dict:
     rss_start = current_rss_mb()
-    threads = apply_threads(job["backend"], job["threads"])
+    threads = get_backend(job["backend"]).apply_threads(job["threads"])
     bundle = Bundle(job["bundle"])
     cfg = bundle.cfg
     graphs, programs, load_s = load_backend(job, bundle)
@@ -239,7 +196,7 @@ def run_job(job: dict) -> dict:
     examples = load_examples(Path(job["examples"]))
     pixels, question, prompt = scene_inputs(cfg, job.get("scene_seed", 0))
     w, r = job["warmup"], job["runs"]
-    n = min(job["decode_tokens"], pipe.max_len - 1 - understanding_embeds(graphs, pipe, pixels, question).shape[1])
+    n = min(job["decode_tokens"], pipe.max_len - 1 - pipe.understanding_embeds(pixels, question).shape[1])
     result = {"threads": threads, "load_s": load_s, "load_total_s": sum(load_s.values()),
               "latency": graph_latency(bundle.specs, programs, examples, w, r),
               "decoder": decoder_throughput(graphs, pipe, pixels, question, n, w, r),
@@ -248,7 +205,7 @@ def run_job(job: dict) -> dict:
               "inputs": {"question": question, "prompt": prompt}}
     if job["backend"] == "torch":
         result["kv_cache"] = kv_cache_comparison(graphs, pipe, pixels, question, n, w, r)
-    if job["backend"] == "coreml":
+    if get_backend(job["backend"]).compute_units:
         result["compute_plan"] = compute_plans(programs)
     result["memory"] = {"rss_at_start_mb": rss_start, "peak_rss_mb": peak_rss_mb(),
                         "note": "whole worker process (Python + torch + this backend's runtime and graphs)"}
@@ -260,7 +217,7 @@ def compute_plans(programs: dict[str, GraphProgram]) -> dict[str, dict]:
     this compute unit). MLComputePlan needs macOS 14.4+; older systems record why it is missing."""
     plans: dict[str, dict] = {}
     for name, program in programs.items():
-        inner = getattr(program, "program", program)  # LoadedBundleGraphs wraps programs with input checks
+        inner = getattr(program, "program", program)
         try:
             plans[name] = inner.compute_plan()
         except Exception as exc:  # an OS without MLComputePlan raises from the native proxy

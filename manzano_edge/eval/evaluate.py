@@ -20,6 +20,7 @@ from tqdm import tqdm
 from manzano_edge.data import scenes
 from manzano_edge.data.images import to_image, to_pixels
 from manzano_edge.eval.shapes_eval import ShapesScore, detect
+from manzano_edge.metrics import image_psnr
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 
 HELD_OUT_TAG = 424242
@@ -34,9 +35,8 @@ class EvalConfig:
     reconstruction: int = 150
     drawings: int = 100
     seed: int = 0
-    # Greedy, as `manzano-edge eval` and `generate` default to. (It was None, the pipeline's
-    # temperature 1: on v14 that scored text-to-image 0.73 against 0.96 greedy.) Pass
-    # SamplingConfig() to score sampled generation.
+    # Greedy, as `manzano-edge eval` and `generate` default to: sampling at the pipeline's temperature 1
+    # scores text-to-image far lower. Pass SamplingConfig() to score sampled generation.
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
 
 
@@ -106,8 +106,8 @@ def vae_round_trip(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor | None:
 
 def eval_reconstruction(pipe: Pipeline, n: int, seed: int, sampling: SamplingConfig | None, show: bool = True) -> dict:
     """Scenes -> discrete ids -> DiT -> VAE decoder, scored like text-to-image. `vae_round_trip`
-    scores the VAE alone on the same scenes: a v11 VAE that decoded purple as blue capped the
-    whole path at 0.78 (None where the backend has no VAE encoder)."""
+    scores the VAE alone on the same scenes, the ceiling of the whole path (None where the backend
+    has no VAE encoder)."""
     size = pipe.cfg.vision.image_size
     rng = held_out_rng(seed, "reconstruction")
     score, vae_score, psnrs = ShapesScore(), ShapesScore(), []
@@ -117,9 +117,7 @@ def eval_reconstruction(pipe: Pipeline, n: int, seed: int, sampling: SamplingCon
         specs = scenes.scene_specs(scene)
         out = pipe.reconstruct(pixels, sampling, seed=seed + i)
         score.add(specs, detect(to_image(out)))
-        mse = float(((out - pixels) ** 2).mean())
-        psnr_value = 10 * np.log10(4.0 / max(mse, 1e-12))  # pixels span [-1, 1]: peak-to-peak 2
-        psnrs.append(psnr_value)
+        psnrs.append(image_psnr(pixels, out, data_range=2.0))  # pixels span [-1, 1]: peak-to-peak 2
         ceiling = vae_round_trip(pipe, pixels)
         if ceiling is not None:
             vae_score.add(specs, detect(to_image(ceiling)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 from collections import Counter
 from pathlib import Path
 
@@ -24,10 +23,30 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import TorchProgram, export_program
-from manzano_edge.export.spec import Dim, GraphSpec
+from manzano_edge.export.base import Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.parity import SKIPPED, judge, run_parity
+from manzano_edge.quant import calibration as calib
+from manzano_edge.quant import coreml_ptq
+from manzano_edge.quant.recipes import GROUP_SIZE, PALETTE_GROUP_SIZE, Support, is_float
+from manzano_edge.runtime.backends.coreml import CoreMLProgram, EmulatedProgram, predict_available
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.graphs import Dim, GraphSpec
+from manzano_edge.spec.modules import build_module
+from manzano_edge.spec.tracing import export_program
 
 SUFFIX = ".mlpackage"
+PRECISIONS = ("fp16", "fp32")  # compute precision of float recipes (--coreml-precision)
+
+SUPPORT = {
+    "fp32": Support(True, "mlprogram, fp32 compute"),
+    "fp16": Support(True, "mlprogram, fp16 compute"),
+    "w8": Support(True, "coremltools.optimize.coreml linear_quantize_weights int8 per-channel"),
+    "w4": Support(True, "coremltools.optimize.coreml linear_quantize_weights int4 per-block 32"),
+    "palette4": Support(True, "coremltools.optimize.coreml palettize_weights 4-bit k-means"),
+    "w8a8": Support(True, "pt2e CoreMLQuantizer (coremltools LinearQuantizerConfig) on Linear/Conv2d: int8 "
+                          "per-channel weights, static int8 activations calibrated in PyTorch (coremltools' own "
+                          "calibration needs predict() on macOS)"),
+}
 # What the converter and compressors append to a weight const's name.
 _SUFFIXES = ("_to_fp16", "_to_fp32", "_quantized", "_palettized")
 COMPRESSION = {"w8": "int8 per-channel", "w4": "int4 per-block 32", "palette4": "4-bit k-means LUT"}
@@ -42,7 +61,7 @@ def _ct():
 
 
 def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], fp16: bool = True):
-    return convert_program(spec, export_program(spec, module, example, explicit_state=False), fp16)
+    return convert_program(spec, export_program(spec, module, example), fp16)
 
 
 def convert_program(spec: GraphSpec, program: torch.export.ExportedProgram, fp16: bool = True):
@@ -84,9 +103,9 @@ def compress(mlmodel, recipe: str, keep_float: list[str] | None = None):
     if recipe == "w8":
         op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
     elif recipe == "w4":
-        op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32)
+        op = oc.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=GROUP_SIZE)
     elif recipe == "palette4":
-        op = oc.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
+        op = oc.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=PALETTE_GROUP_SIZE)
     else:
         raise UserError(f"recipe '{recipe}' is not a Core ML weight compression; "
                         f"choose one of {', '.join(COMPRESSION)}")
@@ -206,69 +225,161 @@ def decompression_errors(module: nn.Module, weights: dict[str, np.ndarray], reci
     return {"checked": checked, "worst": worst, "bound": bound, "ok": checked > 0 and (bound is None or worst <= bound)}
 
 
-class EmulatedProgram(TorchProgram):
-    """Linux stand-in for Core ML: the reference graph with Core ML's weights and precision."""
-
-    def __init__(self, spec: GraphSpec, module: nn.Module, fp16: bool) -> None:
-        super().__init__(spec, module)
-        self.fp16 = fp16
-
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.fp16:
-            inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
-        return {k: v.float() if v.is_floating_point() else v for k, v in super().run(inputs).items()}
+def _checked_structure(spec: GraphSpec, path: Path) -> dict:
+    info = structure(path)
+    problems = verify_structure(spec, info)
+    if problems:
+        raise RuntimeError("structure differs from the declaration: " + "; ".join(problems))
+    return info
 
 
-def predict_available() -> tuple[bool, str]:
-    if platform.system() != "Darwin":
-        return False, f"Core ML predict needs macOS; this is {platform.system()}"
-    try:
-        import coremltools.libcoremlpython  # noqa: F401
-    except ImportError:
-        return False, "coremltools was installed without its macOS runtime (libcoremlpython)"
-    return True, ""
+def _predict_parity(job: GraphJob, module: nn.Module, path: Path, entry: Entry) -> None:
+    """On macOS, the real .mlpackage through predict; elsewhere, say why not."""
+    ok, why = predict_available()
+    if ok and job.check:
+        entry.parity["predict"] = run_parity(job.spec, TorchProgram(job.spec, module), CoreMLProgram(job.spec, path),
+                                             job.examples)
+        entry.extra["verified_by"] = "coremltools predict"
+    else:
+        entry.extra["predict_skipped"] = why
 
 
-class CoreMLProgram:
-    """macOS only: the real .mlpackage through `predict`, with a Core ML state for the KV cache."""
+@register_exporter("coreml", SUPPORT)
+class CoreMLExporter:
+    name = "coreml"
+    dependency = "coremltools"
+    suffix = SUFFIX
 
-    COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+    def folders(self, opts) -> list[str]:
+        return [self.name]
 
-    def __init__(self, spec: GraphSpec, path: Path, compute_units: str = "ALL") -> None:
-        ok, why = predict_available()
-        if not ok:
-            raise UserError(f"the coreml backend cannot run here: {why}; use --backend ort or executorch")
-        if compute_units not in self.COMPUTE_UNITS:
-            raise UserError(f"unknown compute unit '{compute_units}'; choose one of {', '.join(self.COMPUTE_UNITS)}")
+    def check_options(self, opts) -> None:
+        if opts.coreml_precision not in PRECISIONS:
+            raise UserError(f"unknown Core ML compute precision '{opts.coreml_precision}'; choose fp16 or fp32")
+
+    def export(self, job: GraphJob) -> list[Entry]:
+        spec, model, recipe, plan = job.spec, job.model, job.recipe, job.plan
+        entry = Entry(spec.name, self.name)
+        path = job.out / self.name / f"{spec.name}{SUFFIX}"
+        module = build_module(spec, model)
+        if recipe == "w8a8":
+            return [self._w8a8(job, module, path, entry)]
+        # A graph kept float inside a quantized export computes in fp16, like the quantized ones.
+        fp16 = job.opts.coreml_precision == "fp16" or recipe != job.requested_recipe or recipe == "fp16"
+        mlmodel = convert(spec, module, job.examples[0], fp16=fp16 if is_float(recipe) else True)
+        if not is_float(recipe):
+            kept = plan.keep_modules(spec, model) if plan else []
+            mlmodel = compress(mlmodel, recipe, kept)
+            entry.extra["quantization"] = {"tool": "coremltools.optimize.coreml"}
+        mlmodel.save(str(path))
+        info = _checked_structure(spec, path)
+        weights = stored_weights(mlmodel)
+        compute_fp16 = fp16 or not is_float(recipe)
+        emu, replaced, total = emulated_module(module, weights, fp16=compute_fp16)
+        if job.check:
+            entry.parity = run_parity(spec, TorchProgram(spec, module), EmulatedProgram(spec, emu, compute_fp16),
+                                      job.examples)
+            entry.parity["emulated"] = True
+        else:
+            entry.parity = dict(SKIPPED)
+        entry.extra.update({"io": spec.manifest_io(), "ops": info["ops"],
+                            "op_count": info["op_count"], "states": info["states"],
+                            "compute_precision": "fp16" if compute_fp16 else "fp32",
+                            "weights_emulated": f"{replaced}/{total}",
+                            "verified_by": "emulation (PyTorch with Core ML's stored weights and precision)"})
+        if is_float(recipe):
+            entry.how = f"mlprogram, {entry.extra['compute_precision']} compute"
+        else:
+            entry.extra["decompression"] = decompression_errors(module, weights, recipe)
+        _predict_parity(job, module, path, entry)
+        judge(entry, recipe, fp16_compute=compute_fp16)
+        if "decompression" in entry.extra and not entry.extra["decompression"]["ok"]:
+            entry.passed = False
+        return [finish(entry, path, job.out)]
+
+    def _w8a8(self, job: GraphJob, module: nn.Module, path: Path, entry: Entry) -> Entry:
+        """Calibrated in PyTorch (coreml_ptq), converted, then checked: the mlprogram must carry
+        activation quantize/dequantize ops, and the emulation is the quantized PyTorch graph itself."""
+        spec, plan = job.spec, job.plan
+        program, quantized, info = coreml_ptq.w8a8(spec, module, job.examples[0], plan.calibration.get(spec.name),
+                                                   plan.keep_modules(spec, job.model))
+        mlmodel = convert_program(spec, program, fp16=True)
+        del program
+        mlmodel.save(str(path))
+        info_structure = _checked_structure(spec, path)
+        info["activation_quant_ops"] = coreml_ptq.activation_quant_ops(info_structure["ops"])
+        if info["activation_quant_ops"] == 0:
+            raise cannot_quantize(spec, self.name, "w8a8", "the converted mlprogram has no quantize/dequantize op, "
+                                  "so it would run float")
+        # The emulation stands for the mlprogram only if the conversion kept every activation scale.
+        if not coreml_ptq.same_scales(coreml_ptq.graph_activation_scales(quantized),
+                                      coreml_ptq.mlprogram_activation_scales(mlmodel._mil_program)):
+            raise RuntimeError("the mlprogram's activation scales differ from the calibrated PyTorch graph's")
+        entry.parity = dict(SKIPPED) if not job.check else {
+            **run_parity(spec, TorchProgram(spec, module), EmulatedProgram(spec, quantized, fp16=False), job.examples),
+            "emulated": True}
+        entry.extra.update({"io": spec.manifest_io(), "ops": info_structure["ops"],
+                            "op_count": info_structure["op_count"], "states": info_structure["states"],
+                            "compute_precision": "fp16", "quantization": info,
+                            "verified_by": "emulation (the pt2e-quantized PyTorch graph: Core ML's weights and "
+                                           "activation scales, fp32 between quantize/dequantize where Core ML "
+                                           "computes fp16)"})
+        _predict_parity(job, module, path, entry)
+        judge(entry, "w8a8", fp16_compute=True)
+        entry = finish(entry, path, job.out)
+        # Core ML stores float weights as fp16: int8 must come in well under that.
+        check_smaller(entry, sum(t.numel() * 2 for t in module.state_dict().values() if t.is_floating_point()))
+        return entry
+
+    def emulated_program(self, bundle, spec, model, codec, entry) -> EmulatedProgram:
+        """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute; for
+        w8a8, the pt2e-quantized graph rebuilt with the export's own calibration."""
+        from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
         ct = _ct()
-        self.spec = spec
-        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
-        self.reset()
+        path = bundle.verified_file(entry["file"], entry["sha256"])
+        mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+        proto = mlmodel.get_spec()
+        mlmodel._mil_program = load_mil(proto, proto.specificationVersion, mlmodel.weights_dir)
+        if entry["recipe"]["name"] == "w8a8":
+            return _emulated_w8a8(bundle, spec, model, codec, entry, mlmodel._mil_program)
+        module = build_module(spec, model)
+        fp16 = entry.get("compute_precision", "fp16") == "fp16"
+        emu, replaced, total = emulated_module(module, stored_weights(mlmodel), fp16=fp16)
+        if replaced == 0:
+            raise UserError(f"could not read the stored weights of {entry['file']} for emulation")
+        return EmulatedProgram(spec, emu, fp16)
 
-    def reset(self) -> None:
-        self.state = self.model.make_state() if self.spec.states else None
+    def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
+        """What a report must say about the graphs `emulated_program` stood in for."""
+        return _emulation_notes(recipe, exported_from)
 
-    def compute_plan(self) -> dict:
-        """Where Core ML plans to run each op for this compute unit (MLComputePlan, macOS 14.4+):
-        op counts and Core ML's estimated share of the work per device (CPU / GPU / NeuralEngine)."""
-        from coremltools.models.compute_plan import MLComputePlan
 
-        plan = MLComputePlan.load_from_path(self.model.get_compiled_model_path(),
-                                            compute_units=self.model.compute_unit)
-        ops: dict[str, int] = {}
-        cost: dict[str, float] = {}
-        for function in plan.model_structure.program.functions.values():
-            for op in function.block.operations:
-                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
-                if usage is None:  # constants carry no device
-                    continue
-                device = type(usage.preferred_compute_device).__name__.removeprefix("ML").removesuffix("ComputeDevice")
-                ops[device] = ops.get(device, 0) + 1
-                estimate = plan.get_estimated_cost_for_mlprogram_operation(op)
-                cost[device] = cost.get(device, 0.0) + (estimate.weight if estimate else 0.0)
-        return {"ops_per_device": ops, "estimated_cost_share": cost}
+def _emulation_notes(recipe: str, exported_from: str | None) -> list[str]:
+    notes = ["Core ML was validated by EMULATION on this machine (Core ML predict needs macOS): the "
+             "PyTorch graph with the .mlpackage's stored, decompressed weights in fp16. It checks the "
+             "weight compression, not Core ML's kernels."]
+    if recipe == "w8a8":
+        notes.append("Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from "
+                     f"{exported_from or 'the reference'} with "
+                     "the export's seeded calibration; its activation scales were checked equal to the "
+                     ".mlpackage's. Between quantize/dequantize it computes in fp32 where Core ML uses fp16.")
+    return notes
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
-        out = self.model.predict(feed, state=self.state) if self.state is not None else self.model.predict(feed)
-        return {t.name: torch.from_numpy(np.asarray(out[t.name])) for t in self.spec.outputs}
+
+def _emulated_w8a8(bundle, spec: GraphSpec, model, codec, entry: dict, mil_program) -> EmulatedProgram:
+    """Activation scales are not stored as weights: rebuild the pt2e-quantized graph from the
+    reference with the export's own seeded calibration, and use it only if its scales are the
+    shipped program's."""
+    samples = bundle.manifest.get("quantization", {}).get("calibration_samples")
+    if not samples:
+        raise UserError(f"{entry['file']} was calibrated from a user file, so its activation scales cannot be "
+                        "rebuilt for emulation here; validate it on macOS, where Core ML runs it")
+    calibration = calib.generated(model, codec, samples)[spec.name]
+    kept = entry["recipe"].get("details", {}).get("kept_float_layers")
+    _, quantized, _ = coreml_ptq.w8a8(spec, build_module(spec, model), calibration[0][0], calibration, kept)
+    ours, shipped = coreml_ptq.graph_activation_scales(quantized), coreml_ptq.mlprogram_activation_scales(mil_program)
+    if not coreml_ptq.same_scales(ours, shipped):
+        raise UserError(f"cannot emulate {entry['file']}: its activation scales differ from a re-calibration of the "
+                        "reference checkpoint; if it was exported from a QAT checkpoint, pass that with --exported-from")
+    return EmulatedProgram(spec, quantized, fp16=False)

@@ -1,8 +1,9 @@
 """ExecuTorch: torch.export -> to_edge_transform_and_lower -> .pte.
 
 Two programs per graph:
-- XNNPACK (runs here, on Android and iOS CPUs): KV cache as mutable buffers, memory planned
-  for the largest dynamic size (ConstraintBasedSymShapeEvalPass, TOOLCHAIN gotcha 6);
+- XNNPACK (runs here, on Android and iOS CPUs): KV cache as mutable buffers (the decoder's in
+  `StateLayout.INPLACE` by default), memory planned for the largest dynamic size
+  (ConstraintBasedSymShapeEvalPass, TOOLCHAIN gotcha 6); quantized through pt2e / torchao;
 - Core ML delegate (Apple only): lowers on Linux, runs only where CoreMLBackend is
   registered. The partitioner takes over the mutable KV buffers so the cache lives in the
   Core ML state.
@@ -10,17 +11,41 @@ Two programs per graph:
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import export_program
-from manzano_edge.export.spec import GraphSpec, TensorSpec
-from manzano_edge.models.decoder import load_executorch_cache_ops
+from manzano_edge.export.base import Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.parity import SKIPPED, judge, run_parity
+from manzano_edge.fsutil import path_digest
+from manzano_edge.quant import xnnpack_ptq
+from manzano_edge.quant.recipes import Support, is_float
+from manzano_edge.runtime.backends.executorch import EtProgram
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.graphs import GraphSpec, StateLayout, TensorSpec
+from manzano_edge.spec.modules import build_module, load_executorch_cache_ops
+from manzano_edge.spec.tracing import export_program
 
 SUFFIX = ".pte"
+BUNDLED_SUFFIX = ".bpte"
+COREML_DELEGATE_FOLDER = "executorch-coreml"
+# The decoder's KV cache: "llm-ops" (llama::update_cache + custom_sdpa, StateLayout.INPLACE; the device
+# runner must link ExecuTorch's custom_ops) or "slice" (slice-assigned cache, core kernels only, slower).
+KV_CACHES = {"llm-ops": StateLayout.INPLACE, "slice": StateLayout.STATEFUL}
+
+SUPPORT = {
+    "fp32": Support(True, "XNNPACK fp32 (+ Core ML delegate program)"),
+    "fp16": Support(False, "XNNPACK fp16 kernels do not run on x86 hosts; use fp32"),
+    "w8": Support(False, "torchao weight-only int8 lowered to XNNPACK gives wrong numbers (TOOLCHAIN gotcha 3); "
+                         "use w8a8"),
+    "w8a8": Support(True, "pt2e XNNPACKQuantizer int8 per-channel on linear/conv, dynamic (default) or static "
+                          "activations"),
+    "w4": Support(True, "torchao Int8DynamicActivationIntxWeightConfig int4 group 32 (8da4w) on Linear"),
+    "palette4": Support(False, "palettization is a Core ML format; XNNPACK has no LUT weights"),
+}
 
 
 def _exir():
@@ -34,13 +59,13 @@ def _exir():
 
 def lower(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], partitioner) -> tuple[bytes, dict]:
     """Returns (program bytes, {"delegates": partitions, "non_delegated_ops": {op: count}})."""
-    buffer, delegates, graph = lower_program(export_program(spec, module, example, explicit_state=False), partitioner)
+    buffer, delegates, graph = lower_program(export_program(spec, module, example), partitioner)
     return buffer, {"delegates": delegates, "non_delegated_ops": non_delegated_ops(graph)}
 
 
 def state_io(spec: GraphSpec, module: nn.Module) -> list[dict]:
     """The program's mutable state as it is laid out (the module's top-level buffers), for the
-    manifest: ExecuTorch variants may split or transpose the spec's states."""
+    manifest: the INPLACE layout splits the spec's states per layer."""
     if not spec.states:
         return []
     return [TensorSpec(name, tuple(buf.shape), str(buf.dtype).removeprefix("torch.")).to_json()
@@ -104,8 +129,6 @@ def export(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor],
     return delegation
 
 
-BUNDLED_SUFFIX = ".bpte"
-
 
 def write_bundled_program(spec: GraphSpec, pte: Path, inputs: dict[str, torch.Tensor], path: Path) -> dict:
     """A bundled program for ExecuTorch's on-device runners (`executor_runner --bundleio`, the
@@ -140,28 +163,85 @@ def verify_bundled_program(path: Path, rtol: float = 1e-4, atol: float = 1e-5) -
         raise UserError(f"bundled program {Path(path).name} does not reproduce its expected outputs ({exc})") from exc
 
 
-def runtime():
-    """ExecuTorch's runtime, with the kernels of the `llama::` ops our decoder program calls
-    registered (the Python runtime only knows them once their library is loaded; a device
-    runner must link ExecuTorch's `custom_ops` library, which its `llm` CMake preset builds)."""
-    load_executorch_cache_ops()  # raises the clear "not installed" error without executorch
-    from executorch.runtime import Runtime
+@register_exporter("executorch", SUPPORT)
+class ExecuTorchExporter:
+    name = "executorch"
+    dependency = "executorch"
+    suffix = SUFFIX
 
-    return Runtime.get()
+    def folders(self, opts) -> list[str]:
+        return [self.name] + ([COREML_DELEGATE_FOLDER] if opts.executorch_coreml else [])
 
+    def check_options(self, opts) -> None:
+        if opts.executorch_kv_cache not in KV_CACHES:
+            raise UserError(f"unknown ExecuTorch KV cache '{opts.executorch_kv_cache}'; "
+                            f"choose from {', '.join(KV_CACHES)}")
 
-class EtProgram:
-    """A loaded .pte method. Its mutable buffers (the KV cache) persist across `run` calls;
-    `reset` loads the method afresh, which restores their initial (zero) values."""
+    def export(self, job: GraphJob) -> list[Entry]:
+        spec, model, recipe, opts = job.spec, job.model, job.recipe, job.opts
+        layout = KV_CACHES[opts.executorch_kv_cache]
+        xnn = Entry(spec.name, self.name)
+        path = job.out / self.name / f"{spec.name}{SUFFIX}"
+        module = build_module(spec, model, layout)
+        if spec.states:  # a stateful graph without an in-place build keeps the slice-assigned cache
+            xnn.extra["kv_cache"] = opts.executorch_kv_cache if spec.has_layout(layout) else "slice"
+        if is_float(recipe):
+            xnn.extra.update(export(spec, module, job.examples[0], path, "xnnpack"))
+        else:
+            self._quantized(job, module, path, xnn)
+        # Parity against the graph's reference build (the slice-assigned cache), so the in-place
+        # layout is checked against the module every other format exports.
+        xnn.parity = dict(SKIPPED) if not job.check else run_parity(
+            spec, TorchProgram(spec, build_module(spec, model)), EtProgram(spec, path), job.examples)
+        xnn.extra["io"] = {**spec.manifest_io(), "states": state_io(spec, module)}
+        del module
+        xnn.extra["backend"] = "xnnpack"
+        xnn.extra["verified_by"] = "executorch.runtime"
+        judge(xnn, recipe, fp16_compute=False)
+        if opts.bundled_io:
+            bpte = path.with_suffix(BUNDLED_SUFFIX)
+            info = write_bundled_program(spec, path, job.examples[0], bpte)
+            digest, size = path_digest(bpte)
+            xnn.extra["bundled_program"] = {"file": str(bpte.relative_to(job.out)), "sha256": digest, "bytes": size,
+                                            **info}
+        entries = [finish(xnn, path, job.out)]
+        gc.collect()  # FX graphs hold reference cycles: free the XNNPACK program's weight copies now
+        if not is_float(recipe):
+            check_smaller(xnn, xnn.extra.pop("_float_bytes"))
+            return entries  # the Core ML delegate program is float-only here; Core ML recipes go through `coreml`
+        if opts.executorch_coreml:
+            entries.append(self._coreml_delegate(job))
+        return entries
 
-    def __init__(self, spec: GraphSpec, path: Path) -> None:
-        self.spec = spec
-        self.program = runtime().load_program(Path(path))
-        self.reset()
+    def _quantized(self, job: GraphJob, module: nn.Module, path: Path, entry: Entry) -> None:
+        spec, recipe, plan = job.spec, job.recipe, job.plan
+        mode = plan.modes[self.name] if recipe == "w8a8" else "8da4w"
+        program, info = xnnpack_ptq.quantize(spec, module, job.examples[0], recipe, mode,
+                                             plan.calibration.get(spec.name), plan.keep_modules(spec, job.model))
+        partitioner = xnnpack_partitioner(dynamic_quant=mode in ("dynamic", "8da4w"))
+        buffer, delegates, graph = lower_program(program, partitioner)
+        info["delegation"] = xnnpack_ptq.delegation(graph)
+        entry.extra["non_delegated_ops"] = non_delegated_ops(graph)
+        if info["delegation"]["quant_ops_delegated"] == 0:
+            raise cannot_quantize(spec, self.name, recipe, "no quantized op ends up inside an XNNPACK delegate "
+                                  f"({info['delegation']['quant_ops_not_delegated']} left on portable kernels)")
+        path.write_bytes(buffer)
+        entry.extra.update({"delegates": delegates, "quantization": info})
+        # An fp32 .pte is its float weights plus a small program: compare against that.
+        entry.extra["_float_bytes"] = sum(t.numel() * 4 for t in module.state_dict().values() if t.is_floating_point())
 
-    def reset(self) -> None:
-        self.method = self.program.load_method("forward")
+    def _coreml_delegate(self, job: GraphJob) -> Entry:
+        spec = job.spec
+        apple = Entry(spec.name, COREML_DELEGATE_FOLDER)
+        path = job.out / COREML_DELEGATE_FOLDER / f"{spec.name}{SUFFIX}"
+        apple.extra.update(export(spec, build_module(spec, job.model), job.examples[0], path, "coreml"))
+        apple.extra["io"] = spec.manifest_io()
+        apple.extra["backend"] = "coreml"
+        apple.extra["verified_by"] = "structure only: CoreMLBackend runs on Apple hardware"
+        return finish(apple, path, job.out)
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.method.execute([inputs[t.name].contiguous() for t in self.spec.inputs])
-        return {t.name: o.clone() for t, o in zip(self.spec.outputs, out)}
+    def emulated_program(self, bundle, spec, model, codec, entry):
+        return None
+
+    def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
+        return []

@@ -1,28 +1,50 @@
-"""ONNX: torch.onnx.export(dynamo=True), opset 18, dynamic axes, explicit KV-cache I/O,
-onnx.checker full check; runs in onnxruntime (and onnx.reference for small graphs)."""
+"""ONNX: torch.onnx.export(dynamo=True), opset 18, dynamic axes, explicit KV-cache I/O (ONNX keeps
+no state), onnx.checker full check; quantized through `onnxruntime.quantization`; checked in
+onnxruntime (and, for the smallest float graph, in onnx.reference too)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from manzano_edge.errors import UserError
-from manzano_edge.export.common import initial_states, torch_dynamic_shapes, trace_args
-from manzano_edge.export.spec import GraphSpec
+from manzano_edge.export.base import Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.parity import SKIPPED, judge, run_parity
+from manzano_edge.fsutil import path_digest
+from manzano_edge.quant import onnx_ptq
+from manzano_edge.quant.recipes import Support, is_float
+from manzano_edge.runtime.backends.ort import OrtProgram, ReferenceProgram
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.graphs import GraphKind, GraphSpec, StateLayout
+from manzano_edge.spec.modules import build_module
+from manzano_edge.spec.tracing import torch_dynamic_shapes, trace_args
 
 OPSET = 18
 SUFFIX = ".onnx"
+LAYOUT = StateLayout.EXPLICIT
+# The graph also run in ONNX's own reference interpreter: the smallest one (it is slow), and float
+# only (it has no com.microsoft kernels such as MatMulNBits).
+REFERENCE_INTERPRETER_KIND = GraphKind.CODE_FEATURES
+
+SUPPORT = {
+    "fp32": Support(True, "torch.onnx dynamo export, float32"),
+    "fp16": Support(False, "onnxruntime's CPU provider has no fp16 kernels for most ops; use fp32"),
+    "w8": Support(True, "onnxruntime MatMulNBits bits=8, block 32, symmetric (weight-only; MatMul weights)"),
+    "w8a8": Support(True, "onnxruntime.quantization int8: dynamic (default) or static QDQ restricted to "
+                          "MatMul/Gemm/Conv"),
+    "w4": Support(True, "onnxruntime MatMulNBits bits=4, block 32, symmetric (weight-only; MatMul weights)"),
+    "palette4": Support(False, "palettization is a Core ML format; ONNX has no LUT weights"),
+}
 
 
 def export(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], path: Path) -> Path:
     import onnx
 
-    inputs, outputs = spec.io(explicit_state=True)
+    inputs, outputs = spec.io(LAYOUT)
     with torch.no_grad():
-        torch.onnx.export(module, trace_args(spec, example, True), str(path), dynamo=True, opset_version=OPSET,
+        torch.onnx.export(module, trace_args(spec, example, LAYOUT), str(path), dynamo=True, opset_version=OPSET,
                           input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
                           dynamic_shapes=torch_dynamic_shapes(spec, inputs), external_data=_needs_external(module),
                           verbose=False)
@@ -35,55 +57,58 @@ def _needs_external(module: nn.Module) -> bool:
     return sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
 
 
-ORT_ALLOW_SPINNING = "0"  # bench records it per result, in `threads`
+@register_exporter("onnx", SUPPORT)
+class OnnxExporter:
+    name = "onnx"
+    dependency = "onnxruntime"
+    suffix = SUFFIX
 
+    def folders(self, opts) -> list[str]:
+        return [self.name]
 
-class OrtProgram:
-    """An onnxruntime session that looks stateful to its caller: the explicit KV-cache outputs
-    are fed back as the next call's inputs, and `reset` zeroes them."""
+    def check_options(self, opts) -> None:
+        pass
 
-    def __init__(self, spec: GraphSpec, path: Path, threads: int = 0, providers: list[str] | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise UserError("onnxruntime is not installed; pip install 'manzano-edge[export]'") from exc
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        # ORT's pool threads spin after each run by default. The pipeline's own tensor work (and an
-        # app's) then competes with them: on 2 cores an eager prefill right after an ORT call ran
-        # 31.8 ms instead of 16.9, and the ORT prefill itself 12.3 ms instead of 10.0 (small preset).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
-        opts.log_severity_level = 3
-        self.spec = spec
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        self.reset()
+    def export(self, job: GraphJob) -> list[Entry]:
+        spec, model, recipe, plan = job.spec, job.model, job.recipe, job.plan
+        entry = Entry(spec.name, self.name)
+        path = job.out / self.name / f"{spec.name}{SUFFIX}"
+        module = build_module(spec, model, LAYOUT)
+        if is_float(recipe):
+            export(spec, module, job.examples[0], path)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                float_path = Path(tmp) / path.name
+                export(spec, module, job.examples[0], float_path)
+                mode = plan.modes[self.name] if recipe == "w8a8" else "nbits"
+                info = onnx_ptq.quantize(spec, float_path, path, recipe, mode, plan.calibration.get(spec.name),
+                                         plan.keep_modules(spec, model, LAYOUT))
+                if not onnx_ptq.quantized_anything(info):
+                    why = "MatMulNBits covers MatMul weights only" if mode == "nbits" else \
+                        f"no {'/'.join(info['op_types'])} node with constant weights"
+                    raise cannot_quantize(spec, self.name, recipe, why)
+                entry.extra["quantization"] = info
+                float_bytes = path_digest(float_path)[1]
+        if not job.check:
+            entry.parity = dict(SKIPPED)
+        else:
+            entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, model)), OrtProgram(spec, path),
+                                      job.examples)
+        if job.check and spec.kind == REFERENCE_INTERPRETER_KIND and is_float(recipe):
+            ref = run_parity(spec, TorchProgram(spec, build_module(spec, model)), ReferenceProgram(spec, path),
+                             job.examples)
+            entry.extra["reference_evaluator_psnr_db"] = ref["psnr_db"]
+        entry.extra["io"] = spec.manifest_io(LAYOUT)
+        entry.extra["opset"] = OPSET
+        entry.extra["verified_by"] = "onnxruntime"
+        judge(entry, recipe, fp16_compute=False)
+        entry = finish(entry, path, job.out)
+        if not is_float(recipe):
+            check_smaller(entry, float_bytes)
+        return [entry]
 
-    def reset(self) -> None:
-        self.state = {k: v.numpy() for k, v in initial_states(self.spec).items()}
+    def emulated_program(self, bundle, spec, model, codec, entry):
+        return None
 
-    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(None, feed)))
-
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
-        feed.update(self.state)
-        values = self._evaluate(feed)
-        for s in self.spec.states:
-            self.state[s.name] = values.pop(f"{s.name}_out")
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
-
-
-class ReferenceProgram(OrtProgram):
-    """onnx.reference.ReferenceEvaluator: the spec's own interpreter, independent of ORT."""
-
-    def __init__(self, spec: GraphSpec, path: Path) -> None:
-        from onnx.reference import ReferenceEvaluator
-
-        self.spec = spec
-        self.evaluator = ReferenceEvaluator(str(path))
-        self.reset()
-
-    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.evaluator.output_names, self.evaluator.run(None, feed)))
+    def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
+        return []

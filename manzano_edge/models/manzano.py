@@ -8,9 +8,6 @@ clear line instead of a half-initialised model.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from torch import nn
 
 from manzano_edge.config import ModelConfig
 from manzano_edge.errors import UserError
+from manzano_edge.fsutil import atomic_output_dir
 from manzano_edge.models.decoder import LlamaDecoder
 from manzano_edge.models.dit import DiT
 from manzano_edge.models.vae import VAE
@@ -60,21 +58,14 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(model: Manzano, out_dir: Path, tokenizer_json: str, dtype: torch.dtype = torch.float32,
                     metadata: dict[str, str] | None = None) -> Path:
-    """Write config/weights/tokenizer to a temp dir next to `out_dir`, then rename: never half-written."""
+    """Write config/weights/tokenizer to a temp dir next to `out_dir`, then rename: never half-written.
+    Replaces an existing `out_dir` (callers that must not, check first)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
         model.cfg.save(tmp / CONFIG_FILE)
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _unique_state(model).items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", **(metadata or {})})
         (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

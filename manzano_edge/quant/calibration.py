@@ -19,8 +19,9 @@ import torch
 
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.export.spec import GraphSpec, graph_specs, real_examples
 from manzano_edge.models.manzano import Manzano
+from manzano_edge.spec.examples import real_examples
+from manzano_edge.spec.graphs import GraphSpec, graph_specs
 
 CALIBRATION_SEED = 10_000  # parity/validation use seed 7 and held-out streams
 Sequences = list[list[dict[str, torch.Tensor]]]

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.spec import GraphSpec
 from manzano_edge.quant.calibration import Sequences
 from manzano_edge.quant.pt2e import quantize_pt2e
+from manzano_edge.spec.graphs import GraphSpec
 
 OP_TYPES = (nn.Linear, nn.Conv2d)
 # Core ML ops that carry activation quantization in the converted mlprogram.
@@ -53,8 +53,8 @@ _ANNOTATORS = ("conv_act", "conv", "linear_act", "linear")
 def keep_graph_outputs_float(model: torch.fx.GraphModule) -> list[str]:
     """Drop the output quantization of the ops that produce the graph's outputs; returns their
     names. The `linear` pattern quantizes a Linear's output too, so the decoder's logits left the
-    graph as uint8 with one per-tensor MinMax scale: a wide, peaky logit range (-14..24 on the v16
-    tiny decoder) put its export parity at 14.7 dB, against 27.4 dB with float logits. The
+    graph as uint8 with one per-tensor MinMax scale, too coarse for a wide, peaky logit range: export
+    parity fell to about half the dB of float logits. The
     runtime reads outputs as float, so quantizing them only adds error, on every graph."""
     stripped = []
     for node in _output_nodes(model):
@@ -72,8 +72,8 @@ def keep_graph_inputs_float(model: torch.fx.GraphModule) -> list[str]:
     """Drop the input quantization of the ops that read the graph's inputs; returns their names.
     Symmetric uint8 puts the tokenizer's pixels in [-1, 1] on the grid (q - 128) * 2/255, half a
     step off the 8-bit pixel grid -1 + 2k/255, so every pixel moved by 1/255, nearly all in the
-    same direction (mean -0.0038 on real scenes): the v16 tokenizer's FSQ ids then agreed with
-    float on 0.556 of tokens, 0.931 with float pixels. The runtime feeds float; the first op's weights stay int8."""
+    same direction (mean -0.0038 on real scenes), enough to flip a large share of the tokenizer's
+    FSQ ids. The runtime feeds float; the first op's weights stay int8."""
     stripped = []
     for placeholder in (n for n in model.graph.nodes if n.op == "placeholder"):  # parameters are get_attr
         frontier = [placeholder]

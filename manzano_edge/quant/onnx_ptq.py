@@ -24,13 +24,12 @@ import numpy as np
 import onnx
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.spec import GraphSpec
 from manzano_edge.quant.calibration import Sequences
+from manzano_edge.quant.recipes import GROUP_SIZE
+from manzano_edge.spec.graphs import GraphSpec
 
-W8A8_MODES = ("static", "dynamic")
 STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
 DYNAMIC_OP_TYPES = ["MatMul", "Conv"]  # Gemm has no integer kernel in ORT's dynamic path
-BLOCK = 32
 INTEGER_OPS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
                "MatMulNBits", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul")
 
@@ -39,7 +38,7 @@ INTEGER_OPS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "
 def explicit_feeds(spec: GraphSpec, float_path: Path, sequences: Sequences) -> list[dict[str, np.ndarray]]:
     """Full ONNX feeds (KV-cache inputs included) for each calibration step: the float model is
     run over each sequence so the decoder's cache inputs hold real values."""
-    from manzano_edge.export.onnx import OrtProgram
+    from manzano_edge.runtime.backends.ort import OrtProgram
 
     program = OrtProgram(spec, float_path)
     feeds = []
@@ -107,7 +106,7 @@ def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mod
         info.update(op_types=DYNAMIC_OP_TYPES, activations="uint8 dynamic per-call", weights="int8 per-channel")
     else:
         info.update(op_types=["MatMul"], activations="float", weights=f"int{8 if recipe == 'w8' else 4} "
-                    f"symmetric, block {BLOCK} (MatMulNBits)")
+                    f"symmetric, block {GROUP_SIZE} (MatMulNBits)")
     return info
 
 
@@ -156,7 +155,7 @@ def _dynamic(pre: Path, out: Path, exclude: list[str]) -> None:
 def _nbits(pre: Path, out: Path, bits: int, exclude: list[str]) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=bits, block_size=BLOCK, is_symmetric=True,
+    q = MatMulNBitsQuantizer(onnx.load(str(pre)), bits=bits, block_size=GROUP_SIZE, is_symmetric=True,
                              nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)

@@ -50,7 +50,8 @@ def parse_keep_float(value: str | None, graph_names: list[str]) -> KeepFloat:
     return KeepFloat(frozenset(graphs), tuple(dict.fromkeys(layers)))
 
 
-def _matches(fqn: str, item: str) -> bool:
+def matches(fqn: str, item: str) -> bool:
+    """Whether module `fqn` is selected by the --keep-float layer item `item`."""
     return fqn == item or fqn.endswith("." + item) or fqn.startswith(item + ".") or f".{item}." in f".{fqn}."
 
 
@@ -70,7 +71,7 @@ def resolve_layers(module: nn.Module, keep: KeepFloat) -> Resolved:
     """The Linear/Conv modules of `module` that the layer items select."""
     out = Resolved()
     for name in quantizable_modules(module):
-        hits = [item for item in keep.layers if _matches(name, item)]
+        hits = [item for item in keep.layers if matches(name, item)]
         if hits:
             out.modules.append(name)
             out.matched_items.update(hits)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from manzano_edge.export.common import export_program, reset_states, torch_dynamic_shapes, trace_args
-from manzano_edge.export.spec import GraphSpec
 from manzano_edge.quant.calibration import Sequences
+from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.modules import reset_states
+from manzano_edge.spec.tracing import export_program, torch_dynamic_shapes, trace_args
 
 
 def quantize_pt2e(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], quantizer,
@@ -20,7 +21,7 @@ def quantize_pt2e(spec: GraphSpec, module: nn.Module, example: dict[str, torch.T
     """Returns (re-exported program, converted GraphModule, calibration steps run)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    gm = prepare_pt2e(export_program(spec, module, example, explicit_state=False).module(), quantizer)
+    gm = prepare_pt2e(export_program(spec, module, example).module(), quantizer)
     steps = 0
     # Weight observers only see weights during a forward pass: dynamic modes need one too.
     with torch.no_grad():
@@ -31,7 +32,7 @@ def quantize_pt2e(spec: GraphSpec, module: nn.Module, example: dict[str, torch.T
                 steps += 1
         reset_states(gm, spec)
         gm = convert_pt2e(gm)
-        inputs, _ = spec.io(explicit_state=False)
+        inputs, _ = spec.io()
         program = torch.export.export(gm, trace_args(spec, example, False),
                                       dynamic_shapes=torch_dynamic_shapes(spec, inputs), strict=False)
     return program, gm, steps

@@ -42,17 +42,17 @@ from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import Manzano, load_checkpoint, save_checkpoint
 from manzano_edge.models.vision_tokenizer import spatial_to_channel
-from manzano_edge.quant.overrides import _matches
+from manzano_edge.quant.overrides import matches
+from manzano_edge.quant.recipes import GROUP_SIZE
 from manzano_edge.train.loop import StageBudget
 from manzano_edge.train.stages import DIT_FOREGROUND_WEIGHT, foreground_weight, freeze
 
 QAT_RECIPES = ("w8a8", "w4")
 QAT_GRAPHS = ("tokenizer", "decoder", "dit")  # graphs with Linear layers (code_features trains with tokenizer)
-GROUP = 32
 QAT_STEPS = {"tokenizer": 150, "decoder": 200, "dit": 200}
 # Low learning rates: the weights only have to move onto the grid, not learn anything new. At 5e-5
 # Adam moves a weight by up to ~7% of a median int8 grid step per step, and w8a8 QAT at that rate
-# ended further from float than PTQ (v4); int4's step is 16x coarser, so w4 takes 5e-5.
+# ended further from float than PTQ; int4's step is 16x coarser, so w4 takes 5e-5.
 QAT_LR = {"w8a8": 2e-6, "w4": 5e-5}
 RECORD_FILE = "qat.json"
 
@@ -98,7 +98,7 @@ def fake_quant_configs(recipe: str):
     if recipe == "w8a8":
         weights = IntxFakeQuantizeConfig(torch.int8, granularity=PerAxis(0), is_symmetric=True)
     else:
-        weights = IntxFakeQuantizeConfig(torch.int4, granularity=PerGroup(GROUP), is_symmetric=True)
+        weights = IntxFakeQuantizeConfig(torch.int4, granularity=PerGroup(GROUP_SIZE), is_symmetric=True)
     return activations, weights
 
 
@@ -125,12 +125,12 @@ def prepare(model: Manzano, recipe: str, graphs: tuple[str, ...], keep_float: tu
                 if not isinstance(m, nn.Linear):
                     return False
                 full = f"{prefix}.{fqn}"
-                hits = [item for item in keep_float if _matches(full, item)]
+                hits = [item for item in keep_float if matches(full, item)]
                 matched.update(hits)
                 if hits:
                     return False
-                if recipe == "w4" and m.in_features % GROUP:
-                    raise UserError(f"qat w4: '{full}' has in_features {m.in_features}, not a multiple of {GROUP}; "
+                if recipe == "w4" and m.in_features % GROUP_SIZE:
+                    raise UserError(f"qat w4: '{full}' has in_features {m.in_features}, not a multiple of {GROUP_SIZE}; "
                                     f"keep it float with --keep-float {fqn}")
                 swapped.append(full)
                 return True

@@ -15,12 +15,96 @@ A combination a backend cannot do raises a clear error; it is never silently exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from manzano_edge.errors import UserError
 
-RECIPES = ("fp32", "fp16", "w8", "w8a8", "w4", "palette4")
-FORMATS = ("coreml", "onnx", "executorch")
-FLOAT_RECIPES = ("fp32", "fp16")
+# One place for the recipes' constants.
+GROUP_SIZE = 32  # int4 (and MatMulNBits int8) weight group; every Linear input width is a multiple of it
+PALETTE_GROUP_SIZE = 16  # output channels that share one Core ML 4-bit LUT
+W8A8_MODES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """One quantization recipe, in torchao's `quantize_(model, config)` shape: what a recipe is
+    lives in its config object, which backend implements it in `SUPPORT`."""
+
+    name: ClassVar[str]
+    weights: ClassVar[str]
+    activations: ClassVar[str]
+
+    @property
+    def is_float(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Fp32Config(RecipeConfig):
+    name: ClassVar[str] = "fp32"
+    weights: ClassVar[str] = "float32"
+    activations: ClassVar[str] = "float32"
+
+    @property
+    def is_float(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Fp16Config(Fp32Config):
+    name: ClassVar[str] = "fp16"
+    weights: ClassVar[str] = "float16"
+    activations: ClassVar[str] = "float16"
+
+
+@dataclass(frozen=True)
+class W8Config(RecipeConfig):
+    name: ClassVar[str] = "w8"
+    weights: ClassVar[str] = "int8 per-channel / block 32"
+    activations: ClassVar[str] = "float"
+    group_size: int = GROUP_SIZE
+
+
+@dataclass(frozen=True)
+class W8A8Config(RecipeConfig):
+    name: ClassVar[str] = "w8a8"
+    weights: ClassVar[str] = "int8 symmetric per-channel"
+    activations: ClassVar[str] = "int8 (dynamic per-token, or static calibrated)"
+    activation_mode: str = "dynamic"  # one of W8A8_MODES
+
+
+@dataclass(frozen=True)
+class W4Config(RecipeConfig):
+    name: ClassVar[str] = "w4"
+    weights: ClassVar[str] = "int4 per-group (group 32)"
+    activations: ClassVar[str] = "int8 dynamic (XNNPACK) / float"
+    group_size: int = GROUP_SIZE
+
+
+@dataclass(frozen=True)
+class Palette4Config(RecipeConfig):
+    name: ClassVar[str] = "palette4"
+    weights: ClassVar[str] = "4-bit k-means LUT"
+    activations: ClassVar[str] = "float"
+    nbits: int = 4
+    group_size: int = PALETTE_GROUP_SIZE
+
+
+RECIPE_CONFIGS: dict[str, type[RecipeConfig]] = {c.name: c for c in (Fp32Config, Fp16Config, W8Config, W8A8Config,
+                                                                      W4Config, Palette4Config)}
+RECIPES = tuple(RECIPE_CONFIGS)
+FLOAT_RECIPES = tuple(n for n, c in RECIPE_CONFIGS.items() if c().is_float)
+
+
+def recipe_config(name: str, **options) -> RecipeConfig:
+    """The config object of a recipe name (`--recipe`), refused with the choices when unknown."""
+    if name not in RECIPE_CONFIGS:
+        raise UserError(f"unknown recipe '{name}'; choose from {', '.join(RECIPES)}")
+    return RECIPE_CONFIGS[name](**options)
+
+
+def is_float(recipe: str) -> bool:
+    return recipe_config(recipe).is_float
 
 
 @dataclass(frozen=True)
@@ -29,32 +113,22 @@ class Support:
     how: str  # the native mechanism, or why not
 
 
-SUPPORT: dict[tuple[str, str], Support] = {
-    ("coreml", "fp32"): Support(True, "mlprogram, fp32 compute"),
-    ("coreml", "fp16"): Support(True, "mlprogram, fp16 compute"),
-    ("coreml", "w8"): Support(True, "coremltools.optimize.coreml linear_quantize_weights int8 per-channel"),
-    ("coreml", "w4"): Support(True, "coremltools.optimize.coreml linear_quantize_weights int4 per-block 32"),
-    ("coreml", "palette4"): Support(True, "coremltools.optimize.coreml palettize_weights 4-bit k-means"),
-    ("coreml", "w8a8"): Support(True, "pt2e CoreMLQuantizer (coremltools LinearQuantizerConfig) on Linear/Conv2d: "
-                                      "int8 per-channel weights, static int8 activations calibrated in PyTorch "
-                                      "(coremltools' own calibration needs predict() on macOS)"),
-    ("onnx", "fp32"): Support(True, "torch.onnx dynamo export, float32"),
-    ("onnx", "fp16"): Support(False, "onnxruntime's CPU provider has no fp16 kernels for most ops; use fp32"),
-    ("onnx", "w8"): Support(True, "onnxruntime MatMulNBits bits=8, block 32, symmetric (weight-only; MatMul weights)"),
-    ("onnx", "w8a8"): Support(True, "onnxruntime.quantization int8: dynamic (default) or static QDQ restricted to "
-                                    "MatMul/Gemm/Conv"),
-    ("onnx", "w4"): Support(True, "onnxruntime MatMulNBits bits=4, block 32, symmetric (weight-only; MatMul weights)"),
-    ("onnx", "palette4"): Support(False, "palettization is a Core ML format; ONNX has no LUT weights"),
-    ("executorch", "fp32"): Support(True, "XNNPACK fp32 (+ Core ML delegate program)"),
-    ("executorch", "fp16"): Support(False, "XNNPACK fp16 kernels do not run on x86 hosts; use fp32"),
-    ("executorch", "w8"): Support(False, "torchao weight-only int8 lowered to XNNPACK gives wrong numbers "
-                                         "(TOOLCHAIN gotcha 3); use w8a8"),
-    ("executorch", "w8a8"): Support(True, "pt2e XNNPACKQuantizer int8 per-channel on linear/conv, dynamic (default) "
-                                          "or static activations"),
-    ("executorch", "w4"): Support(True, "torchao Int8DynamicActivationIntxWeightConfig int4 group 32 (8da4w) on "
-                                        "Linear"),
-    ("executorch", "palette4"): Support(False, "palettization is a Core ML format; XNNPACK has no LUT weights"),
-}
+# Which format implements which recipe, and how (or why not): one table, its rows registered by
+# each format's exporter module (`export.base.register_exporter`).
+SUPPORT: dict[tuple[str, str], Support] = {}
+
+
+def register_support(fmt: str, rows: dict[str, Support]) -> None:
+    missing = [r for r in RECIPES if r not in rows]
+    if missing:
+        raise ValueError(f"format '{fmt}' does not say whether it implements recipe '{missing[0]}'")
+    for recipe, support in rows.items():
+        SUPPORT[(fmt, recipe)] = support
+
+
+def formats() -> tuple[str, ...]:
+    """The formats with a registered exporter, in registration order."""
+    return tuple(dict.fromkeys(fmt for fmt, _ in SUPPORT))
 
 
 def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -66,18 +140,15 @@ def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def check_supported(fmt: str, recipe: str) -> None:
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
+    recipe_config(recipe)
     support = SUPPORT[(fmt, recipe)]
     if not support.ok:
         raise UserError(f"recipe '{recipe}' is not available for {fmt}: {support.how}")
 
 
-# Measured on the embedded tiny model (README "Quantization"): per-call (dynamic) activation
-# scales beat MinMax-calibrated static ones on every graph, on both backends.
-# Core ML has no dynamic activation quantization: its w8a8 is always static (calibrated).
+# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph, on both
+# backends that have them (README "Quantization"); Core ML has none, so its w8a8 is static (calibrated).
 DEFAULT_W8A8_MODE = {"onnx": "dynamic", "executorch": "dynamic", "coreml": "static"}
-W8A8_MODES = ("dynamic", "static")
 
 
 def check_mode(fmt: str, mode: str) -> str:

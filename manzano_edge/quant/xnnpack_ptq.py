@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import export_program
-from manzano_edge.export.spec import GraphSpec
 from manzano_edge.quant.calibration import Sequences
 from manzano_edge.quant.pt2e import quantize_pt2e
+from manzano_edge.quant.recipes import GROUP_SIZE, W8A8_MODES
+from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.tracing import export_program
 
-W8A8_MODES = ("dynamic", "static")
-GROUP = 32
 QUANT_OP_MARKERS = ("quantize_per", "dequantize_per", "choose_qparams", "quantize_affine", "dequantize_affine",
                     "choose_qparams_affine")
 
@@ -69,19 +68,19 @@ def torchao_8da4w(spec: GraphSpec, module: nn.Module, example: dict[str, torch.T
     module = copy.deepcopy(module)
     keep = set(keep_modules)
     bad = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in keep
-           and m.in_features % GROUP]
+           and m.in_features % GROUP_SIZE]
     if bad:
-        raise UserError(f"{spec.name}: w4 group {GROUP} needs Linear in_features divisible by {GROUP}; "
+        raise UserError(f"{spec.name}: w4 group {GROUP_SIZE} needs Linear in_features divisible by {GROUP_SIZE}; "
                         f"'{bad[0]}' is not (keep it float with --keep-float {bad[0]})")
 
     def wanted(m: nn.Module, fqn: str) -> bool:
         return isinstance(m, nn.Linear) and fqn not in keep
 
-    quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP)),
+    quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE)),
               filter_fn=wanted)
-    program = export_program(spec, module, example, explicit_state=False)
+    program = export_program(spec, module, example)
     info = {"tool": "torchao Int8DynamicActivationIntxWeightConfig (8da4w)", "mode": "8da4w", "op_types": ["linear"],
-            "weights": f"int4 symmetric, group {GROUP}", "activations": "int8 dynamic per-token"}
+            "weights": f"int4 symmetric, group {GROUP_SIZE}", "activations": "int8 dynamic per-token"}
     return program, info
 
 

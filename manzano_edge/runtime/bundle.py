@@ -13,26 +13,28 @@ from safetensors.torch import load_file
 
 from manzano_edge.config import ModelConfig
 from manzano_edge.errors import UserError
-from manzano_edge.export.bundle import NULL_CONDITION_FILE  # noqa: F401  (re-exported for callers)
-from manzano_edge.export.common import GraphProgram, path_digest
-from manzano_edge.export.spec import GraphSpec, graph_specs
+from manzano_edge.fsutil import path_digest
+from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE
+from manzano_edge.runtime.backends import GraphProgram, get_backend
+from manzano_edge.spec.graphs import GraphSpec, graph_specs
 
-BACKENDS = ("ort", "executorch", "coreml")
-BACKEND_FORMAT = {"ort": "onnx", "executorch": "executorch", "coreml": "coreml"}
+# The bundle's files besides the graphs and the model's config and tokenizer (`export` writes them).
+MANIFEST_FILE = "manifest.json"
+NULL_CONDITION_FILE = "diffusion_null_condition.safetensors"
 
 
 class Bundle:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        manifest = self.path / "manifest.json"
+        manifest = self.path / MANIFEST_FILE
         if not manifest.is_file():
             raise UserError(f"{self.path} has no manifest.json; pass a directory written by `manzano-edge export`")
         try:
             self.manifest = json.loads(manifest.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{manifest} is corrupt ({exc.msg}); re-export the bundle") from exc
-        self.cfg = ModelConfig.load(self.path / "config.json")
-        self.tokenizer_json = (self.path / "tokenizer.json").read_text()
+        self.cfg = ModelConfig.load(self.path / CONFIG_FILE)
+        self.tokenizer_json = (self.path / TOKENIZER_FILE).read_text()
         held = self.manifest.get("graphs", {})
         # Every required graph, and the optional ones (decoder_cfg) this bundle holds.
         self.specs = {n: spec for n, spec in graph_specs(self.cfg).items() if not spec.optional or n in held}
@@ -54,25 +56,27 @@ class Bundle:
                             "re-export the bundle")
         return path
 
-    def program(self, graph: str, backend: str, threads: int = 0, compute_units: str = "ALL") -> GraphProgram:
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend '{backend}'; choose from {', '.join(BACKENDS)} or torch")
-        entry = self.entry(graph, BACKEND_FORMAT[backend])
+    def program(self, graph: str, backend: str, threads: int = 0, compute_units: str | None = None) -> GraphProgram:
+        runner = get_backend(backend)
+        if runner.format is None:
+            raise UserError(f"backend '{backend}' runs a checkpoint, not a bundle; choose a bundle backend")
+        entry = self.entry(graph, runner.format)
         path = self.verified_file(entry["file"], entry["sha256"])
         for side in entry.get("external_data", []):
             self.verified_file(side["file"], side["sha256"])
-        spec = self.specs[graph]
-        if backend == "ort":
-            from manzano_edge.export.onnx import OrtProgram
+        return runner.program(self.specs[graph], path, threads=threads, compute_units=compute_units)
 
-            return OrtProgram(spec, path, threads=threads)
-        if backend == "executorch":
-            from manzano_edge.export.executorch import EtProgram
+    def formats(self) -> list[str]:
+        """The formats this bundle holds files for."""
+        return sorted({f for g in self.manifest.get("graphs", {}).values() for f in g.get("formats", {})})
 
-            return EtProgram(spec, path)
-        from manzano_edge.export.coreml import CoreMLProgram
-
-        return CoreMLProgram(spec, path, compute_units=compute_units)
+    def verify_checksums(self) -> None:
+        """Every file of the manifest against its sha256."""
+        for graph in self.manifest.get("graphs", {}).values():
+            for f in graph.get("formats", {}).values():
+                self.verified_file(f["file"], f["sha256"])
+                for side in f.get("external_data", []):
+                    self.verified_file(side["file"], side["sha256"])
 
     def null_condition(self) -> torch.Tensor:
         info = self.manifest.get("extras", {}).get("null_condition")
@@ -103,11 +107,21 @@ class BundleGraphs:
     """`GraphRunner` over a bundle; `backends` maps graph name -> backend (mixing is allowed)."""
 
     def __init__(self, bundle: Bundle, backends: dict[str, str] | str, threads: int = 0,
-                 compute_units: str = "ALL") -> None:
+                 compute_units: str | None = None) -> None:
         names = list(bundle.specs)
         chosen = {g: backends for g in names} if isinstance(backends, str) else {g: backends.get(g, "ort") for g in names}
+        self._bind(bundle, {g: bundle.program(g, chosen[g], threads, compute_units) for g in names})
+
+    @classmethod
+    def from_programs(cls, bundle: Bundle, programs: dict[str, GraphProgram]) -> BundleGraphs:
+        """Over programs the caller already loaded (e.g. the benchmark, which times each load)."""
+        graphs = cls.__new__(cls)
+        graphs._bind(bundle, programs)
+        return graphs
+
+    def _bind(self, bundle: Bundle, programs: dict[str, GraphProgram]) -> None:
         self.bundle = bundle
-        self.p = {g: CheckedProgram(bundle.specs[g], bundle.program(g, chosen[g], threads, compute_units)) for g in names}
+        self.p = {g: CheckedProgram(bundle.specs[g], programs[g]) for g in bundle.specs}
         self._null: torch.Tensor | None = None
         self._decoder: CheckedProgram | None = None
 

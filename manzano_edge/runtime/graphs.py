@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from manzano_edge.models.decoder import StatefulDecoder
 from manzano_edge.models.manzano import Manzano
+from manzano_edge.spec.modules import StatefulDecoder
 
 
 class GraphRunner(Protocol):

@@ -20,10 +20,22 @@ from manzano_edge.data.batches import UNDERSTANDING_IMAGE_SLOT
 from manzano_edge.data.images import to_image, to_pixels
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.models.decoder import guidance_rows, guided_logits, left_pad, padded_causal_mask
 from manzano_edge.runtime.graphs import GraphRunner
+from manzano_edge.spec.decoding import (
+    GENERATION_FIXED_TOKENS,
+    NEG_INF,
+    UNDERSTANDING_FIXED_TOKENS,
+    codes_only_mask,
+    decode,
+    generation_layout,
+    guidance_rows,
+    guided_logits,
+    left_pad,
+    padded_causal_mask,
+    text_only_mask,
+    understanding_layout,
+)
 
-NEG_INF = float("-inf")
 SEED_MAX = (1 << 63) - 1
 
 
@@ -83,13 +95,9 @@ class Pipeline:
     def __init__(self, graphs: GraphRunner, cfg: ModelConfig, codec: TextCodec) -> None:
         self.g, self.cfg, self.codec = graphs, cfg, codec
         self.max_len = cfg.decoder.max_position_embeddings
-        t = cfg.text
         # Understanding may only emit text; generation may only emit image codes.
-        self.text_only = torch.zeros(cfg.vocab_size)
-        self.text_only[cfg.image_token_offset:] = NEG_INF
-        self.text_only[[t.pad_id, t.bos_id, t.sep_id, t.img_start_id, t.img_end_id]] = NEG_INF
-        self.codes_only = torch.full((cfg.vocab_size,), NEG_INF)
-        self.codes_only[cfg.image_token_offset:] = 0.0
+        self.text_only = text_only_mask(cfg)
+        self.codes_only = codes_only_mask(cfg)
 
     # -- input checks ------------------------------------------------------------------------
     def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,8 @@ class Pipeline:
             raise UserError("image tensor contains NaN or Inf values; pass finite pixels in [-1, 1]")
         return image
 
-    def _prompt_ids(self, prompt: str, room: int) -> list[int]:
+    def prompt_ids(self, prompt: str, room: int) -> list[int]:
+        """A prompt's text ids, refused with one line when empty or longer than `room` tokens."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("the prompt is empty; pass some text, e.g. --prompt \"what color is the circle?\"")
         ids = self.codec.encode(prompt)
@@ -123,33 +132,30 @@ class Pipeline:
         s = (sampling or SamplingConfig(temperature=0.0)).validate()
         check_int("max_new_tokens", max_new_tokens, 0, self.max_len)
         check_int("seed", seed, 0, SEED_MAX)
-        t, n = self.cfg.text, self.cfg.vision.num_image_tokens
-        fixed = 2 + n + 1 + 1  # <bos> <img_start> image <img_end> ... <sep>
-        question = self._prompt_ids(prompt, self.max_len - fixed - 1)
-        image_embeds = self.g.vision_embeddings(self.pixels(image))
-        before = self.g.embed_tokens(torch.tensor([[t.bos_id, t.img_start_id]]))
-        after = self.g.embed_tokens(torch.tensor([[t.img_end_id, *question, t.sep_id]]))
-        embeds = torch.cat([before, image_embeds, after], dim=1)
-        assert before.shape[1] == UNDERSTANDING_IMAGE_SLOT
+        embeds = self.understanding_embeds(self.pixels(image), prompt)
         self.g.decoder_reset(1)
         logits = self.g.decoder_step(embeds, padded_causal_mask([0], 0, embeds.shape[1]))[:, -1]
-        past, out = embeds.shape[1], []
+        past = embeds.shape[1]
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(min(max_new_tokens, self.max_len - past)):
-            token = sample_token(logits + self.text_only, s, gen)
-            if token.item() == t.eos_id:
-                break
-            out.append(token.item())
-            if past + 1 > self.max_len - 1:
-                break
-            logits = self.g.decoder_step(self.g.embed_tokens(token[:, None]), padded_causal_mask([0], past, 1))[:, -1]
-            past += 1
+        out = decode(self.g.decoder_step, self.g.embed_tokens, logits, past, min(max_new_tokens, self.max_len - past),
+                     pick=lambda x: sample_token(x + self.text_only, s, gen), stop_id=self.cfg.text.eos_id,
+                     max_len=self.max_len)
         return self.codec.decode(out)
+
+    def understanding_embeds(self, pixels: torch.Tensor, prompt: str) -> torch.Tensor:
+        """The understanding prefill [1, T, D]: the prompt layout with the image's embeddings spliced in."""
+        n = self.cfg.vision.num_image_tokens
+        question = self.prompt_ids(prompt, self.max_len - n - UNDERSTANDING_FIXED_TOKENS - 1)
+        before_ids, after_ids = understanding_layout(self.cfg.text, question)
+        before = self.g.embed_tokens(torch.tensor([before_ids]))
+        assert before.shape[1] == UNDERSTANDING_IMAGE_SLOT
+        image_embeds = self.g.vision_embeddings(pixels)
+        return torch.cat([before, image_embeds, self.g.embed_tokens(torch.tensor([after_ids]))], dim=1)
 
     # -- generation ------------------------------------------------------------------------------
     def generation_prompt_ids(self, prompt: str) -> list[int]:
         """Validate a text-to-image prompt (room for <bos>, <img_start>, N codes, <img_end>)."""
-        return self._prompt_ids(prompt, self.max_len - self.cfg.vision.num_image_tokens - 3)
+        return self.prompt_ids(prompt, self.max_len - self.cfg.vision.num_image_tokens - GENERATION_FIXED_TOKENS)
 
     def generate_ids(self, prompt: str, sampling: SamplingConfig | None = None, seed: int = 0,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -157,9 +163,7 @@ class Pipeline:
         s = (sampling or SamplingConfig()).validate()
         check_int("seed", seed, 0, SEED_MAX)
         t = self.cfg.text
-        text = self.generation_prompt_ids(prompt)
-        n = self.cfg.vision.num_image_tokens
-        cond = [t.bos_id, *text, t.img_start_id]
+        cond = generation_layout(t, self.generation_prompt_ids(prompt))
         guided = s.token_guidance != 1.0
         rows = guidance_rows(cond, t.bos_id, t.img_start_id) if guided else [cond]
         tokens, pad = left_pad(rows, t.pad_id)
@@ -167,18 +171,20 @@ class Pipeline:
         self.g.decoder_reset(len(rows))
         logits = self.g.decoder_step(self.g.embed_tokens(tokens), padded_causal_mask(pad, 0, width))[:, -1]
         gen = torch.Generator().manual_seed(seed)
-        ids, past = [], width
-        for i in range(n):
-            step_logits = guided_logits(logits, s.token_guidance) if guided else logits
-            token = sample_token(step_logits + self.codes_only, s, gen)
-            ids.append(token.item() - self.cfg.image_token_offset)
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return sample_token((guided_logits(x, s.token_guidance) if guided else x) + self.codes_only, s, gen)
+
+        count = [0]
+
+        def on_token(token: int, _step: dict) -> None:
+            count[0] += 1
             if progress:
-                progress(i + 1)
-            if i + 1 < n:
-                step = token[:, None].expand(len(rows), 1)
-                logits = self.g.decoder_step(self.g.embed_tokens(step), padded_causal_mask(pad, past, 1))[:, -1]
-                past += 1
-        return torch.tensor([ids])
+                progress(count[0])
+
+        ids = decode(self.g.decoder_step, self.g.embed_tokens, logits, width, self.cfg.vision.num_image_tokens,
+                     pick=pick, pad=pad, on_token=on_token)
+        return torch.tensor([[i - self.cfg.image_token_offset for i in ids]])
 
     def render_ids(self, ids: torch.Tensor, sampling: SamplingConfig | None = None, seed: int = 0,
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -58,12 +58,10 @@ class SceneData:
 
     questions_per_image: int = 3
     # Share of "is there a <colour> <shape>?" distractors that differ from a real object in one
-    # attribute. Stage 2 only: the same data in stage 1 (v8) weakened the tokenizer's captions.
+    # attribute. Stage 2 only: in stage 1 the same data weakens the tokenizer's captions.
     hard_negative_rate: float = 0.0
-    # Chance that a scene has two objects (None: 1 or 2, uniformly). Stage 2b ("binding") only. With
-    # one token per object (v11) the decoder answered colour/place questions about two-object scenes
-    # with the first object's attribute about half the time: only two-object questions need binding.
-    # From scratch in stage 2 it did not help (VQA 0.863, "no" 0.0); as a fine-tune it did.
+    # Chance that a scene has two objects (None: 1 or 2, uniformly). Stage 2b ("binding") only: only
+    # two-object questions teach binding, and they help as a fine-tune, not from scratch in stage 2.
     two_object_share: float | None = None
     # Share of scenes drawn with a loose layout (scenes.LOOSE_*: anywhere in the cell, sizes 0.065-0.14,
     # stretched up to 1.5:1), like a user's own drawing resized to the square input. Understanding
@@ -74,17 +72,14 @@ class SceneData:
     question_weights: dict[str, float] = field(default_factory=dict)
 
 
-# Stage 2b's mix (v14). On e2's longer stage 1 the decoder had lost the questions that find an object
-# by its colour *and* shape (yes 0.32, no 0.61). At 3x in stage 2b only, on two threads as `train`
-# runs it (run x7b): VQA 0.920 (yes 0.93, no 0.96), drawings 0.920, text-to-image 0.96. At 3x in
-# stage 2 too, generation learned more slowly there, and one such run drew the wrong shapes (s18a,
-# text-to-image 0.28). README, "Where the embedded model stands".
+# The measured runs behind these defaults are in CHANGELOG.md, "Measured history behind the defaults".
+
+# Stage 2b's mix: after the long stage 1 the decoder loses the questions that find an object by its colour
+# *and* shape; 3x in stage 2b brings them back, while 3x in stage 2 too slows generation's learning.
 SEARCH_QUESTIONS = {"where": 3.0, "exists": 3.0}
 
-# Generation-loss weight per decoder stage (DecoderStage). Stage 1's 3000-step codes are harder to
-# predict (stage-2 generation loss 0.442 vs 0.386 after 2250 steps): at 1, text-to-image fell to 0.63
-# (run s21a). At 2 in stage 2 it is 0.99; at 2 in stage 2b too (s21c), VQA fell under 0.90 on two of
-# three eval seeds, so 2b keeps 1 (s21d).
+# Generation-loss weight per decoder stage (DecoderStage): the long stage 1's codes are harder to predict,
+# so stage 2 weighs generation 2x; stage 2b keeps 1, since 2 there costs VQA.
 GENERATION_WEIGHT = {"decoder": 2.0, "binding": 1.0}
 
 PRECISIONS = ("bf16-mixed", "fp32")
@@ -101,30 +96,20 @@ class TrainConfig:
     # learns from are the ones inference computes.
     precision: str = "bf16-mixed"
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
-        # 5 warmup steps instead of v13's 50 and 2250 steps instead of 1500 (v14, run e2) read loose scenes
-        # better (probe 0.81 -> 0.91 after stage 1) but lost the search questions, which stage 2b's
-        # SEARCH_QUESTIONS mix brings back. 3000 (v16, run s21a) took a user's drawings from 0.920 to
-        # 0.950 and reconstruction from 0.93 to 0.98, with codes that need GENERATION_WEIGHT; 3750
-        # (s21b) lost "no" again (0.48).
+        # A short warmup and a long schedule read loose scenes and a user's drawings better; longer still loses "no".
         "tokenizer": StageBudget(steps=3000, batch_size=32, lr=1e-3, warmup=5),
         "decoder": StageBudget(steps=3000, batch_size=32, lr=1e-3),
-        # Stage 2b on stage 2's output (same run): 600 steps gave VQA 0.893, 1200 gave 0.920.
+        # A brief fine-tune on stage 2's output: 1200 steps bind better than 600.
         "binding": StageBudget(steps=1200, batch_size=32, lr=3e-4, warmup=0, decay=False),
-        # 600 steps (v11) decoded purple as blue: the VAE alone scored 0.78 on held-out scenes, capping
-        # both image paths. 1800 (v12-v14) and 1200 (v15, 2.4 minutes less) score 1.00. (Half-size
-        # crops at a quarter of the cost also scored 1.00, but the DiT trained on their latents drew
-        # worse shapes: 0.63 vs 0.76 reconstruction.)
+        # The fewest full-size steps tried at which the VAE alone keeps every colour (fewer decode purple as blue).
         "vae": StageBudget(steps=1200, batch_size=16, lr=1e-3),
-        # v11's 2000 steps, under v12's VAE, decoder and nearest resampling: reconstruction 0.76,
-        # text-to-image 0.79; 3000 steps: 0.94 / 0.96. v15's 2400 on its 1200-step VAE: 0.93 / 0.95
-        # (3000 on the same VAE: 0.94 / 0.96), about 2 minutes less.
+        # Within 0.01 of 3000 steps on both image paths at about 2 minutes less; 2000 scores far lower.
         "dit": StageBudget(steps=2400, batch_size=32, lr=5e-4),
     })
     generation_weight: dict[str, float] = field(default_factory=lambda: dict(GENERATION_WEIGHT))
     scene_data: dict[str, SceneData] = field(default_factory=lambda: {
-        # Loose scenes reach only the continuous adapter in stage 1 (TokenizerStage). On both paths
-        # (run s13b) they cost the codes shape: reconstruction 0.92 -> 0.47, text-to-image 0.96 -> 0.16.
-        # At 0.5 (run s13e) the decoder lost yes/no (VQA 0.83); 0.25 is v13 (run s13f) and v14.
+        # Loose scenes reach only the continuous adapter in stage 1 (TokenizerStage), since on the codes they
+        # cost shape; a quarter of scenes loose keeps the decoder's yes/no answers, half loses them.
         "tokenizer": SceneData(loose_share=0.25),
         "decoder": SceneData(questions_per_image=4, hard_negative_rate=0.5, loose_share=0.3),
         "binding": SceneData(questions_per_image=4, hard_negative_rate=0.5, two_object_share=0.8, loose_share=0.3,

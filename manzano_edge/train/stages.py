@@ -179,8 +179,7 @@ FSQ_RANGE = 2.5
 
 def fsq_range_loss(z: torch.Tensor) -> torch.Tensor:
     """Keeps FSQ's pre-tanh inputs where tanh still has a gradient. Without it whole code channels
-    saturated early and stayed dead (gradient ~1e-8): a v4 tokenizer used one channel of four at a
-    single level and 200 steps into a fresh run every token of 600 scenes had the same code.
+    saturated early and stayed dead (gradient ~1e-8), leaving every token with the same code.
     tanh(2.5) already reaches the outermost level, so the bound costs no codes."""
     return F.relu(z.abs() - FSQ_RANGE).pow(2).mean()
 
@@ -210,15 +209,14 @@ class TokenizerStage(nn.Module):
         self.helper_lm = LlamaDecoder(helper_lm_config(model.cfg), model.cfg.text.text_vocab_size)
         self.pixel_decoder = CodePixelDecoder(model.cfg)
         self.continuous_parse = SceneParseHead(model.cfg)
-        # Per token, and only where tokens and scene cells coincide. v6 (4x4 tokens) parsed the
-        # flattened code features instead: reconstruction ShapesEval fell from 0.28 to 0.16.
+        # Per token, and only where tokens and scene cells coincide: parsing the flattened code features hurts reconstruction.
         self.code_parse = CellParseHead(model.cfg) if one_token_per_cell(model.cfg) else None
 
     def forward(self, examples: list[Example], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         batch = understanding_batch(examples, self.codec, self.cfg)
         # Loose scenes are for understanding: the continuous adapter reads them, while the codes and
         # all that is scored on them (reconstruction, per-cell parse, the helper LM's discrete half)
-        # see the canonical twin. Loose scenes on both paths (run s13b) cost the codes shape.
+        # see the canonical twin. Loose scenes on the codes too cost them shape.
         canonical = torch.stack([ex.generation_target for ex in examples])
         loose = torch.tensor([i for i, ex in enumerate(examples) if ex.generation_pixels is not None], dtype=torch.long)
         features = self.tokenizer.encoder(torch.cat([canonical, batch["pixels"][loose]]))

@@ -28,21 +28,20 @@ import torch.nn.functional as F
 
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.export import coreml
-from manzano_edge.export.common import GraphProgram, TorchProgram, build_module
-from manzano_edge.export.spec import GraphSpec
-from manzano_edge.metrics import compare, psnr
-from manzano_edge.models.decoder import causal_mask
+from manzano_edge.export import EXPORTERS, FORMATS
+from manzano_edge.metrics import compare, psnr, ssim
 from manzano_edge.models.manzano import Manzano, load_checkpoint
-from manzano_edge.quant import calibration as calib
-from manzano_edge.quant import coreml_ptq
 from manzano_edge.quant.calibration import example_sequences
-from manzano_edge.quant.recipes import FLOAT_RECIPES, RECIPES
+from manzano_edge.quant.recipes import RECIPES, is_float
+from manzano_edge.runtime.backends import GraphProgram, backend_for_format
+from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.runtime.bundle import Bundle
+from manzano_edge.spec.decoding import causal_mask, decode
+from manzano_edge.spec.graphs import GraphKind, GraphSpec
+from manzano_edge.spec.modules import build_module
 
 SCHEMA = "manzano-edge/validate@2"
 VALIDATION_SEED = 20_000  # calibration uses 10_000+, parity 7
-RUNNABLE = {"onnx": "ort", "executorch": "executorch"}  # format -> runtime backend
 
 
 @dataclass
@@ -124,54 +123,26 @@ def validation_examples(model: Manzano, codec: TextCodec, samples: int,
 
 
 # -- programs -------------------------------------------------------------------------------------
-def emulated_coreml_w8a8(bundle: Bundle, spec: GraphSpec, model: Manzano, codec: TextCodec, entry: dict,
-                         mil_program) -> GraphProgram:
-    """Activation scales are not stored as weights: rebuild the pt2e-quantized graph from the
-    reference with the export's own seeded calibration, and use it only if its scales are the
-    shipped program's."""
-    samples = bundle.manifest.get("quantization", {}).get("calibration_samples")
-    if not samples:
-        raise UserError(f"{entry['file']} was calibrated from a user file, so its activation scales cannot be "
-                        "rebuilt for emulation here; validate it on macOS, where Core ML runs it")
-    calibration = calib.generated(model, codec, samples)[spec.name]
-    kept = entry["recipe"].get("details", {}).get("kept_float_layers")
-    _, quantized, _ = coreml_ptq.w8a8(spec, build_module(spec, model, False), calibration[0][0], calibration, kept)
-    ours, shipped = coreml_ptq.graph_activation_scales(quantized), coreml_ptq.mlprogram_activation_scales(mil_program)
-    if not coreml_ptq.same_scales(ours, shipped):
-        raise UserError(f"cannot emulate {entry['file']}: its activation scales differ from a re-calibration of the "
-                        "reference checkpoint; if it was exported from a QAT checkpoint, pass that with --exported-from")
-    return coreml.EmulatedProgram(spec, quantized, fp16=False)
-
-
-def emulated_coreml(bundle: Bundle, spec: GraphSpec, model: Manzano, codec: TextCodec, entry: dict) -> GraphProgram:
-    """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute; for
-    w8a8, the pt2e-quantized graph (`emulated_coreml_w8a8`)."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
-
-    path = bundle.verified_file(entry["file"], entry["sha256"])
-    mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
-    proto = mlmodel.get_spec()
-    mlmodel._mil_program = load_mil(proto, proto.specificationVersion, mlmodel.weights_dir)
-    if entry["recipe"]["name"] == "w8a8":
-        return emulated_coreml_w8a8(bundle, spec, model, codec, entry, mlmodel._mil_program)
-    module = build_module(spec, model, False)
-    fp16 = entry.get("compute_precision", "fp16") == "fp16"
-    emu, replaced, total = coreml.emulated_module(module, coreml.stored_weights(mlmodel), fp16=fp16)
-    if replaced == 0:
-        raise UserError(f"could not read the stored weights of {entry['file']} for emulation")
-    return coreml.EmulatedProgram(spec, emu, fp16)
+def runnable(fmt: str) -> tuple[bool, str]:
+    """Whether this machine runs a format's files, and why not."""
+    backend = backend_for_format(fmt)
+    if backend is None:
+        return False, f"no runtime backend runs {fmt} files"
+    return backend.runnable_here()
 
 
 def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano,
                       codec: TextCodec) -> tuple[GraphProgram, str]:
-    entry = bundle.entry(spec.name, fmt)
-    if fmt == "coreml":
-        ok, why = coreml.predict_available()
-        if ok:
-            return bundle.program(spec.name, "coreml"), "coremltools predict"
-        return emulated_coreml(bundle, spec, model, codec, entry), f"EMULATED (not Core ML itself): {why}"
-    return bundle.program(spec.name, RUNNABLE[fmt]), {"onnx": "onnxruntime", "executorch": "executorch.runtime"}[fmt]
+    """The bundle's graph on its own runtime, or where that cannot run here, the format's emulation."""
+    ok, why = runnable(fmt)
+    if ok:
+        backend = backend_for_format(fmt)
+        return bundle.program(spec.name, backend.name), backend.verified_by
+    emulated = EXPORTERS[fmt].emulated_program(bundle, spec, model, codec, bundle.entry(spec.name, fmt))
+    if emulated is None:
+        raise UserError(f"{fmt} graphs cannot run here ({why}) and have no emulation; validate on a machine that "
+                        f"runs {fmt}, or pass --format without it")
+    return emulated, f"EMULATED (not {fmt} itself): {why}"
 
 
 # -- per-graph metrics ----------------------------------------------------------------------------
@@ -188,11 +159,12 @@ def teacher_forced(seq: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.T
     return steps + seq[1:]  # the greedy decode steps, unchanged: they start at position t
 
 
-def _run(program: GraphProgram, spec: GraphSpec, seqs: list) -> dict[str, list[torch.Tensor]]:
+def run_sequences(program: GraphProgram, spec: GraphSpec, seqs: list) -> dict[str, list[torch.Tensor]]:
+    """Every output of every step, each sequence from a fresh state (the decoder's under teacher forcing)."""
     outs: dict[str, list[torch.Tensor]] = {t.name: [] for t in spec.outputs}
     for seq in seqs:
         program.reset()
-        for step in (teacher_forced(seq) if spec.name == "decoder" else seq):
+        for step in (teacher_forced(seq) if spec.kind == GraphKind.LM_STEP else seq):
             o = program.run(step)
             for t in spec.outputs:
                 outs[t.name].append(o[t.name].float())
@@ -201,7 +173,7 @@ def _run(program: GraphProgram, spec: GraphSpec, seqs: list) -> dict[str, list[t
 
 def graph_metrics(spec: GraphSpec, reference: GraphProgram, candidate: GraphProgram, seqs: list,
                   tie_nats: float = Thresholds.top1_tie_nats) -> dict:
-    return output_metrics(spec, _run(reference, spec, seqs), _run(candidate, spec, seqs), tie_nats)
+    return output_metrics(spec, run_sequences(reference, spec, seqs), run_sequences(candidate, spec, seqs), tie_nats)
 
 
 def output_metrics(spec: GraphSpec, refs: dict[str, list[torch.Tensor]], outs: dict[str, list[torch.Tensor]],
@@ -217,7 +189,7 @@ def output_metrics(spec: GraphSpec, refs: dict[str, list[torch.Tensor]], outs: d
             m = compare(r, o)
             m["reference_constant"] = bool(r.numel() > 1 and float(r.std()) == 0.0)  # a PSNR here proves little
             metrics[t.name] = m
-    if spec.name == "decoder":
+    if spec.kind == GraphKind.LM_STEP:
         metrics["teacher_forcing"] = teacher_forcing(refs["logits"], outs["logits"], tie_nats)
     return metrics
 
@@ -252,15 +224,12 @@ def greedy_match(reference: GraphProgram, candidate: GraphProgram, model: Manzan
         runs = []
         for program in (reference, candidate):
             program.reset()
-            logits = program.run(prefill)["logits"]
-            past, ids = prefill["inputs_embeds"].shape[1], []
-            for _ in range(tokens):
-                nxt = logits[:, -1:].argmax(-1)
-                ids.append(int(nxt))
-                step = {"inputs_embeds": model.decoder.embed(nxt), "causal_mask": causal_mask(past, 1)}
-                logits = program.run(step)["logits"]
-                past += 1
-            runs.append(ids)
+            logits = program.run(prefill)["logits"][:, -1]
+
+            def step(embeds: torch.Tensor, mask: torch.Tensor, program=program) -> torch.Tensor:
+                return program.run({"inputs_embeds": embeds, "causal_mask": mask})["logits"]
+
+            runs.append(decode(step, model.decoder.embed, logits, prefill["inputs_embeds"].shape[1], tokens))
         exact += runs[0] == runs[1]
         same = next((i for i, (a, b) in enumerate(zip(*runs)) if a != b), tokens)
         prefix.append(same / tokens)
@@ -275,7 +244,7 @@ def judge_graph(row: dict, spec: GraphSpec, recipe: str, th: Thresholds) -> None
         m = row["metrics"][t.name]
         if "psnr_db" in m:
             checks.append(check(f"{t.name} PSNR dB", m["psnr_db"], bar))
-    if spec.name == "decoder":
+    if spec.kind == GraphKind.LM_STEP:
         tf = row["metrics"]["teacher_forcing"]
         checks.append(check(f"top-1 agreement (float margin >= {tf['tie_nats']:g} nats)", tf["decisive_top1_agreement"],
                             th.top1))
@@ -284,21 +253,6 @@ def judge_graph(row: dict, spec: GraphSpec, recipe: str, th: Thresholds) -> None
 
 
 # -- end to end -----------------------------------------------------------------------------------
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM over 7x7 windows (Wang et al. constants), images in [-1, 1] -> [0, 1]."""
-    a, b = (a.float() + 1) / 2, (b.float() + 1) / 2
-    c1, c2 = 0.01**2, 0.03**2
-
-    def pool(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, 7, 1)
-
-    mu_a, mu_b = pool(a), pool(b)
-    var_a, var_b = pool(a * a) - mu_a**2, pool(b * b) - mu_b**2
-    cov = pool(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
-
-
 def end_to_end(bundle: Bundle, model: Manzano, codec: TextCodec, fmt: str, st: Settings,
                float_scores: dict | None) -> tuple[dict, dict]:
     from manzano_edge.data import scenes
@@ -310,7 +264,7 @@ def end_to_end(bundle: Bundle, model: Manzano, codec: TextCodec, fmt: str, st: S
     sampling = SamplingConfig(temperature=0.0, flow_steps=st.flow_steps, token_guidance=st.token_guidance,
                               flow_guidance=st.flow_guidance).validate()
     ref = Pipeline(TorchGraphs(model), model.cfg, codec)
-    cand = Pipeline(BundleGraphs(bundle, RUNNABLE[fmt]), bundle.cfg, codec)
+    cand = Pipeline(BundleGraphs(bundle, backend_for_format(fmt).name), bundle.cfg, codec)
 
     def scores(pipe: Pipeline) -> dict:
         u = eval_understanding(pipe, st.vqa, st.captions, st.seed, show=False)
@@ -362,14 +316,6 @@ def bundle_recipe(bundle: Bundle) -> str:
     return recipe
 
 
-def verify_checksums(bundle: Bundle) -> None:
-    for graph in bundle.manifest.get("graphs", {}).values():
-        for f in graph.get("formats", {}).values():
-            bundle.verified_file(f["file"], f["sha256"])
-            for side in f.get("external_data", []):
-                bundle.verified_file(side["file"], side["sha256"])
-
-
 def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st: Settings,
              show: bool = True, exported_from: str | None = None) -> Validation:
     """`exported_from`: the checkpoint the bundle was exported from when it is not the float
@@ -377,12 +323,13 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
     emulation rebuilds its activation scales from `exported_from`, as the export did."""
     bundle = Bundle(bundle_path)
     recipe = bundle_recipe(bundle)
-    verify_checksums(bundle)
+    bundle.verify_checksums()
     model, tok = load_reference(bundle, reference)
     source = load_reference(bundle, exported_from, "--exported-from")[0] if exported_from else model
     codec = TextCodec(tok, model.cfg.text)
-    present = sorted({f for g in bundle.manifest["graphs"].values() for f in g["formats"]})
-    formats = st.formats or [f for f in ("onnx", "executorch", "coreml") if f in present]
+    present = bundle.formats()
+    # Without --format: every format of the bundle, those this machine runs first.
+    formats = st.formats or sorted((f for f in FORMATS if f in present), key=lambda f: not runnable(f)[0])
     missing = [f for f in formats if f not in present]
     if missing:
         raise UserError(f"bundle has no {missing[0]} graphs; it has {', '.join(present)}")
@@ -399,27 +346,21 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
             spec = bundle.specs[name]
             entry = g["formats"][fmt]
             program, verified_by = candidate_program(bundle, spec, fmt, source, codec)
-            reference_program = TorchProgram(spec, build_module(spec, model, False))
+            reference_program = TorchProgram(spec, build_module(spec, model))
             row = {"graph": name, "format": fmt, "recipe": entry.get("recipe", {}).get("name", recipe),
                    "verified_by": verified_by, "emulated": verified_by.startswith("EMULATED"),
                    "bytes": entry["bytes"], "float_bytes": entry.get("float_bytes"),
                    "metrics": graph_metrics(spec, reference_program, program, seqs[name], th.top1_tie_nats)}
-            if name == "decoder":
+            if spec.kind == GraphKind.LM_STEP:
                 row["metrics"]["greedy"] = greedy_match(reference_program, program, model, seqs[name],
                                                         st.greedy_tokens)
             judge_graph(row, spec, row["recipe"], th)
             rows.append(row)
             if show:
                 print(f"  {name:<14} {fmt:<11} {_summary(row)}", flush=True)
-    if "coreml" in formats and any(r["emulated"] for r in rows):
-        notes.append("Core ML was validated by EMULATION on this machine (Core ML predict needs macOS): the "
-                     "PyTorch graph with the .mlpackage's stored, decompressed weights in fp16. It checks the "
-                     "weight compression, not Core ML's kernels.")
-        if recipe == "w8a8":
-            notes.append("Core ML w8a8 emulation is the pt2e-quantized PyTorch graph rebuilt from "
-                         f"{exported_from or 'the reference'} with "
-                         "the export's seeded calibration; its activation scales were checked equal to the "
-                         ".mlpackage's. Between quantize/dequantize it computes in fp32 where Core ML uses fp16.")
+    for fmt in formats:
+        if any(r["emulated"] and r["format"] == fmt for r in rows):
+            notes += EXPORTERS[fmt].emulation_notes(recipe, exported_from)
     if any(m.get("reference_constant") for r in rows for m in r["metrics"].values() if isinstance(m, dict)):
         notes.append("Some reference outputs are constant on the validation inputs (e.g. a saturated VAE "
                      "decoder); their PSNR carries little information.")
@@ -427,7 +368,7 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
     if st.end_to_end:
         float_scores = None
         for fmt in formats:
-            if fmt not in RUNNABLE:
+            if not runnable(fmt)[0]:
                 notes.append(f"end to end: {fmt} is not run here (no runtime on this machine); per-graph only.")
                 continue
             if show:
@@ -444,7 +385,7 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
                             "exported_from": exported_from},
               "thresholds": vars(th), "settings": {k: v for k, v in vars(st).items()},
               "graphs": rows, "end_to_end": e2e, "notes": notes, "passed": passed,
-              "float_recipe": recipe in FLOAT_RECIPES}
+              "float_recipe": is_float(recipe)}
     return Validation(_finite(report))
 
 

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
-from manzano_edge.export.common import TorchProgram, build_module
-from manzano_edge.export.spec import GraphSpec, graph_specs
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.quant.overrides import LAYERED_GRAPHS
 from manzano_edge.quant.qat import QAT_RECIPES, prepare
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.graphs import GraphSpec, graph_specs
+from manzano_edge.spec.modules import build_module
 
 SCHEMA = "manzano-edge/sensitivity@1"
 PREPARE_GRAPH = {"tokenizer": "tokenizer", "code_features": "tokenizer", "decoder": "decoder", "dit": "dit"}
@@ -90,7 +91,8 @@ def units_of(names: list[str], granularity: str) -> dict[str, list[str]]:
 
 def _score(spec: GraphSpec, reference: dict, candidate: TorchProgram, seqs: list) -> dict:
     """Worst float-output PSNR, integer-output agreement and (decoder) top-1, as `validate` computes them."""
-    from manzano_edge.validate.core import _run, output_metrics
+    from manzano_edge.validate.core import output_metrics
+    from manzano_edge.validate.core import run_sequences as _run
 
     metrics = output_metrics(spec, reference, _run(candidate, spec, seqs))
     score: dict = {"psnr_db": min(metrics[t.name]["psnr_db"] for t in spec.outputs if not t.dtype.startswith("int"))}
@@ -107,12 +109,12 @@ def _meets(score: dict, target: Target) -> bool:
 
 def analyse_graph(model: Manzano, spec: GraphSpec, recipe: str, seqs: list, granularity: str, target: Target,
                   show: bool = True) -> dict:
-    from manzano_edge.validate.core import _run
+    from manzano_edge.validate.core import run_sequences as _run
 
-    reference = _run(TorchProgram(spec, build_module(spec, model, False)), spec, seqs)
+    reference = _run(TorchProgram(spec, build_module(spec, model)), spec, seqs)
     fq_model = copy.deepcopy(model)
     prepare(fq_model, recipe, (PREPARE_GRAPH[spec.name],))
-    module = build_module(spec, fq_model, False)
+    module = build_module(spec, fq_model)
     layers = _used(module, _fake_quantized(module), spec, seqs)
     if not layers:
         raise UserError(f"sensitivity: graph {spec.name} has no Linear layer to quantize")

@@ -1,0 +1,30 @@
+"""`manzano-edge demo`: the main job on the embedded model: caption, generate, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the embedded model: caption, generate, evaluate")
+    p.add_argument("-o", "--output", default="out/demo")
+    p.add_argument("--checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval-size", type=int, default=40)
+    p.add_argument("--no-export", action="store_true", help="skip the export to Core ML / ONNX / ExecuTorch")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.demo import print_summary, run_demo
+    from manzano_edge.models.manzano import load_checkpoint
+    from manzano_edge.runtime.graphs import TorchGraphs
+    from manzano_edge.runtime.pipeline import Pipeline
+
+    out = Path(args.output)
+    model, tok = load_checkpoint(args.checkpoint)
+    pipe = Pipeline(TorchGraphs(model), model.cfg, TextCodec(tok, model.cfg.text))
+    summary = run_demo(pipe, out, overwrite=args.overwrite, eval_size=args.eval_size,
+                       export=None if args.no_export else (model, tok), checkpoint=args.checkpoint)
+    print_summary(summary, out)

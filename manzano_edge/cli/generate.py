@@ -1,0 +1,39 @@
+"""`manzano-edge generate`: text-to-image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from manzano_edge.cli.common import add_backend, add_sampling, pipeline, sampling, write_atomic
+from manzano_edge.errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-image")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    add_sampling(p, temperature=0.0)
+    add_backend(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from tqdm import tqdm
+
+    from manzano_edge.data.images import to_image
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UserError(f"output {out} must end in .png or .jpg")
+    pipe = pipeline(args.checkpoint, args.bundle, args.backend)
+    pipe.generation_prompt_ids(args.prompt)  # fail on a bad prompt before any progress output
+    s = sampling(args)
+    n = pipe.cfg.vision.num_image_tokens
+    with tqdm(total=n + s.flow_steps, desc="generate", disable=args.quiet) as bar:
+        ids = pipe.generate_ids(args.prompt, s, args.seed, progress=lambda i: bar.update(1))
+        image = to_image(pipe.render_ids(ids, s, args.seed, progress=lambda i: bar.update(1)))
+    write_atomic(out, image.save)
+    print(f"wrote {out}")

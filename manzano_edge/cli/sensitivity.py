@@ -1,0 +1,41 @@
+"""`manzano-edge sensitivity`: rank layers by the accuracy a recipe costs; propose --keep-float."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sensitivity", help="rank layers by the accuracy a recipe costs; propose --keep-float")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--recipe", required=True, help="w8a8 | w4")
+    p.add_argument("-o", "--output", required=True, help="report directory: report.json, report.md, sensitivity.png")
+    p.add_argument("--graphs", help="comma-separated subset of tokenizer,decoder,code_features,dit")
+    p.add_argument("--granularity", default="layer", help="layer (each Linear) | block (layers.N / blocks.N)")
+    p.add_argument("--samples", type=int, default=4, help="validation samples per graph")
+    p.add_argument("--target-psnr", type=float, help="dB per graph output (default 35 for w8a8, 20 for w4)")
+    p.add_argument("--target-top1", type=float, default=0.99,
+                   help="decoder top-1 agreement where float decides by >= 0.3 nats (validate's gate)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.models.manzano import load_checkpoint
+    from manzano_edge.quant.overrides import LAYERED_GRAPHS
+    from manzano_edge.validate.sensitivity import Target, sensitivity, write_report
+
+    model, tok = load_checkpoint(args.checkpoint)
+    graphs = [g.strip() for g in (args.graphs or ",".join(LAYERED_GRAPHS)).split(",") if g.strip()]
+    target = Target(psnr_db=args.target_psnr if args.target_psnr is not None else
+                    (35.0 if args.recipe == "w8a8" else 20.0), top1=args.target_top1)
+    report = sensitivity(model, TextCodec(tok, model.cfg.text), args.recipe, graphs, samples=args.samples,
+                         granularity=args.granularity, target=target, source=args.checkpoint or "embedded default",
+                         show=not args.quiet)
+    write_report(report, args.output, overwrite=args.overwrite)
+    for g in report["graphs"]:
+        p = g["proposal"]
+        print(f"{g['graph']:>14}: all quantized {g['all_quantized']['psnr_db']:.1f} dB -> keep "
+              f"{len(p['keep_float'])} float -> {p['after']['psnr_db']:.1f} dB "
+              f"({'meets' if p['meets_target'] else 'MISSES'} target)")
+    print(f"--keep-float {report['keep_float'] or '(none needed)'}; wrote {args.output}/report.json, report.md")

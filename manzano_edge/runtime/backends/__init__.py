@@ -1,0 +1,14 @@
+"""Runtime backends, one module each, registered by name (`base.BACKENDS`)."""
+
+# Registration order is the order users see (torch, ort, executorch, coreml).
+from manzano_edge.runtime.backends import torch, ort, executorch, coreml  # noqa: F401, I001  (registers each backend)
+from manzano_edge.runtime.backends.base import (
+    BACKENDS,
+    Backend,
+    GraphProgram,
+    backend_for_format,
+    get_backend,
+    register_backend,
+)
+
+__all__ = ["BACKENDS", "Backend", "GraphProgram", "backend_for_format", "get_backend", "register_backend"]

@@ -1,0 +1,79 @@
+"""ONNX Runtime: runs the bundle's `onnx/` graphs (CPU provider), with the explicit KV-cache I/O
+hidden behind the same stateful `run`/`reset` as every other backend; `onnx.reference` as an
+interpreter independent of ORT for small float graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manzano_edge.errors import UserError
+from manzano_edge.runtime.backends.base import Backend, register_backend, torch_threads
+from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.tracing import initial_states
+
+ORT_ALLOW_SPINNING = "0"  # bench records it per result, in `threads`
+
+
+class OrtProgram:
+    """An onnxruntime session that looks stateful to its caller: the explicit KV-cache outputs
+    are fed back as the next call's inputs, and `reset` zeroes them."""
+
+    def __init__(self, spec: GraphSpec, path: Path, threads: int = 0, providers: list[str] | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise UserError("onnxruntime is not installed; pip install 'manzano-edge[export]'") from exc
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        # ORT's pool threads spin after each run by default, competing with the pipeline's own tensor
+        # work (and an app's) between calls; the README has the measured cost.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
+        opts.log_severity_level = 3
+        self.spec = spec
+        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = {k: v.numpy() for k, v in initial_states(self.spec).items()}
+
+    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(None, feed)))
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
+        feed.update(self.state)
+        values = self._evaluate(feed)
+        for s in self.spec.states:
+            self.state[s.name] = values.pop(f"{s.name}_out")
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
+
+
+class ReferenceProgram(OrtProgram):
+    """onnx.reference.ReferenceEvaluator: the spec's own interpreter, independent of ORT."""
+
+    def __init__(self, spec: GraphSpec, path: Path) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self.spec = spec
+        self.evaluator = ReferenceEvaluator(str(path))
+        self.reset()
+
+    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.evaluator.output_names, self.evaluator.run(None, feed)))
+
+
+def _threads(threads: int) -> dict:
+    return {**torch_threads(threads), "ort_intra_op": threads, "ort_allow_spinning": ORT_ALLOW_SPINNING == "1"}
+
+
+def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | None = None) -> OrtProgram:
+    return OrtProgram(spec, path, threads=threads)
+
+
+ORT = register_backend(Backend(name="ort", format="onnx", verified_by="onnxruntime", load=_load,
+                               apply_threads=_threads))

@@ -1,0 +1,1 @@
+"""The on-device contract: graph declarations, their modules and the decoding loop, written once."""

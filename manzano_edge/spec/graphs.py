@@ -1,0 +1,214 @@
+"""The on-device contract: every graph declared once.
+
+A `GraphSpec` names the module to export, its inputs/outputs (name, shape with named
+dynamic dims, dtype), its KV-cache states and the state layouts it can be built in. The
+exporters, the bundle manifest, the runtime's input checks, the validator and the benchmark
+all read these declarations; none re-declares shapes, and no backend is named here: an
+exporter asks for the layout its runtime needs (`StateLayout`).
+
+Graphs (loops stay in the runtime):
+- tokenizer:      pixels -> continuous image embeddings (understanding) and discrete ids
+                  (generation). One graph with two outputs: both branches share the ViT, so
+                  one graph runs the encoder once and ships its weights once.
+- embed_tokens:   token ids -> embeddings (the decoder takes embeddings so image embeddings
+                  can be spliced in, as ExecuTorch's LLaVA export does).
+- decoder:        one prefill-or-decode step with a KV cache. `causal_mask` [B,1,T,E]
+                  carries the cache length E after the step, so one graph does prefill
+                  (T>1) and decode (T=1). A runtime with state keeps the cache inside
+                  the graph; one without passes it as k_cache/v_cache inputs and *_out
+                  outputs (`StateLayout.EXPLICIT`).
+- code_features:  image-code ids -> discrete-adapter features (the DiT's condition).
+- dit:            one flow-matching velocity evaluation; batch 1 or 2 (CFG).
+- vae_decoder:    latent -> pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from manzano_edge.config import ModelConfig
+from manzano_edge.errors import UserError
+from manzano_edge.models.manzano import Manzano
+from manzano_edge.spec import modules
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
+@dataclass(frozen=True)
+class Dim:
+    name: str
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | Dim, ...]
+    dtype: str = "float32"
+    allow_inf: bool = False  # additive attention masks carry -inf by design (never NaN)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype,
+                "shape": [d.name if isinstance(d, Dim) else d for d in self.shape]}
+
+    def concrete(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d.name] if isinstance(d, Dim) else d for d in self.shape)
+
+    def check(self, value: torch.Tensor, graph: str) -> None:
+        """Refuse a runtime input that breaks the declaration, with one clear line."""
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{graph}: input '{self.name}' must be a tensor, got {type(value).__name__}")
+        if value.dtype != DTYPES[self.dtype]:
+            raise UserError(f"{graph}: input '{self.name}' must be {self.dtype}, got {str(value.dtype)[6:]}")
+        if value.dim() != len(self.shape):
+            raise UserError(f"{graph}: input '{self.name}' must have shape {self.to_json()['shape']}, "
+                            f"got {list(value.shape)}")
+        for size, want in zip(value.shape, self.shape):
+            ok = want.min <= size <= want.max if isinstance(want, Dim) else size == want
+            if not ok:
+                rng = f"{want.name} in [{want.min}, {want.max}]" if isinstance(want, Dim) else str(want)
+                raise UserError(f"{graph}: input '{self.name}' has shape {list(value.shape)}; expected "
+                                f"{self.to_json()['shape']} with {rng}")
+        if value.is_floating_point():
+            bad = torch.isnan(value).any() if self.allow_inf else not torch.isfinite(value).all()
+            if bad:
+                raise UserError(f"{graph}: input '{self.name}' contains NaN{'' if self.allow_inf else ' or Inf'}")
+
+
+class StateLayout:
+    """How a graph's states are laid out in one build of its module.
+
+    - STATEFUL: the reference build; states are module buffers (mutable state in the graph).
+    - EXPLICIT: states are inputs, and their next values `*_out` outputs (a runtime without state).
+    - INPLACE: per-layer state buffers written by in-place kernels; same I/O and numbers as STATEFUL.
+    """
+
+    STATEFUL = "stateful"
+    EXPLICIT = "explicit"
+    INPLACE = "inplace"
+
+
+class GraphKind:
+    """What a graph computes, for the code that drives it (metrics, benchmarks, examples)."""
+
+    IMAGE_TOKENIZER = "image_tokenizer"
+    TOKEN_EMBEDDING = "token_embedding"
+    LM_STEP = "lm_step"  # one prefill-or-decode step of the decoder, batch 1
+    GUIDED_LM_STEP = "guided_lm_step"  # the same step on the two rows of image-token CFG
+    CODE_FEATURES = "code_features"
+    DENOISER_STEP = "denoiser_step"  # one flow-matching velocity, batch 1 or 2 (CFG)
+    LATENT_DECODER = "latent_decoder"
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    family: str  # tokenizer | decoder | diffusion
+    kind: str  # GraphKind
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    build: Callable[[Manzano], nn.Module]  # the StateLayout.STATEFUL build: the reference every format is checked against
+    states: tuple[TensorSpec, ...] = ()
+    # Other state layouts of the same step (StateLayout -> builder); a layout not listed builds `build`.
+    layouts: dict[str, Callable[[Manzano], nn.Module]] = field(default_factory=dict)
+    # Not in the default export set, and the runtime runs without it (a feature needs it).
+    optional: bool = False
+    dims: dict[str, Dim] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for t in (*self.inputs, *self.outputs, *self.states):
+            for d in t.shape:
+                if isinstance(d, Dim):
+                    self.dims[d.name] = d
+
+    def has_layout(self, layout: str) -> bool:
+        return layout in self.layouts
+
+    def io(self, layout: str = StateLayout.STATEFUL) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """Inputs/outputs as a build sees them: with EXPLICIT state the states become inputs and
+        `*_out` outputs."""
+        if layout != StateLayout.EXPLICIT or not self.states:
+            return self.inputs, self.outputs
+        outs = tuple(TensorSpec(f"{s.name}_out", s.shape, s.dtype) for s in self.states)
+        return self.inputs + self.states, self.outputs + outs
+
+    def manifest_io(self, layout: str = StateLayout.STATEFUL) -> dict:
+        inputs, outputs = self.io(layout)
+        return {"inputs": [t.to_json() for t in inputs], "outputs": [t.to_json() for t in outputs],
+                "states": [] if layout == StateLayout.EXPLICIT else [t.to_json() for t in self.states],
+                "dynamic_dims": {d.name: {"min": d.min, "max": d.max} for d in self.dims.values()}}
+
+    def check_inputs(self, values: dict[str, torch.Tensor], layout: str = StateLayout.STATEFUL) -> None:
+        inputs, _ = self.io(layout)
+        missing = [t.name for t in inputs if t.name not in values]
+        if missing:
+            raise UserError(f"{self.name}: missing input(s) {missing}")
+        for t in inputs:
+            t.check(values[t.name], self.name)
+
+
+def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
+    v, d = cfg.vision, cfg.decoder
+    hw, n, width = v.image_size, v.num_image_tokens, d.hidden_size
+    # Cap dynamic lengths at max_len - 1: a dim that can equal the full cache length makes
+    # torch.export specialise on it (TOOLCHAIN gotcha 9).
+    ctx = d.max_position_embeddings - 1
+    seq = Dim("seq", 1, ctx)
+    end = Dim("cache_len", 1, ctx)
+    batch = Dim("batch", 1, 2)
+    cache = (d.num_hidden_layers, 1, d.num_key_value_heads, d.max_position_embeddings, d.head_dim)
+    cfg_cache = (d.num_hidden_layers, 2, *cache[2:])
+    latent = (cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
+    specs = [
+        GraphSpec("tokenizer", "tokenizer", GraphKind.IMAGE_TOKENIZER,
+                  inputs=(TensorSpec("pixels", (1, 3, hw, hw)),),
+                  outputs=(TensorSpec("image_embeds", (1, n, width)), TensorSpec("image_ids", (1, n), "int32")),
+                  build=modules.TokenizerGraph),
+        GraphSpec("embed_tokens", "decoder", GraphKind.TOKEN_EMBEDDING,
+                  inputs=(TensorSpec("tokens", (1, seq), "int32"),),
+                  outputs=(TensorSpec("embeds", (1, seq, width)),),
+                  build=modules.EmbedGraph),
+        GraphSpec("decoder", "decoder", GraphKind.LM_STEP,
+                  inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
+                          TensorSpec("causal_mask", (1, 1, seq, end), allow_inf=True)),
+                  # The last position's logits only, prefill included: generation reads no other
+                  # row, and a T-token prefill then projects onto the vocabulary once, not T times.
+                  outputs=(TensorSpec("logits", (1, 1, cfg.vocab_size)),),
+                  states=(TensorSpec("k_cache", cache), TensorSpec("v_cache", cache)),
+                  build=lambda m: modules.StatefulDecoder(m.decoder, last_logits=True),
+                  layouts={StateLayout.EXPLICIT: lambda m: modules.ExplicitKVDecoder(m.decoder, last_logits=True),
+                           StateLayout.INPLACE: lambda m: modules.InPlaceKVDecoder(m.decoder, last_logits=True)}),
+        # Image-token CFG: the conditional and unconditional rows decode as one batch of 2,
+        # the shorter row left-padded and masked per row (`padded_causal_mask`).
+        GraphSpec("decoder_cfg", "decoder", GraphKind.GUIDED_LM_STEP,
+                  inputs=(TensorSpec("inputs_embeds", (2, seq, width)),
+                          TensorSpec("causal_mask", (2, 1, seq, end), allow_inf=True)),
+                  outputs=(TensorSpec("logits", (2, 1, cfg.vocab_size)),),
+                  states=(TensorSpec("k_cache", cfg_cache), TensorSpec("v_cache", cfg_cache)),
+                  build=lambda m: modules.StatefulDecoder(m.decoder, batch_size=2, last_logits=True),
+                  layouts={StateLayout.EXPLICIT: lambda m: modules.ExplicitKVDecoder(m.decoder, last_logits=True),
+                           StateLayout.INPLACE: lambda m: modules.InPlaceKVDecoder(m.decoder, last_logits=True,
+                                                                                   batch_size=2)},
+                  optional=True),
+        GraphSpec("code_features", "diffusion", GraphKind.CODE_FEATURES,
+                  inputs=(TensorSpec("image_ids", (1, n), "int32"),),
+                  outputs=(TensorSpec("condition", (1, n, width)),),
+                  build=modules.CodeFeaturesGraph),
+        GraphSpec("dit", "diffusion", GraphKind.DENOISER_STEP,
+                  inputs=(TensorSpec("latent", (batch, *latent)), TensorSpec("timestep", (batch,)),
+                          TensorSpec("condition", (batch, n, width))),
+                  outputs=(TensorSpec("velocity", (batch, *latent)),),
+                  build=modules.DiTGraph),
+        GraphSpec("vae_decoder", "diffusion", GraphKind.LATENT_DECODER,
+                  inputs=(TensorSpec("latent", (1, *latent)),),
+                  outputs=(TensorSpec("pixels", (1, 3, hw, hw)),),
+                  build=lambda m: m.vae.decoder),
+    ]
+    return {s.name: s for s in specs}
+
+
