@@ -108,7 +108,7 @@ def quick_bench(tmp: Path) -> dict:
 
 
 def print_summary(summary: dict, out: Path) -> None:
-    from manzano_edge.validate.report import _fmt  # the report's number formatting, "n/a" for None
+    from manzano_edge.validate.report import format_value  # the report's number formatting, "n/a" for None
 
     c, v, g, q = summary["caption"], summary["vqa"], summary["generate"], summary["quick_eval"]
     print(f"caption   truth: {c['truth']}\n          model: {c['output']}")
@@ -126,7 +126,7 @@ def print_summary(summary: dict, out: Path) -> None:
         v = summary["validate_w8a8"]
         worst = min((db for db in v["min_psnr_db"].values() if db is not None), default=float("nan"))
         print(f"int8      ONNX w8a8 vs float: {'PASSED' if v['passed'] else 'FAILED'} (worst graph {worst:.1f} dB, "
-              f"decoder top-1 {_fmt(v['decoder_top1'], 3)}) -> {out / v['report']}")  # n/a: never decisive
+              f"decoder top-1 {format_value(v['decoder_top1'], 3)}) -> {out / v['report']}")  # n/a: never decisive
         for check in v["failed_checks"]:
             print(f"          failed {check}")
         b = summary["bench"]

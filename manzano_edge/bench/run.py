@@ -26,7 +26,7 @@ from manzano_edge.bench.worker import save_examples
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.export.bundle import tool_versions
-from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir
+from manzano_edge.fsutil import atomic_output_dir
 from manzano_edge.metrics import psnr
 from manzano_edge.runtime.backends import BACKENDS, backend_for_format, get_backend
 from manzano_edge.runtime.backends.torch import TorchProgram
@@ -313,14 +313,9 @@ def comparisons(rows: list[dict]) -> dict:
 def run_bench(paths: list[str], out: str | Path, opts: BenchOptions) -> dict:
     bundles = validate(paths, opts)
     out = Path(out)
-    tmp = begin_output_dir(out, opts.overwrite)
-    try:
+    with atomic_output_dir(out, opts.overwrite) as tmp:
         report_dict = _run(bundles, opts, tmp)
         report.write_all(report_dict, tmp)
-        commit_output_dir(tmp, out)
-    except BaseException:
-        abort_output_dir(tmp)
-        raise
     return report_dict
 
 

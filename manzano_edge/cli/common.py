@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 from manzano_edge.errors import UserError
@@ -51,15 +49,8 @@ def sampling(args):
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise UserError(f"output directory {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(tmp)` through a temp file beside `path`, renamed onto it at the end (fsutil.atomic_file)."""
+    from manzano_edge.fsutil import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        write(str(tmp))

@@ -58,9 +58,10 @@ def run(args) -> None:
 
 
 def _w8a8_modes(args) -> dict[str, str]:
-    from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, check_mode
+    from manzano_edge.export import FORMATS  # noqa: F401  (registers the formats' w8a8 modes)
+    from manzano_edge.quant.recipes import check_mode, default_w8a8_modes
 
-    modes = dict(DEFAULT_W8A8_MODE)
+    modes = default_w8a8_modes()
     if args.onnx_w8a8:
         modes["onnx"] = check_mode("onnx", args.onnx_w8a8)
     if args.xnnpack_w8a8:

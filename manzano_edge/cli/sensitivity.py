@@ -23,12 +23,13 @@ def run(args) -> None:
     from manzano_edge.data.text import TextCodec
     from manzano_edge.models.manzano import load_checkpoint
     from manzano_edge.quant.overrides import LAYERED_GRAPHS
+    from manzano_edge.quant.recipes import PSNR_BAR_DB, RECIPE_CONFIGS
     from manzano_edge.validate.sensitivity import Target, sensitivity, write_report
 
     model, tok = load_checkpoint(args.checkpoint)
     graphs = [g.strip() for g in (args.graphs or ",".join(LAYERED_GRAPHS)).split(",") if g.strip()]
-    target = Target(psnr_db=args.target_psnr if args.target_psnr is not None else
-                    (35.0 if args.recipe == "w8a8" else 20.0), top1=args.target_top1)
+    default_db = RECIPE_CONFIGS[args.recipe].psnr_bar_db if args.recipe in RECIPE_CONFIGS else PSNR_BAR_DB
+    target = Target(psnr_db=args.target_psnr if args.target_psnr is not None else default_db, top1=args.target_top1)
     report = sensitivity(model, TextCodec(tok, model.cfg.text), args.recipe, graphs, samples=args.samples,
                          granularity=args.granularity, target=target, source=args.checkpoint or "embedded default",
                          show=not args.quiet)

@@ -98,14 +98,15 @@ class Exporter(Protocol):
 EXPORTERS: dict[str, Exporter] = {}
 
 
-def register_exporter(name: str, support: dict[str, Support]) -> Callable[[type], type]:
+def register_exporter(name: str, support: dict[str, Support],
+                      w8a8_modes: tuple[str, ...] = ()) -> Callable[[type], type]:
     """Class decorator: registers one instance of the exporter under `name`, and the recipes it
-    implements (and refuses, with why) in the one recipe table."""
+    implements (and refuses, with why) in the one recipe table, with its w8a8 activation modes."""
 
     def wrap(cls: type) -> type:
         if name in EXPORTERS:
             raise ValueError(f"format '{name}' is registered twice")
-        register_support(name, support)
+        register_support(name, support, w8a8_modes)
         instance = cls()
         instance.name = name
         EXPORTERS[name] = instance

@@ -15,6 +15,7 @@ at the end; if any graph fails to convert or misses its parity bar, nothing is w
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -32,10 +33,17 @@ from manzano_edge.errors import UserError
 from manzano_edge.export import EXPORTERS
 from manzano_edge.export.base import Entry, GraphJob, check_dependency, get_exporter
 from manzano_edge.export.plan import QuantPlan, plan_quantization
-from manzano_edge.fsutil import abort_output_dir, begin_output_dir, commit_output_dir, path_digest
+from manzano_edge.fsutil import atomic_output_dir, path_digest
 from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
 from manzano_edge.quant.overrides import LAYERED_GRAPHS
-from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, SUPPORT, check_supported, is_float
+from manzano_edge.quant.recipes import (
+    SUPPORT,
+    RecipeConfig,
+    W8A8Config,
+    check_supported,
+    default_w8a8_modes,
+    is_float,
+)
 from manzano_edge.runtime.bundle import MANIFEST_FILE, NULL_CONDITION_FILE
 from manzano_edge.spec.examples import real_examples
 from manzano_edge.spec.graphs import GraphSpec, graph_specs
@@ -53,7 +61,7 @@ class ExportFailed(UserError):
 @dataclass
 class ExportOptions:
     formats: list[str]
-    recipe: str = "fp32"
+    recipe: str | RecipeConfig = "fp32"  # a name, or a config object (quant/recipes.py)
     graphs: list[str] | None = None
     coreml_precision: str = "fp16"  # Core ML compute precision for float recipes
     overwrite: bool = False
@@ -63,7 +71,7 @@ class ExportOptions:
     keep_float: str | None = None  # "lm_head,layers.0,graph:vae_decoder" (quant/overrides.py)
     calibration_samples: int = 8  # generated calibration samples (static w8a8)
     calibration_file: str | None = None  # safetensors <graph>.<sample>.<input>, replaces the generated ones
-    w8a8_mode: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_W8A8_MODE))
+    w8a8_mode: dict[str, str] = field(default_factory=default_w8a8_modes)
     bundled_io: bool = False  # also write ExecuTorch bundled programs (.bpte) for on-device runners
     # ExecuTorch decoder KV cache: "llm-ops" (llama::update_cache + custom_sdpa; the device runner
     # must link ExecuTorch's custom_ops) or "slice" (slice-assigned cache, core kernels only, slower)
@@ -100,11 +108,13 @@ def validate_options(opts: ExportOptions, specs: dict[str, GraphSpec]) -> list[s
 
 
 def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: ExportOptions) -> dict:
+    """Export `model`'s graphs to every format of `opts` as one verified bundle directory `out`;
+    returns the manifest. Nothing is written unless every graph converts and meets its bar."""
     out = Path(out)
+    opts = resolve_recipe(opts)
     specs = graph_specs(model.cfg)
     graphs = validate_options(opts, specs)
-    tmp = begin_output_dir(out, opts.overwrite)
-    try:
+    with atomic_output_dir(out, opts.overwrite) as tmp:
         for fmt in opts.formats:
             for folder in EXPORTERS[fmt].folders(opts):
                 (tmp / folder).mkdir()
@@ -133,19 +143,32 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             names = ", ".join(f"{e.graph}/{e.fmt}" + (f" ({e.error})" if e.error else "") for e in failed)
             raise ExportFailed(f"parity check failed for {names}; nothing was written to {out}"
                                + _parity_fix_hint(opts.recipe, sorted({e.graph for e in failed})))
-        model.cfg.save(tmp / CONFIG_FILE)
-        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
-        # The DiT's learned "no condition" vector: the runtime needs it for classifier-free guidance.
-        null_file = tmp / NULL_CONDITION_FILE
-        save_file({"null_condition": model.dit.null_cond.detach().contiguous()}, str(null_file))
-        digest, size = path_digest(null_file)
-        manifest["extras"] = {"null_condition": {"file": NULL_CONDITION_FILE, "sha256": digest, "bytes": size}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        commit_output_dir(tmp, out)
-    except BaseException:
-        abort_output_dir(tmp)
-        raise
+        _write_bundle_files(model, tokenizer_json, tmp, manifest)
     return manifest
+
+
+def resolve_recipe(opts: ExportOptions) -> ExportOptions:
+    """`recipe` may be a config object (`W8A8Config(activation_mode="static")`, torchao's style) or its
+    name; the rest of the export works on the name and the per-format w8a8 modes."""
+    if not isinstance(opts.recipe, RecipeConfig):
+        return opts
+    config = opts.recipe
+    modes = dict(opts.w8a8_mode)
+    if isinstance(config, W8A8Config) and config.activation_mode:
+        modes = {fmt: config.activation_mode for fmt in opts.formats}
+    return dataclasses.replace(opts, recipe=config.name, w8a8_mode=modes)
+
+
+def _write_bundle_files(model: Manzano, tokenizer_json: str, tmp: Path, manifest: dict) -> None:
+    """Everything besides the graphs: config, tokenizer, the DiT's null condition, the manifest last."""
+    model.cfg.save(tmp / CONFIG_FILE)
+    (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+    # The DiT's learned "no condition" vector: the runtime needs it for classifier-free guidance.
+    null_file = tmp / NULL_CONDITION_FILE
+    save_file({"null_condition": model.dit.null_cond.detach().contiguous()}, str(null_file))
+    digest, size = path_digest(null_file)
+    manifest["extras"] = {"null_condition": {"file": NULL_CONDITION_FILE, "sha256": digest, "bytes": size}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _export_graph(job: GraphJob, fmt: str) -> list[Entry]:

@@ -244,7 +244,11 @@ def _predict_parity(job: GraphJob, module: nn.Module, path: Path, entry: Entry) 
         entry.extra["predict_skipped"] = why
 
 
-@register_exporter("coreml", SUPPORT)
+# Core ML has no dynamic activation quantization: its w8a8 is static (calibrated).
+W8A8_MODES = ("static",)
+
+
+@register_exporter("coreml", SUPPORT, W8A8_MODES)
 class CoreMLExporter:
     name = "coreml"
     dependency = "coremltools"

@@ -57,7 +57,12 @@ def _needs_external(module: nn.Module) -> bool:
     return sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
 
 
-@register_exporter("onnx", SUPPORT)
+# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph (README
+# "Quantization"), so dynamic is the default.
+W8A8_MODES = ("dynamic", "static")
+
+
+@register_exporter("onnx", SUPPORT, W8A8_MODES)
 class OnnxExporter:
     name = "onnx"
     dependency = "onnxruntime"

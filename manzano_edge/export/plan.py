@@ -12,7 +12,7 @@ from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.quant import calibration as calib
 from manzano_edge.quant.overrides import KeepFloat, check_all_matched, parse_keep_float, resolve_layers
-from manzano_edge.quant.recipes import DEFAULT_W8A8_MODE, check_mode, is_float
+from manzano_edge.quant.recipes import check_mode, default_w8a8_modes, is_float
 from manzano_edge.spec.graphs import GraphSpec, StateLayout
 from manzano_edge.spec.modules import build_module
 
@@ -64,7 +64,8 @@ def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSp
             raise UserError(f"--keep-float only applies to quantized recipes; '{opts.recipe}' is float already")
         return None
     keep = parse_keep_float(opts.keep_float, list(specs))
-    modes = {fmt: check_mode(fmt, opts.w8a8_mode.get(fmt, DEFAULT_W8A8_MODE[fmt])) for fmt in opts.formats}
+    defaults = default_w8a8_modes()
+    modes = {fmt: check_mode(fmt, opts.w8a8_mode.get(fmt, defaults.get(fmt, "static"))) for fmt in opts.formats}
     plan = QuantPlan(opts.recipe, keep, modes)
     matched: set[str] = set()
     for name in graphs:

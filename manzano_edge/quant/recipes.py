@@ -23,6 +23,10 @@ from manzano_edge.errors import UserError
 GROUP_SIZE = 32  # int4 (and MatMulNBits int8) weight group; every Linear input width is a multiple of it
 PALETTE_GROUP_SIZE = 16  # output channels that share one Core ML 4-bit LUT
 W8A8_MODES = ("dynamic", "static")
+# The per-graph PSNR bar `validate` applies (Apple's 35 dB); int4 weights get a sanity bar, since
+# its decoder is judged by top-1 and end to end.
+PSNR_BAR_DB = 35.0
+PSNR_BAR_DB_W4 = 20.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class RecipeConfig:
     name: ClassVar[str]
     weights: ClassVar[str]
     activations: ClassVar[str]
+    psnr_bar_db: ClassVar[float] = PSNR_BAR_DB
 
     @property
     def is_float(self) -> bool:
@@ -70,7 +75,7 @@ class W8A8Config(RecipeConfig):
     name: ClassVar[str] = "w8a8"
     weights: ClassVar[str] = "int8 symmetric per-channel"
     activations: ClassVar[str] = "int8 (dynamic per-token, or static calibrated)"
-    activation_mode: str = "dynamic"  # one of W8A8_MODES
+    activation_mode: str | None = None  # one of W8A8_MODES for every format; None: each format's default
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class W4Config(RecipeConfig):
     name: ClassVar[str] = "w4"
     weights: ClassVar[str] = "int4 per-group (group 32)"
     activations: ClassVar[str] = "int8 dynamic (XNNPACK) / float"
+    psnr_bar_db: ClassVar[float] = PSNR_BAR_DB_W4
     group_size: int = GROUP_SIZE
 
 
@@ -118,12 +124,17 @@ class Support:
 SUPPORT: dict[tuple[str, str], Support] = {}
 
 
-def register_support(fmt: str, rows: dict[str, Support]) -> None:
+def register_support(fmt: str, rows: dict[str, Support], w8a8_modes: tuple[str, ...] = ()) -> None:
+    """A format's rows of the table, and its w8a8 activation modes (default first) if it has w8a8."""
     missing = [r for r in RECIPES if r not in rows]
     if missing:
         raise ValueError(f"format '{fmt}' does not say whether it implements recipe '{missing[0]}'")
+    if rows["w8a8"].ok and not w8a8_modes:
+        raise ValueError(f"format '{fmt}' implements w8a8 but names no activation mode")
     for recipe, support in rows.items():
         SUPPORT[(fmt, recipe)] = support
+    if w8a8_modes:
+        W8A8_MODES_BY_FORMAT[fmt] = w8a8_modes
 
 
 def formats() -> tuple[str, ...]:
@@ -146,14 +157,19 @@ def check_supported(fmt: str, recipe: str) -> None:
         raise UserError(f"recipe '{recipe}' is not available for {fmt}: {support.how}")
 
 
-# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph, on both
-# backends that have them (README "Quantization"); Core ML has none, so its w8a8 is static (calibrated).
-DEFAULT_W8A8_MODE = {"onnx": "dynamic", "executorch": "dynamic", "coreml": "static"}
+# The w8a8 activation modes each format implements, its default first (registered with its recipes).
+W8A8_MODES_BY_FORMAT: dict[str, tuple[str, ...]] = {}
+
+
+def default_w8a8_modes() -> dict[str, str]:
+    """format -> its default w8a8 activation mode."""
+    return {fmt: modes[0] for fmt, modes in W8A8_MODES_BY_FORMAT.items()}
 
 
 def check_mode(fmt: str, mode: str) -> str:
     if mode not in W8A8_MODES:
         raise UserError(f"unknown w8a8 activation mode '{mode}' for {fmt}; choose from {', '.join(W8A8_MODES)}")
-    if fmt == "coreml" and mode != "static":
-        raise UserError("Core ML has no dynamic activation quantization; coreml w8a8 is static (calibrated)")
+    allowed = W8A8_MODES_BY_FORMAT.get(fmt, W8A8_MODES)
+    if mode not in allowed:
+        raise UserError(f"{fmt} has no {mode} activation quantization; {fmt} w8a8 is {' or '.join(allowed)}")
     return mode

@@ -14,12 +14,17 @@ decoder's cached step (`StateLayout`):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
 from manzano_edge.models.decoder import LlamaDecoder
 from manzano_edge.models.manzano import Manzano
+
+if TYPE_CHECKING:
+    from manzano_edge.spec.graphs import GraphSpec
 
 
 class TokenizerGraph(nn.Module):
@@ -201,7 +206,7 @@ class ExplicitKVDecoder(nn.Module):
         return logits, torch.stack(k_layers), torch.stack(v_layers)
 
 
-def build_module(spec, model: Manzano, layout: str = "stateful") -> nn.Module:
+def build_module(spec: GraphSpec, model: Manzano, layout: str = "stateful") -> nn.Module:
     """The graph's module in one state layout (`StateLayout`); the STATEFUL build where the spec
     declares no other for that layout."""
     module = spec.layouts.get(layout, spec.build)(model).eval()
@@ -210,7 +215,7 @@ def build_module(spec, model: Manzano, layout: str = "stateful") -> nn.Module:
     return module
 
 
-def reset_states(module: nn.Module, spec) -> None:
+def reset_states(module: nn.Module, spec: GraphSpec) -> None:
     """Zero a module's KV-cache buffers: the spec's states, or their per-layer split (`k_cache_3`)
     in the INPLACE build. Works on exported/quantized GraphModules, which have no `reset()`."""
     names = {s.name for s in spec.states}

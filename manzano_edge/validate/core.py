@@ -32,7 +32,7 @@ from manzano_edge.export import EXPORTERS, FORMATS
 from manzano_edge.metrics import compare, psnr, ssim
 from manzano_edge.models.manzano import Manzano, load_checkpoint
 from manzano_edge.quant.calibration import example_sequences
-from manzano_edge.quant.recipes import RECIPES, is_float
+from manzano_edge.quant.recipes import PSNR_BAR_DB, PSNR_BAR_DB_W4, RECIPES, is_float
 from manzano_edge.runtime.backends import GraphProgram, backend_for_format
 from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.runtime.bundle import Bundle
@@ -46,8 +46,8 @@ VALIDATION_SEED = 20_000  # calibration uses 10_000+, parity 7
 
 @dataclass
 class Thresholds:
-    psnr_db: float = 35.0  # per float-valued graph output, w8a8 / w8 / float recipes
-    psnr_db_w4: float = 20.0  # int4 weights: a sanity bar; the decoder is judged by top-1 and e2e
+    psnr_db: float = PSNR_BAR_DB  # per float-valued graph output, w8a8 / w8 / float recipes
+    psnr_db_w4: float = PSNR_BAR_DB_W4  # int4 weights: a sanity bar; the decoder is judged by top-1 and e2e
     top1: float = 0.99  # on the decisive positions (below)
     # A position counts for the top-1 bar when the float model's top token leads its runner-up by
     # at least this many nats of log-probability (0: every position, the validate@1 gate).

@@ -18,7 +18,7 @@ def write_report(report: dict, out: str | Path, overwrite: bool = False) -> Path
     return out
 
 
-def _fmt(v, digits: int = 2) -> str:
+def format_value(v, digits: int = 2) -> str:
     if v is None:
         return "n/a"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
@@ -39,8 +39,8 @@ def _top1(tf: dict) -> str:
     """'decisive (n) / all (n)': the gated agreement first, then every position."""
     if not tf:
         return "–"
-    return (f"{_fmt(tf['decisive_top1_agreement'], 4)} ({tf['decisive_positions']}) / "
-            f"{_fmt(tf['top1_agreement'], 4)} ({tf['positions']})")
+    return (f"{format_value(tf['decisive_top1_agreement'], 4)} ({tf['decisive_positions']}) / "
+            f"{format_value(tf['top1_agreement'], 4)} ({tf['positions']})")
 
 
 def markdown(report: dict, plots: list[str]) -> str:
@@ -59,11 +59,11 @@ def markdown(report: dict, plots: list[str]) -> str:
         floats = [m for m in r["metrics"].values() if isinstance(m, dict) and "psnr_db" in m]
         ids = [m["agreement"] for m in r["metrics"].values() if isinstance(m, dict) and "agreement" in m]
         tf, gr = r["metrics"].get("teacher_forcing", {}), r["metrics"].get("greedy", {})
-        lines.append(f"| {r['graph']} | {r['format']} | {r['recipe']} | {r['verified_by']} | {_fmt(_graph_psnr(r))} | "
-                     f"{_fmt(min((m['cosine'] for m in floats), default=None), 5)} | "
-                     f"{_fmt(min((m['sqnr_db'] for m in floats), default=None))} | "
-                     f"{_fmt(min(ids, default=None), 3)} | {_top1(tf)} | "
-                     f"{_fmt(tf.get('kl'), 5)} | {_fmt(gr.get('exact_match'), 2)} | {r['bytes'] / 1e6:.2f} | "
+        lines.append(f"| {r['graph']} | {r['format']} | {r['recipe']} | {r['verified_by']} | {format_value(_graph_psnr(r))} | "
+                     f"{format_value(min((m['cosine'] for m in floats), default=None), 5)} | "
+                     f"{format_value(min((m['sqnr_db'] for m in floats), default=None))} | "
+                     f"{format_value(min(ids, default=None), 3)} | {_top1(tf)} | "
+                     f"{format_value(tf.get('kl'), 5)} | {format_value(gr.get('exact_match'), 2)} | {r['bytes'] / 1e6:.2f} | "
                      f"{'yes' if r['passed'] else '**no**'} |")
     if report["end_to_end"]:
         lines += ["", "## End to end (float reference vs bundle, same prompts and seeds)", "",
@@ -71,12 +71,12 @@ def markdown(report: dict, plots: list[str]) -> str:
         for r in report["end_to_end"]:
             for k in ("vqa_accuracy", "caption_accuracy", "understanding_accuracy", "shapes_eval"):
                 drop = r["drop_points"].get(k)
-                lines.append(f"| {r['format']} | {k} | {r['float'][k]:.3f} | {r['bundle'][k]:.3f} | {_fmt(drop)} |")
+                lines.append(f"| {r['format']} | {k} | {r['float'][k]:.3f} | {r['bundle'][k]:.3f} | {format_value(drop)} |")
             im = r["image_vs_float"]
             lines.append(f"| {r['format']} | image PSNR dB / SSIM vs float (same tokens, seed) | – | "
-                         f"{_fmt(im['psnr_db'])} / {_fmt(im['ssim'], 4)} | |")
+                         f"{format_value(im['psnr_db'])} / {format_value(im['ssim'], 4)} | |")
     lines += ["", "## Failed checks", ""]
-    lines += [f"- {g} / {f}: {c['name']} = {_fmt(c['value'], 4)} (bar {c['bar']})"
+    lines += [f"- {g} / {f}: {c['name']} = {format_value(c['value'], 4)} (bar {c['bar']})"
               for g, f, c in failed_checks(report)] or ["none"]
     lines += ["", "## Thresholds", "", "```json", json.dumps(report["thresholds"], indent=2), "```", ""]
     lines += [f"![{p}]({p})" for p in plots]

@@ -32,6 +32,7 @@ from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.quant.overrides import LAYERED_GRAPHS
 from manzano_edge.quant.qat import QAT_RECIPES, prepare
+from manzano_edge.quant.recipes import PSNR_BAR_DB, recipe_config
 from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.spec.graphs import GraphSpec, graph_specs
 from manzano_edge.spec.modules import build_module
@@ -43,7 +44,7 @@ GRANULARITIES = ("layer", "block")
 
 @dataclass
 class Target:
-    psnr_db: float = 35.0
+    psnr_db: float = PSNR_BAR_DB
     top1: float = 0.99
 
 
@@ -158,7 +159,7 @@ def sensitivity(model: Manzano, codec: TextCodec, recipe: str, graphs: list[str]
                         "(vae_decoder and embed_tokens have no Linear layers)")
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
-    target = target or Target(psnr_db=35.0 if recipe == "w8a8" else 20.0)
+    target = target or Target(psnr_db=recipe_config(recipe).psnr_bar_db)
     specs = graph_specs(model.cfg)
     seqs = validation_examples(model, codec, samples, decode_steps=8)
     results = [analyse_graph(model, specs[g], recipe, seqs[g], granularity, target, show) for g in graphs]
