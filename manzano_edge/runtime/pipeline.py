@@ -132,7 +132,7 @@ class Pipeline:
         s = (sampling or SamplingConfig(temperature=0.0)).validate()
         check_int("max_new_tokens", max_new_tokens, 0, self.max_len)
         check_int("seed", seed, 0, SEED_MAX)
-        embeds = self.understanding_embeds(self.pixels(image), prompt)
+        embeds = self.understanding_embeds(image, prompt)
         self.g.decoder_reset(1)
         logits = self.g.decoder_step(embeds, padded_causal_mask([0], 0, embeds.shape[1]))[:, -1]
         past = embeds.shape[1]
@@ -142,15 +142,16 @@ class Pipeline:
                      max_len=self.max_len)
         return self.codec.decode(out)
 
-    def understanding_embeds(self, pixels: torch.Tensor, prompt: str) -> torch.Tensor:
+    def understanding_embeds(self, image: Image.Image | torch.Tensor, prompt: str) -> torch.Tensor:
         """The understanding prefill [1, T, D]: the prompt layout with the image's embeddings spliced in."""
         n = self.cfg.vision.num_image_tokens
         question = self.prompt_ids(prompt, self.max_len - n - UNDERSTANDING_FIXED_TOKENS - 1)
         before_ids, after_ids = understanding_layout(self.cfg.text, question)
+        image_embeds = self.g.vision_embeddings(self.pixels(image))
         before = self.g.embed_tokens(torch.tensor([before_ids]))
         assert before.shape[1] == UNDERSTANDING_IMAGE_SLOT
-        image_embeds = self.g.vision_embeddings(pixels)
-        return torch.cat([before, image_embeds, self.g.embed_tokens(torch.tensor([after_ids]))], dim=1)
+        after = self.g.embed_tokens(torch.tensor([after_ids]))
+        return torch.cat([before, image_embeds, after], dim=1)
 
     # -- generation ------------------------------------------------------------------------------
     def generation_prompt_ids(self, prompt: str) -> list[int]:
