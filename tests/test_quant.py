@@ -144,6 +144,28 @@ def test_unquantizable_graph_is_an_error_not_float(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_graphs_a_recipe_cannot_quantize_stay_float_unless_named(tiny):
+    """Without --graphs, an embedding table under w8a8 (and the all-conv VAE decoder under the
+    Linear-only w4 of ONNX and XNNPACK) is exported float, said and recorded; nothing converts
+    before that is decided."""
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.export.bundle import automatic_json, describe_automatic, validate_options
+    from manzano_edge.export.plan import plan_quantization
+
+    model, tok = tiny
+    specs = graph_specs(model.cfg)
+    opts = ExportOptions(formats=["coreml", "onnx", "executorch"], recipe="w4")
+    plan = plan_quantization(model, TextCodec(tok, model.cfg.text), specs, validate_options(opts, specs), opts)
+    assert automatic_json(plan).keys() == {"embed_tokens", "vae_decoder"}
+    assert set(automatic_json(plan)["vae_decoder"]) == {"onnx", "executorch"}  # Core ML w4 compresses conv weights
+    assert plan.recipe_for("vae_decoder", "onnx") == "fp32" and plan.recipe_for("vae_decoder", "coreml") == "w4"
+    assert plan.recipe_for("decoder", "onnx") == "w4"
+    record = plan.manifest("vae_decoder", "onnx", {})
+    assert record["name"] == "fp32" and record["requested"] == "w4"
+    assert record["kept_float"].startswith("automatic: onnx w4 quantizes Linear layers and vae_decoder has none")
+    assert describe_automatic(plan).startswith("keeping embed_tokens (")
+
+
 def test_keep_float_graph_and_layer(tiny, tmp_path):
     model, tok = tiny
     manifest = export_bundle(model, tok, tmp_path / "o", ExportOptions(

@@ -45,6 +45,7 @@ class Entry:
     passed: bool = True
     error: str = ""
     how: str = ""  # the mechanism, when it is more specific than the recipe table's
+    exporter: str = ""  # the format that wrote it (`fmt` is its folder: one exporter may write two)
 
 
 @dataclass
@@ -75,6 +76,11 @@ class Exporter(Protocol):
 
     def folders(self, opts: ExportOptions) -> list[str]:
         """The bundle subfolders this export writes into."""
+        ...
+
+    def quantized_layers(self, recipe: str) -> tuple[type, ...]:
+        """The module types `recipe` quantizes on this format; a graph with none of them stays float.
+        Empty: the recipe compresses any weight."""
         ...
 
     def check_options(self, opts: ExportOptions) -> None:

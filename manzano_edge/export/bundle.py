@@ -20,6 +20,7 @@ import datetime as dt
 import gc
 import json
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -123,17 +124,20 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             p.requires_grad_(False)
         examples = real_examples(model, codec, decode_steps=opts.decode_steps).per_graph
         plan = plan_quantization(model, codec, specs, graphs, opts)
+        if plan and plan.automatic and opts.show_progress:
+            print(f"export: {describe_automatic(plan)}", file=sys.stderr)
         entries: list[Entry] = []
         tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
         bar = tqdm(tasks, desc="export", disable=not opts.show_progress, dynamic_ncols=True)
         for fmt, name in bar:
             bar.set_description(f"export {name} -> {fmt}")
             t0 = time.time()
-            job = GraphJob(specs[name], model, examples[name], tmp, plan.recipe_for(name) if plan else opts.recipe,
-                           opts, plan)
+            job = GraphJob(specs[name], model, examples[name], tmp,
+                           plan.recipe_for(name, fmt) if plan else opts.recipe, opts, plan)
             new = _export_graph(job, fmt)
             for e in new:
                 e.seconds = round(time.time() - t0, 2)
+                e.exporter = fmt
             entries.extend(new)
             gc.collect()
         manifest = build_manifest(model, opts, entries, plan)
@@ -207,10 +211,11 @@ def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], pl
     specs = graph_specs(model.cfg)
     for e in entries:
         g = graphs.setdefault(e.graph, {"family": specs[e.graph].family, "formats": {}})
-        recipe = plan.recipe_for(e.graph) if plan else opts.recipe
-        how = e.how or SUPPORT[(e.fmt.split("-")[0], recipe)].how
+        fmt = e.exporter or e.fmt
+        recipe = plan.recipe_for(e.graph, fmt) if plan else opts.recipe
+        how = e.how or SUPPORT[(fmt, recipe)].how
         info = e.extra.pop("quantization", {})
-        rec = {"name": recipe, "how": how, **(plan.manifest(e.graph, e.fmt, info) if plan else {})}
+        rec = {"name": recipe, "how": how, **(plan.manifest(e.graph, fmt, info) if plan else {})}
         g["formats"][e.fmt] = {"file": e.file, "sha256": e.sha256, "bytes": e.bytes, "recipe": rec,
                                "export_seconds": e.seconds, "parity": e.parity, "passed": e.passed, **e.extra}
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -218,10 +223,27 @@ def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], pl
                       "parameters": sum(p.numel() for p in model.parameters())},
             "recipe": opts.recipe, "coreml_compute_precision": opts.coreml_precision,
             **({"quantization": {"keep_float": plan.keep.to_json(), "w8a8_mode": plan.modes,
+                                 "kept_float_automatically": automatic_json(plan),
                                  "calibration": plan.calibration_source or "none (no static activations)",
                                  "calibration_samples": plan.calibration_samples}}
                if plan else {}),
             "tools": tool_versions(), "graphs": graphs}
+
+
+def automatic_json(plan: QuantPlan) -> dict[str, dict[str, str]]:
+    """graph -> format -> why the recipe left it float."""
+    out: dict[str, dict[str, str]] = {}
+    for (graph, fmt), why in plan.automatic.items():
+        out.setdefault(graph, {})[fmt] = why
+    return out
+
+
+def describe_automatic(plan: QuantPlan) -> str:
+    """One line: the graphs the recipe cannot quantize, kept float (and how to be refused instead)."""
+    graphs = automatic_json(plan)
+    listed = " and ".join(f"{g} ({', '.join(fmts)})" for g, fmts in graphs.items())
+    return (f"keeping {listed} float: {plan.recipe} has none of the layers it quantizes there "
+            "(name a graph in --graphs to be refused instead)")
 
 
 def print_summary(manifest: dict) -> None:

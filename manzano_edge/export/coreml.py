@@ -257,6 +257,10 @@ class CoreMLExporter:
     def folders(self, opts) -> list[str]:
         return [self.name]
 
+    def quantized_layers(self, recipe: str) -> tuple[type, ...]:
+        # w8a8's activations are quantized around Linear/Conv2d; weight-only recipes compress every weight.
+        return coreml_ptq.OP_TYPES if recipe == "w8a8" else ()
+
     def check_options(self, opts) -> None:
         if opts.coreml_precision not in PRECISIONS:
             raise UserError(f"unknown Core ML compute precision '{opts.coreml_precision}'; choose fp16 or fp32")

@@ -177,6 +177,10 @@ class ExecuTorchExporter:
     def folders(self, opts) -> list[str]:
         return [self.name] + ([COREML_DELEGATE_FOLDER] if opts.executorch_coreml else [])
 
+    def quantized_layers(self, recipe: str) -> tuple[type, ...]:
+        # XNNPACKQuantizer annotates linear and conv2d; torchao's 8da4w takes Linear only.
+        return {"w8a8": (nn.Linear, nn.Conv2d), "w4": (nn.Linear,)}.get(recipe, ())
+
     def check_options(self, opts) -> None:
         if opts.executorch_kv_cache not in KV_CACHES:
             raise UserError(f"unknown ExecuTorch KV cache '{opts.executorch_kv_cache}'; "

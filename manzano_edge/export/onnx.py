@@ -71,6 +71,10 @@ class OnnxExporter:
     def folders(self, opts) -> list[str]:
         return [self.name]
 
+    def quantized_layers(self, recipe: str) -> tuple[type, ...]:
+        # Integer MatMul/Gemm/Conv for w8a8; MatMulNBits takes MatMul weights only.
+        return {"w8a8": (nn.Linear, nn.Conv2d), "w8": (nn.Linear,), "w4": (nn.Linear,)}.get(recipe, ())
+
     def check_options(self, opts) -> None:
         pass
 

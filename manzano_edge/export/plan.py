@@ -31,9 +31,13 @@ class QuantPlan:
     calibration_source: str = ""
     calibration_samples: int | None = None  # generated (seeded, so validate can rebuild them); None for a file
     layer_modules: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (graph, layout) -> names
+    # (graph, format) -> why the recipe cannot quantize it there: exported float without being asked
+    automatic: dict[tuple[str, str], str] = field(default_factory=dict)
 
-    def recipe_for(self, graph: str) -> str:
-        return "fp32" if graph in self.keep.graphs else self.recipe
+    def recipe_for(self, graph: str, fmt: str | None = None) -> str:
+        if graph in self.keep.graphs or (graph, fmt) in self.automatic:
+            return "fp32"
+        return self.recipe
 
     def keep_modules(self, spec: GraphSpec, model: Manzano, layout: str = StateLayout.STATEFUL) -> list[str]:
         key = (spec.name, layout)
@@ -43,9 +47,12 @@ class QuantPlan:
         return self.layer_modules[key]
 
     def manifest(self, graph: str, fmt: str, info: dict) -> dict:
-        out = {"name": self.recipe_for(graph), "requested": self.recipe}
+        """The manifest's recipe record of one graph as exported by format `fmt`."""
+        out = {"name": self.recipe_for(graph, fmt), "requested": self.recipe}
         if graph in self.keep.graphs:
             out["kept_float"] = f"--keep-float graph:{graph}"
+        elif (graph, fmt) in self.automatic:
+            out["kept_float"] = f"automatic: {self.automatic[(graph, fmt)]}"
         # Every backend resolves per-layer overrides through keep_modules, so they are recorded
         # here once (validate's Core ML w8a8 rebuild reads them back).
         kept_layers = sorted({n for (g, _), names in self.layer_modules.items() if g == graph for n in names})
@@ -72,6 +79,7 @@ def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSp
         if name not in keep.graphs:
             matched |= resolve_layers(build_module(specs[name], model), keep).matched_items
     check_all_matched(keep, matched, [g for g in graphs if g not in keep.graphs])
+    plan.automatic = unquantizable(model, specs, [g for g in graphs if g not in keep.graphs], opts)
     needs_calibration = opts.recipe == "w8a8" and any(modes.get(f) == "static" for f in opts.formats)
     if needs_calibration:
         if opts.calibration_file:
@@ -87,3 +95,26 @@ def plan_quantization(model: Manzano, codec: TextCodec, specs: dict[str, GraphSp
                     raise UserError(f"calibration data has no samples for graph '{name}'")
                 calib.check_shapes(specs[name], plan.calibration[name])
     return plan
+
+
+def unquantizable(model: Manzano, specs: dict[str, GraphSpec], graphs: list[str],
+                  opts: ExportOptions) -> dict[tuple[str, str], str]:
+    """(graph, format) -> why the recipe cannot quantize the graph on that format: it has none of the
+    layers the format's recipe quantizes (an embedding table, an all-conv decoder under a Linear-only
+    recipe). Such a graph stays float, recorded, unless the user named it in --graphs: then the
+    refusal comes now, before any conversion."""
+    from manzano_edge.export.base import EXPORTERS, cannot_quantize
+
+    named = set(opts.graphs or []) - {"all"}
+    found: dict[tuple[str, str], str] = {}
+    for name in graphs:
+        module = build_module(specs[name], model)
+        for fmt in opts.formats:
+            layers = EXPORTERS[fmt].quantized_layers(opts.recipe)
+            if not layers or any(isinstance(m, layers) for m in module.modules()):
+                continue
+            why = f"{fmt} {opts.recipe} quantizes {'/'.join(t.__name__ for t in layers)} layers and {name} has none"
+            if name in named:
+                raise cannot_quantize(specs[name], fmt, opts.recipe, why)
+            found[(name, fmt)] = why
+    return found
