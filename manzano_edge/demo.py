@@ -62,7 +62,7 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
         }
         if export is not None:
             manifest = export_bundle(*export, tmp / "bundle", ExportOptions(formats=list(FORMATS), recipe="fp32"))
-            summary["export"] = {f"{g}/{fmt}": {"bytes": f["bytes"], "passed": f["passed"],
+            summary["export"] = {f"{g}/{fmt}": {"bytes": f["bytes"], "status": f["status"], "passed": f["passed"],
                                                 "psnr_db": (f["parity"] or {}).get("psnr_db")}
                                  for g, graph in manifest["graphs"].items() for fmt, f in graph["formats"].items()}
             summary["validate_w8a8"] = validate_int8(*export, tmp, checkpoint)
@@ -119,10 +119,11 @@ def print_summary(summary: dict, out: Path) -> None:
           f"captions of PIL drawings {q['drawings_caption_accuracy']:.2f}")
     if "export" in summary:
         ex = summary["export"]
-        ok = sum(v["passed"] for v in ex.values())
-        dbs = [v["psnr_db"] for v in ex.values() if v["psnr_db"] is not None]
-        print(f"export    {ok}/{len(ex)} graph x format files passed parity (worst {min(dbs):.1f} dB) "
-              f"-> {out / 'bundle'}")
+        counts = {st: sum(v["status"] == st for v in ex.values()) for st in ("verified", "emulated", "lowered, not run")}
+        dbs = [v["psnr_db"] for v in ex.values() if v["psnr_db"] is not None and v["status"] == "verified"]
+        print(f"export    {len(ex)} graph x format files: {counts['verified']} verified by running them "
+              f"(worst {min(dbs):.1f} dB), {counts['emulated']} emulated (Core ML off macOS), "
+              f"{counts['lowered, not run']} lowered, not run (Core ML delegate) -> {out / 'bundle'}")
         v = summary["validate_w8a8"]
         worst = min((db for db in v["min_psnr_db"].values() if db is not None), default=float("nan"))
         print(f"int8      ONNX w8a8 vs float: {'PASSED' if v['passed'] else 'FAILED'} (worst graph {worst:.1f} dB, "

@@ -46,6 +46,21 @@ def test_manifest_covers_every_graph_and_format(bundle):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
+def test_unverified_files_are_never_reported_passed(bundle):
+    """Only a file that ran (on its runtime, or its emulation) gets a verdict; the Core ML-delegate
+    programs, which nothing here runs, are "lowered, not run" with passed null."""
+    from manzano_edge.export.bundle import status_counts
+
+    _, manifest = bundle
+    for graph in manifest["graphs"].values():
+        f = graph["formats"]
+        assert f["onnx"]["status"] == f["executorch"]["status"] == "verified" and f["onnx"]["passed"] is True
+        assert f["coreml"]["status"] == "emulated" and f["coreml"]["passed"] is True
+        assert f["executorch-coreml"]["status"] == "lowered, not run" and f["executorch-coreml"]["passed"] is None
+    assert status_counts(manifest) == {"verified": 2 * len(GRAPHS), "emulated": len(GRAPHS),
+                                       "lowered, not run": len(GRAPHS)}
+
+
 def test_float_parity_bars(bundle):
     _, manifest = bundle
     for name, graph in manifest["graphs"].items():

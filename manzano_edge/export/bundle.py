@@ -216,8 +216,10 @@ def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], pl
         how = e.how or SUPPORT[(fmt, recipe)].how
         info = e.extra.pop("quantization", {})
         rec = {"name": recipe, "how": how, **(plan.manifest(e.graph, fmt, info) if plan else {})}
+        status = entry_status(e)
         g["formats"][e.fmt] = {"file": e.file, "sha256": e.sha256, "bytes": e.bytes, "recipe": rec,
-                               "export_seconds": e.seconds, "parity": e.parity, "passed": e.passed, **e.extra}
+                               "export_seconds": e.seconds, "parity": e.parity, "status": status,
+                               "passed": e.passed if status in CHECKED else None, **e.extra}
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": model.cfg.name, "config": CONFIG_FILE, "tokenizer": TOKENIZER_FILE,
                       "parameters": sum(p.numel() for p in model.parameters())},
@@ -228,6 +230,32 @@ def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], pl
                                  "calibration_samples": plan.calibration_samples}}
                if plan else {}),
             "tools": tool_versions(), "graphs": graphs}
+
+
+# What an entry's numbers were checked with: `passed` is true or false only for the checked ones.
+VERIFIED, EMULATED, LOWERED, NOT_CHECKED, FAILED = "verified", "emulated", "lowered, not run", "not checked", "failed"
+CHECKED = (VERIFIED, EMULATED, FAILED)
+
+
+def entry_status(e: Entry) -> str:
+    """verified (its runtime ran it), emulated (a stand-in ran it), lowered, not run (nothing here runs
+    it), not checked (--no-parity), or failed."""
+    if not e.parity:
+        return LOWERED
+    if e.parity.get("skipped"):
+        return NOT_CHECKED
+    if not e.passed:
+        return FAILED
+    return EMULATED if e.parity.get("emulated") and "predict" not in e.parity else VERIFIED
+
+
+def status_counts(manifest: dict) -> dict[str, int]:
+    """How many files of the bundle have each status."""
+    counts: dict[str, int] = {}
+    for g in manifest["graphs"].values():
+        for f in g["formats"].values():
+            counts[f["status"]] = counts.get(f["status"], 0) + 1
+    return counts
 
 
 def automatic_json(plan: QuantPlan) -> dict[str, dict[str, str]]:
@@ -251,13 +279,15 @@ def print_summary(manifest: dict) -> None:
     for name, g in manifest["graphs"].items():
         for fmt, f in g["formats"].items():
             p = f["parity"]
-            if not p:
-                parity = "lowered only"
-            elif p.get("skipped"):
-                parity = "skipped"
+            if f["status"] == LOWERED:
+                parity = "lowered, not run"
+            elif f["status"] == NOT_CHECKED:
+                parity = "not checked"
             else:
                 db = min([x for x in (p.get("psnr_db"), p.get("min_step_psnr_db")) if x is not None], default=None)
                 parity = f"{db:.1f} dB" if db is not None else f"ids {p['id_agreement']:.2f}"
-                parity += "" if f["passed"] else " FAIL"
+                parity += " FAIL" if f["status"] == FAILED else " (emulated)" if f["status"] == EMULATED else ""
             size = f"{f['bytes'] / 1e6:.2f} MB"
             print(f"{name:<14} {fmt:<18} {size:>10} {parity:>16} {f['export_seconds']:>7.1f}  {f['verified_by']}")
+    counts = status_counts(manifest)
+    print(", ".join(f"{counts[s]} {s}" for s in (VERIFIED, EMULATED, LOWERED, NOT_CHECKED, FAILED) if counts.get(s)))
