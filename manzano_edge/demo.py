@@ -69,7 +69,20 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
             summary["bench"] = quick_bench(tmp)
         summary["seconds"] = round(time.time() - t0, 1)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        retarget_reports(tmp, Path(out))
     return summary
+
+
+def retarget_reports(tmp: Path, out: Path) -> None:
+    """The reports were written while everything sat in the temporary directory; make the paths
+    they record the final ones (OUT/bundle, not .OUT.tmp-XXXX/bundle)."""
+    old, new = str(tmp.resolve()), str(out.resolve())
+    for report in (*tmp.rglob("*.json"), *tmp.rglob("*.md")):
+        if report.name == "manifest.json" or any(part.endswith((".mlpackage", ".aimodel")) for part in report.parts):
+            continue  # graph files and their manifests record no path
+        text = report.read_text()
+        if old in text:
+            report.write_text(text.replace(old, new))
 
 
 def validate_int8(model: Manzano, tokenizer_json: str, tmp: Path, checkpoint: str | None) -> dict:
