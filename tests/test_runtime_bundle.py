@@ -117,3 +117,18 @@ def test_coreml_backend_refuses_off_macos(bundle):
         pytest.skip("this checks the off-macOS error")
     with pytest.raises(UserError, match="needs macOS"):
         Bundle(bundle[0]).program("vae_decoder", "coreml")
+
+
+@pytest.mark.parametrize("backend", ["executorch", "ort"])
+def test_caption_prints_only_its_answer(bundle, tmp_path, backend):
+    """A fresh process, so import-time and runtime-start-up logs would show: stderr stays empty."""
+    import subprocess
+    import sys
+
+    image = tmp_path / "scene.png"
+    scenes.render(scenes.sample_scene(np.random.default_rng(0)), 96).save(image)
+    proc = subprocess.run([sys.executable, "-m", "manzano_edge.cli", "caption", "--image", str(image),
+                           "--bundle", str(bundle[0]), "--backend", backend], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert len(proc.stdout.splitlines()) == 1 and proc.stdout.strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from manzano_edge import quiet
 from manzano_edge.cli import (
     bench,
     caption,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet.configure(verbose=bool(getattr(args, "verbose", False)))
     try:
         args.func(args)
     except UserError as exc:

@@ -20,6 +20,7 @@ from manzano_edge.errors import UserError
 from manzano_edge.fsutil import path_digest
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.quant.recipes import Support, register_support
+from manzano_edge.quiet import third_party_output
 from manzano_edge.spec.graphs import GraphSpec
 
 if TYPE_CHECKING:
@@ -130,7 +131,8 @@ def get_exporter(name: str) -> Exporter:
 
 def check_dependency(exporter: Exporter) -> None:
     try:
-        __import__(exporter.dependency)
+        with third_party_output():  # converters warn about versions as they import
+            __import__(exporter.dependency)
     except ImportError as exc:
         raise UserError(f"format '{exporter.name}' needs {exporter.dependency}, which is not installed; "
                         "pip install 'manzano-edge[export]'") from exc

@@ -45,6 +45,7 @@ from manzano_edge.quant.recipes import (
     default_w8a8_modes,
     is_float,
 )
+from manzano_edge.quiet import third_party_output
 from manzano_edge.runtime.bundle import MANIFEST_FILE, NULL_CONDITION_FILE
 from manzano_edge.spec.examples import real_examples
 from manzano_edge.spec.graphs import GraphSpec, graph_specs
@@ -179,7 +180,8 @@ def _export_graph(job: GraphJob, fmt: str) -> list[Entry]:
     """One graph through one exporter; a converter's failure becomes one line naming graph, format and cause."""
     name = job.spec.name
     try:
-        return EXPORTERS[fmt].export(job)
+        with third_party_output():  # converters print per-pass progress bars and warnings
+            return EXPORTERS[fmt].export(job)
     except UserError:
         raise
     except MemoryError as exc:

@@ -33,6 +33,7 @@ from manzano_edge.metrics import compare, psnr, ssim
 from manzano_edge.models.manzano import Manzano, load_checkpoint
 from manzano_edge.quant.calibration import example_sequences
 from manzano_edge.quant.recipes import PSNR_BAR_DB, PSNR_BAR_DB_W4, RECIPES, is_float
+from manzano_edge.quiet import third_party_output
 from manzano_edge.runtime.backends import GraphProgram, backend_for_format
 from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.runtime.bundle import Bundle
@@ -138,7 +139,8 @@ def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano,
     if ok:
         backend = backend_for_format(fmt)
         return bundle.program(spec.name, backend.name), backend.verified_by
-    emulated = EXPORTERS[fmt].emulated_program(bundle, spec, model, codec, bundle.entry(spec.name, fmt))
+    with third_party_output():  # the converter's libraries print as they load the file
+        emulated = EXPORTERS[fmt].emulated_program(bundle, spec, model, codec, bundle.entry(spec.name, fmt))
     if emulated is None:
         raise UserError(f"{fmt} graphs cannot run here ({why}) and have no emulation; validate on a machine that "
                         f"runs {fmt}, or pass --format without it")

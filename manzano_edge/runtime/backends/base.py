@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from manzano_edge.errors import UserError
+from manzano_edge.quiet import third_party_output
 from manzano_edge.spec.graphs import GraphSpec
 
 
@@ -52,7 +53,8 @@ class Backend:
                             f"use --backend {' or '.join(n for n, b in BACKENDS.items() if b.format and n != self.name)}")
         if self.load is None:
             raise UserError(f"the {self.name} backend runs a checkpoint, not a bundle file")
-        return self.load(spec, path, threads=threads, compute_units=compute_units)
+        with third_party_output():  # runtimes log as they import and initialise
+            return self.load(spec, path, threads=threads, compute_units=compute_units)
 
 
 BACKENDS: dict[str, Backend] = {}
