@@ -23,10 +23,10 @@ from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 
 
 def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int = 40,
-             export: tuple[Manzano, str] | None = None, checkpoint: str | None = None) -> dict:
+             export: tuple[Manzano, str] | None = None, checkpoint: str | None = None, show: bool = True) -> dict:
     """`export` = (model, tokenizer.json) to also export a bundle to every format, validate an
     int8 (w8a8) ONNX bundle against the float model (`checkpoint`; None = embedded) and
-    benchmark the float bundle against eager PyTorch."""
+    benchmark the float bundle against eager PyTorch. `show=False` hides the export's progress bar."""
     with atomic_output_dir(out, overwrite) as tmp:
         t0 = time.time()
         size = pipe.cfg.vision.image_size
@@ -61,7 +61,8 @@ def run_demo(pipe: Pipeline, out: Path, overwrite: bool = False, eval_size: int 
             "seconds": 0.0,
         }
         if export is not None:
-            manifest = export_bundle(*export, tmp / "bundle", ExportOptions(formats=list(FORMATS), recipe="fp32"))
+            opts = ExportOptions(formats=list(FORMATS), recipe="fp32", show_progress=show)
+            manifest = export_bundle(*export, tmp / "bundle", opts)
             summary["export"] = {f"{g}/{fmt}": {"bytes": f["bytes"], "status": f["status"], "passed": f["passed"],
                                                 "psnr_db": (f["parity"] or {}).get("psnr_db")}
                                  for g, graph in manifest["graphs"].items() for fmt, f in graph["formats"].items()}

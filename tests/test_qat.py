@@ -85,7 +85,7 @@ def test_qat_run_writes_a_checkpoint_validate_accepts(tiny, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "w8"], "unknown recipe 'w8'"),
     (["--recipe", "w8a8", "--graphs", "vae_decoder"], "unknown graph 'vae_decoder'"),
-    (["--recipe", "w8a8", "--steps", "0"], "--steps must be at least 1"),
+    (["--recipe", "w8a8", "--train-steps", "0"], "--train-steps must be at least 1"),
 ])
 def test_bad_qat_options_fail_cleanly(tmp_path, capsys, args, message):
     assert main(["qat", "-o", str(tmp_path / "run"), *args]) != 0

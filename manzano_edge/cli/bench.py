@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from manzano_edge.cli.common import add_command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="latency, throughput, memory and roofline of bundles vs eager PyTorch")
+    p = add_command(sub, "bench", "latency, throughput, memory and roofline of bundles vs eager PyTorch", [
+        "bench out/fp32 out/w8a8 -o out/bench --backends torch,ort,executorch --runs 5 --threads 2",
+        "bench bundles/small-fp32 -o out/bench-small --checkpoint runs/small/checkpoint",
+    ])
     p.add_argument("bundles", nargs="+", help="bundle directories (one per recipe) written by `manzano-edge export`")
     p.add_argument("-o", "--output", required=True, help="report directory: bench.json, bench.md, plots")
     p.add_argument("--backends", default="torch,ort,executorch,coreml",
@@ -21,11 +26,11 @@ def add_parser(sub) -> None:
     p.add_argument("--token-guidance", type=float, default=1.0,
                    help="image-token CFG scale in the text-to-image run (1 = off); other values decode both rows as "
                         "one batch-of-2 step of the bundle's decoder_cfg graph (export --graphs all)")
-    p.add_argument("--reference", help="checkpoint the bundles were exported from (eager fp32 baseline); default: the "
-                                       "embedded model, or the preset re-created with --seed")
+    p.add_argument("--checkpoint", "--reference", dest="checkpoint", metavar="PATH",
+                   help="checkpoint the bundles were exported from (eager fp32 baseline); default: the embedded model, "
+                        "or the preset re-created with --seed")
     p.add_argument("--seed", type=int, default=0, help="the --seed `export --preset` used")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -38,7 +43,7 @@ def run(args) -> None:
     opts = BenchOptions(backends=parse_list(args.backends, ("torch", "ort", "executorch", "coreml"), "backend"),
                         runs=args.runs, warmup=args.warmup, threads=per, decode_tokens=args.decode_tokens,
                         flow_steps=args.flow_steps, flow_guidance=args.guidance, token_guidance=args.token_guidance,
-                        reference=args.reference, seed=args.seed,
+                        reference=args.checkpoint, seed=args.seed,
                         overwrite=args.overwrite, log=not args.quiet)
     if default:
         opts.default_threads = default

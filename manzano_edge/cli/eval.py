@@ -5,21 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from manzano_edge.cli.common import add_sampling, pipeline, sampling, write_atomic
+from manzano_edge.cli.common import add_checkpoint, add_command, add_sampling, pipeline, sampling, write_atomic
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="caption/VQA accuracy and ShapesEval on held-out scenes")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p = add_command(sub, "eval", "caption/VQA accuracy and ShapesEval on held-out scenes", [
+        "eval --json report.json",
+        "eval --checkpoint runs/mine/checkpoint --vqa 300 --captions 150 --generation 100 --grid samples.png",
+    ])
+    add_checkpoint(p, positional=True)
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--grid", help="also write a PNG grid of held-out prompts and generated images")
-    p.add_argument("--vqa", type=int, default=400)
-    p.add_argument("--captions", type=int, default=200)
-    p.add_argument("--generation", type=int, default=150)
-    p.add_argument("--reconstruction", type=int, default=150)
+    p.add_argument("--vqa", type=int, default=400, help="held-out VQA questions")
+    p.add_argument("--captions", type=int, default=200, help="held-out scenes captioned")
+    p.add_argument("--generation", type=int, default=150, help="held-out prompts generated and scored by ShapesEval")
+    p.add_argument("--reconstruction", type=int, default=150,
+                   help="held-out scenes encoded to image tokens and rendered back, scored by ShapesEval and PSNR")
     p.add_argument("--drawings", type=int, default=100,
                    help="captions of shapes drawn with PIL on canvases of any size (a user's own pictures)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out scenes and the sampling")
     add_sampling(p, temperature=0.0)
     p.set_defaults(func=run)
 
@@ -30,7 +34,7 @@ def run(args) -> None:
     pipe = pipeline(args.checkpoint)
     report = evaluate(pipe, EvalConfig(vqa=args.vqa, captions=args.captions, generation=args.generation,
                                        reconstruction=args.reconstruction, drawings=args.drawings, seed=args.seed,
-                                       sampling=sampling(args)))
+                                       sampling=sampling(args)), show=not args.quiet)
     u, g, r, d = report["understanding"], report["generation"], report["reconstruction"], report["drawings"]
     rows = [("VQA accuracy", u["vqa_accuracy"], args.vqa), ("caption accuracy", u["caption_accuracy"], args.captions),
             ("understanding (VQA+caption)", u["understanding_accuracy"], args.vqa + args.captions),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from manzano_edge.cli.common import add_checkpoint, add_command
 from manzano_edge.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="export graphs to Core ML / ONNX / ExecuTorch as one verified bundle")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p = add_command(sub, "export", "export graphs to Core ML / ONNX / ExecuTorch as one verified bundle", [
+        "export -o out/bundle --recipe w8a8 --format onnx,executorch",
+        "export --checkpoint runs/qat-w8a8/checkpoint -o out/qat-w8a8 --format onnx,executorch --recipe w8a8 "
+        "--keep-float graph:embed_tokens",
+    ])
+    add_checkpoint(p, positional=True)
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
     p.add_argument("--format", default="coreml,onnx,executorch", help="comma-separated: coreml,onnx,executorch")
     p.add_argument("--recipe", default="fp32", help="fp32|fp16|w8|w8a8|w4|palette4")
@@ -15,7 +20,7 @@ def add_parser(sub) -> None:
                                     "decoder_cfg, the batch-of-2 decoder that --token-guidance needs)")
     p.add_argument("--coreml-precision", default="fp16", help="Core ML compute precision for float recipes")
     p.add_argument("--preset", help="export a randomly initialised preset instead of a checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of --preset's random weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the numeric parity check (structure only); for random-weight paper-sized presets")
@@ -32,7 +37,6 @@ def add_parser(sub) -> None:
     p.add_argument("--no-executorch-coreml", action="store_true",
                    help="write only the XNNPACK .pte, not the Core ML-delegate one (lowering the paper-sized DiT "
                         "through CoreMLBackend after the other graphs ran out of 24 GB of RAM)")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -79,7 +83,7 @@ def _load_for_export(args):
 
     if args.preset:
         if args.checkpoint:
-            raise UserError("pass either a CHECKPOINT or --preset (random weights), not both")
+            raise UserError("pass either --checkpoint or --preset (random weights), not both")
         torch.manual_seed(args.seed)
         return Manzano(preset(args.preset)).eval(), (EMBEDDED_DEFAULT / TOKENIZER_FILE).read_text()
     return load_checkpoint(args.checkpoint)

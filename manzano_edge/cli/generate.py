@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from manzano_edge.cli.common import add_backend, add_sampling, pipeline, sampling, write_atomic
+from manzano_edge.cli.common import add_backend, add_checkpoint, add_command, add_sampling, pipeline, sampling, write_atomic
 from manzano_edge.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="text-to-image")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint")
-    p.add_argument("--quiet", action="store_true")
+    p = add_command(sub, "generate", "text-to-image", [
+        'generate --prompt "a red circle at the top left" --seed 0 -o out.png',
+        'generate --bundle out/bundle --backend executorch --prompt "a blue square on the right" -o out.png',
+    ])
+    p.add_argument("--prompt", required=True, help="what to draw, e.g. \"a red circle at the top left\"")
+    p.add_argument("-o", "--output", required=True, help="the image to write (.png or .jpg)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the diffusion noise")
+    add_checkpoint(p)
     add_sampling(p, temperature=0.0)
     add_backend(p)
     p.set_defaults(func=run)
@@ -28,7 +30,7 @@ def run(args) -> None:
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"output {out} must end in .png or .jpg")
-    pipe = pipeline(args.checkpoint, args.bundle, args.backend)
+    pipe = pipeline(args.checkpoint, args.bundle, args.backend, quiet=args.quiet)
     pipe.generation_prompt_ids(args.prompt)  # fail on a bad prompt before any progress output
     s = sampling(args)
     n = pipe.cfg.vision.num_image_tokens

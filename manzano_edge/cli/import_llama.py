@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from manzano_edge.cli.common import add_command
 from manzano_edge.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("import-llama", help="use a local Hugging Face Llama checkpoint as the decoder backbone")
-    p.add_argument("directory")
-    p.add_argument("-o", "--output", required=True)
+    p = add_command(sub, "import-llama", "use a local Hugging Face Llama checkpoint as the decoder backbone", [
+        "import-llama ~/models/TinyLlama-1.1B -o runs/llama-base --preset small",
+        "import-llama ~/models/TinyLlama-1.1B -o runs/llama-base --overwrite",
+    ])
+    p.add_argument("directory", help="local Hugging Face Llama directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     p.add_argument("--preset", default="tiny", help="preset for the vision and diffusion parts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised vision and diffusion parts")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=run)
 
 

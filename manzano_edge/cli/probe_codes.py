@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from manzano_edge.cli.common import write_atomic
+from manzano_edge.cli.common import add_checkpoint, add_command, write_atomic
 from manzano_edge.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("probe-codes", help="how much shape the image codes and understanding tokens carry (single-object scenes)")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p = add_command(sub, "probe-codes", "how much shape the image codes and understanding tokens carry (single-object scenes)", [
+        "probe-codes --json probe.json",
+        "probe-codes --checkpoint runs/mine/checkpoint --controlled 30 --train 1500 --test 300",
+    ])
+    add_checkpoint(p, positional=True)
     p.add_argument("--json", help="write the result here")
     p.add_argument("--controlled", type=int, default=200, help="scenes rendered once per shape")
     p.add_argument("--train", type=int, default=4000, help="scenes the MLP probe trains on")
     p.add_argument("--test", type=int, default=800, help="held-out scenes it is scored on")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="seed of the scenes and the probe")
     p.set_defaults(func=run)
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from manzano_edge.cli.common import add_checkpoint, add_command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sensitivity", help="rank layers by the accuracy a recipe costs; propose --keep-float")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (default: the embedded tiny model)")
+    p = add_command(sub, "sensitivity", "rank layers by the accuracy a recipe costs; propose --keep-float", [
+        "sensitivity --recipe w4 -o out/sens-w4",
+        "sensitivity --checkpoint runs/mine/checkpoint --recipe w8a8 -o out/sens-w8a8 --granularity block --graphs decoder",
+    ])
+    add_checkpoint(p, positional=True)
     p.add_argument("--recipe", required=True, help="w8a8 | w4")
     p.add_argument("-o", "--output", required=True, help="report directory: report.json, report.md, sensitivity.png")
     p.add_argument("--graphs", help="comma-separated subset of tokenizer,decoder,code_features,dit")
@@ -14,8 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--target-psnr", type=float, help="dB per graph output (default 35 for w8a8, 20 for w4)")
     p.add_argument("--target-top1", type=float, default=0.99,
                    help="decoder top-1 agreement where float decides by >= 0.3 nats (validate's gate)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=run)
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from manzano_edge.cli.common import add_command
 from manzano_edge.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train (or resume) every stage of a preset")
+    p = add_command(sub, "train", "train (or resume) every stage of a preset", [
+        "train --preset tiny -o runs/tiny",
+        "train --preset tiny -o runs/mine --data-dir photos/ --captions photos/captions.jsonl",
+    ])
     p.add_argument("-o", "--output", default="runs/tiny", help="run directory (resumes if it exists)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", help="model preset to train: tiny | small | manzano-300m")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the training data")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     p.add_argument("--precision", default="bf16-mixed",
                    help="bf16-mixed (CPU bf16 autocast, fp32 weights; default) | fp32 (for CPUs without native bf16)")
@@ -29,5 +33,5 @@ def run(args) -> None:
     tcfg = TrainConfig(preset=args.preset, seed=args.seed, precision=args.precision)
     if args.steps_scale != 1.0:
         tcfg = tcfg.scaled(args.steps_scale)
-    final = train(args.output, tcfg, data_dir=args.data_dir, captions=args.captions, stages=stages)
+    final = train(args.output, tcfg, data_dir=args.data_dir, captions=args.captions, stages=stages, show=not args.quiet)
     print(f"checkpoint: {final}")

@@ -8,6 +8,7 @@ clear line instead of a half-initialised model.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from manzano_edge.config import ModelConfig
 from manzano_edge.errors import UserError
-from manzano_edge.fsutil import atomic_output_dir
+from manzano_edge.fsutil import atomic_output_dir, path_digest
 from manzano_edge.models.decoder import LlamaDecoder
 from manzano_edge.models.dit import DiT
 from manzano_edge.models.vae import VAE
@@ -105,6 +106,18 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
         if not (path / name).exists():
             raise UserError(f"checkpoint {path} has no {name}; pass a directory written by `manzano-edge train`")
     return path
+
+
+def embedded_model_identity() -> dict:
+    """The embedded default's identity: its config name and the sha256 of its weights file, e.g.
+    {"name": "tiny", "sha256": "3f2a..."} (`manzano-edge --version`; for manifests and reports)."""
+    return dict(_embedded_identity())
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_identity() -> tuple[tuple[str, str], ...]:
+    digest, _ = path_digest(EMBEDDED_DEFAULT / WEIGHTS_FILE)
+    return (("name", ModelConfig.load(EMBEDDED_DEFAULT / CONFIG_FILE).name), ("sha256", digest))
 
 
 def load_checkpoint(path: str | Path | None = None) -> tuple[Manzano, str]:

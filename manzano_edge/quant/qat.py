@@ -296,8 +296,8 @@ def train_only_fake_quantized(stage: nn.Module) -> int:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def qat(checkpoint: str | None, run_dir: str | Path, qcfg: QATRunConfig) -> Path:
-    """Fine-tune `checkpoint` with fake quantization; returns `run_dir/checkpoint`."""
+def qat(checkpoint: str | None, run_dir: str | Path, qcfg: QATRunConfig, show: bool = True) -> Path:
+    """Fine-tune `checkpoint` with fake quantization; returns `run_dir/checkpoint`. `show=False`: no progress bars."""
     from manzano_edge.data.batches import SceneSource
     from manzano_edge.train.loop import (
         TrainConfig,
@@ -338,7 +338,7 @@ def qat(checkpoint: str | None, run_dir: str | Path, qcfg: QATRunConfig) -> Path
     for graph in qcfg.graphs:
         stage = DISTILL[graph](model, teacher, codec)
         train_only_fake_quantized(stage)
-        stages.append(run_stage(f"qat-{graph}", stage, qcfg.stages[graph], run_dir, tcfg, make_source))
+        stages.append(run_stage(f"qat-{graph}", stage, qcfg.stages[graph], run_dir, tcfg, make_source, show=show))
     finalize(model)
     final = run_dir / "checkpoint"
     if rank == 0:

@@ -26,6 +26,10 @@ NULL_CONDITION_FILE = "diffusion_null_condition.safetensors"
 class Bundle:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"bundle directory {self.path} does not exist; pass a directory written by `manzano-edge export`")
+        if not self.path.is_dir():
+            raise UserError(f"bundle {self.path} is a file; pass the directory written by `manzano-edge export`")
         manifest = self.path / MANIFEST_FILE
         if not manifest.is_file():
             raise UserError(f"{self.path} has no manifest.json; pass a directory written by `manzano-edge export`")
@@ -34,6 +38,8 @@ class Bundle:
         except json.JSONDecodeError as exc:
             raise UserError(f"{manifest} is corrupt ({exc.msg}); re-export the bundle") from exc
         self.cfg = ModelConfig.load(self.path / CONFIG_FILE)
+        if not (self.path / TOKENIZER_FILE).is_file():
+            raise UserError(f"bundle {self.path} has no {TOKENIZER_FILE}; re-export the bundle")
         self.tokenizer_json = (self.path / TOKENIZER_FILE).read_text()
         held = self.manifest.get("graphs", {})
         # Every required graph, and the optional ones (decoder_cfg) this bundle holds.

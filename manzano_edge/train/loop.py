@@ -228,9 +228,9 @@ def build_stage(name: str, model: Manzano, codec: TextCodec, tcfg: TrainConfig) 
 
 
 def run_stage(name: str, stage: nn.Module, budget: StageBudget, run_dir: Path, tcfg: TrainConfig,
-              make_source) -> dict:
+              make_source, show: bool = True) -> dict:
     """Train `stage` (forward(examples, rng) -> loss, logs) for `budget`; resumable from run_dir/stage-<name>.
-    Shared by `train` and `qat`."""
+    Shared by `train` and `qat`; `show=False` hides the progress bar."""
     rank, world = dist_info()
     warn_if_bf16_is_emulated(tcfg.precision)
     stage.train()
@@ -244,7 +244,7 @@ def run_stage(name: str, stage: nn.Module, budget: StageBudget, run_dir: Path, t
     logs: dict = {}
     t0 = time.time()
     bar = tqdm(range(start, budget.steps), desc=f"train {name}", initial=start, total=budget.steps,
-               disable=rank != 0, dynamic_ncols=True)
+               disable=rank != 0 or not show, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, budget)
@@ -284,8 +284,8 @@ def prepare_tokenizer(run_dir: Path, cfg: ModelConfig, seed: int) -> str:
 
 
 def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None, data_dir: str | None = None,
-          captions: str | None = None, stages: tuple[str, ...] = STAGES) -> Path:
-    """Run (or resume) every stage; returns the final checkpoint directory."""
+          captions: str | None = None, stages: tuple[str, ...] = STAGES, show: bool = True) -> Path:
+    """Run (or resume) every stage; returns the final checkpoint directory. `show=False`: no progress bars."""
     tcfg.validate()
     maybe_init_distributed()
     rank, world = dist_info()
@@ -325,7 +325,7 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
             continue
         torch.manual_seed(stage_seed(tcfg.seed, name))
         report.append(run_stage(name, build_stage(name, model, codec, tcfg), tcfg.stages[name], run_dir, tcfg,
-                                source_for(name)))
+                                source_for(name), show=show))
         if name == "vae":
             model.cfg.vae.scaling_factor = measure_latent_scale(model, cfg.vision.image_size)
         if rank == 0:
