@@ -244,3 +244,12 @@ def test_checkpoint_errors_are_one_line(tmp_path, capsys):
                                  "pass a directory written by `manzano-edge train`"]
     code, err = errors(["eval", str(missing), "--checkpoint", str(tmp_path)], capsys)
     assert code == 2 and len(err) == 1 and "two checkpoints given" in err[0], err
+
+
+def test_bundle_and_checkpoint_together_are_refused(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (96, 96), "white").save(tmp_path / "x.png")
+    code = main(["caption", "--image", str(tmp_path / "x.png"), "--bundle", str(tmp_path), "--checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--bundle" in err[0] and "--checkpoint" in err[0]

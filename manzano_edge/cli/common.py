@@ -120,6 +120,8 @@ def pipeline(checkpoint: str | None, bundle: str | None = None, backend: str | N
 
         if backend == "torch":
             raise UserError("--bundle runs exported graphs; drop --backend torch or --bundle")
+        if checkpoint is not None:
+            raise UserError("--bundle runs the bundle's own graphs and --checkpoint an eager model; pass one of them")
         b = Bundle(bundle)
         if backend is None:
             backend = bundle_backend(b)

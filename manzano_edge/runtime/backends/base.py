@@ -7,6 +7,7 @@ runtime means adding one module and registering it; nothing else names it.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,17 @@ class GraphProgram(Protocol):
 
 def always_runnable() -> tuple[bool, str]:
     return True, ""
+
+
+def installed(module: str, extra: str = "export") -> Callable[[], tuple[bool, str]]:
+    """`runnable_here` of a backend that needs only its Python package."""
+
+    def check() -> tuple[bool, str]:
+        if importlib.util.find_spec(module) is None:
+            return False, f"{module} is not installed (pip install 'manzano-edge[{extra}]')"
+        return True, ""
+
+    return check
 
 
 def torch_threads(threads: int) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from manzano_edge.runtime.backends.base import Backend, register_backend, torch_threads
+from manzano_edge.runtime.backends.base import Backend, installed, register_backend, torch_threads
 from manzano_edge.spec.graphs import GraphSpec
 from manzano_edge.spec.modules import load_executorch_cache_ops
 
@@ -56,4 +56,4 @@ def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | No
 
 
 EXECUTORCH = register_backend(Backend(name="executorch", format="executorch", verified_by="executorch.runtime",
-                                      load=_load, apply_threads=_threads))
+                                      load=_load, runnable_here=installed("executorch"), apply_threads=_threads))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from manzano_edge.errors import UserError
-from manzano_edge.runtime.backends.base import Backend, register_backend, torch_threads
+from manzano_edge.runtime.backends.base import Backend, installed, register_backend, torch_threads
 from manzano_edge.spec.graphs import GraphSpec
 from manzano_edge.spec.tracing import initial_states
 
@@ -76,4 +76,4 @@ def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | No
 
 
 ORT = register_backend(Backend(name="ort", format="onnx", verified_by="onnxruntime", load=_load,
-                               apply_threads=_threads))
+                               runnable_here=installed("onnxruntime"), apply_threads=_threads))
