@@ -46,6 +46,15 @@ def test_manifest_covers_every_graph_and_format(bundle):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
+def test_manifest_names_the_model_it_came_from(bundle):
+    from manzano_edge.models.manzano import EMBEDDED_DEFAULT, WEIGHTS_FILE, embedded_model_identity
+
+    _, manifest = bundle
+    source = manifest["model"]["source"]
+    assert source == {"checkpoint": "embedded default", "sha256": path_digest(EMBEDDED_DEFAULT / WEIGHTS_FILE)[0]}
+    assert manifest["model"]["embedded_model"] == embedded_model_identity()
+
+
 def test_unverified_files_are_never_reported_passed(bundle):
     """Only a file that ran (on its runtime, or its emulation) gets a verdict; the Core ML-delegate
     programs, which nothing here runs, are "lowered, not run" with passed null."""

@@ -28,6 +28,7 @@ from manzano_edge.errors import UserError
 from manzano_edge.export.bundle import tool_versions
 from manzano_edge.fsutil import atomic_output_dir
 from manzano_edge.metrics import psnr
+from manzano_edge.models.manzano import embedded_model_identity
 from manzano_edge.runtime.backends import BACKENDS, backend_for_format, get_backend
 from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.runtime.bundle import Bundle
@@ -340,8 +341,10 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
             if key not in refs:
                 _log(opts, f"reference: eager fp32 from {spec.get('path') or spec.get('note') or key}")
                 refs[key] = Reference(spec, b, workdir)
-            bundle_info.append({"path": str(b.path), "name": b.path.name, "recipe": b.manifest.get("recipe"),
-                                "model": b.manifest.get("model"), "reference": spec, "reference_check": refs[key].check_bundle(b),
+            bundle_info.append({"path": str(b.path.resolve()), "name": b.path.name, "recipe": b.manifest.get("recipe"),
+                                "model": b.manifest.get("model"),
+                                "reference": {**spec, "sha256": (refs[key].model.source or {}).get("sha256")},
+                                "reference_check": refs[key].check_bundle(b),
                                 "files": {g: {fmt: f["bytes"] for fmt, f in _formats(b, g).items()} for g in b.specs}})
         jobs = plan_jobs(bundles, refs, opts, tmp)
         rows, flops = [], {}
@@ -361,7 +364,8 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
     add_consistency(rows, tmp)
     return {"schema": report.SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "context": {"machine": started, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                        "tools": tool_versions(), "threads": {b: opts.threads_for(b) for b in opts.backends},
+                        "tools": tool_versions(), "embedded_model": embedded_model_identity(),
+                        "threads": {b: opts.threads_for(b) for b in opts.backends},
                         "settings": {"runs": opts.runs, "warmup": opts.warmup, "decode_tokens": opts.decode_tokens,
                                      "flow_steps": opts.flow_steps, "flow_guidance": opts.flow_guidance,
                                      "token_guidance": opts.token_guidance}},

@@ -35,7 +35,7 @@ from manzano_edge.export import EXPORTERS
 from manzano_edge.export.base import Entry, GraphJob, check_dependency, get_exporter
 from manzano_edge.export.plan import QuantPlan, plan_quantization
 from manzano_edge.fsutil import atomic_output_dir, path_digest
-from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano
+from manzano_edge.models.manzano import CONFIG_FILE, TOKENIZER_FILE, Manzano, embedded_model_identity
 from manzano_edge.quant.overrides import LAYERED_GRAPHS
 from manzano_edge.quant.recipes import (
     SUPPORT,
@@ -224,7 +224,9 @@ def build_manifest(model: Manzano, opts: ExportOptions, entries: list[Entry], pl
                                "passed": e.passed if status in CHECKED else None, **e.extra}
     return {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": model.cfg.name, "config": CONFIG_FILE, "tokenizer": TOKENIZER_FILE,
-                      "parameters": sum(p.numel() for p in model.parameters())},
+                      "parameters": sum(p.numel() for p in model.parameters()),
+                      "source": model.source or {"checkpoint": None, "note": "not loaded from a checkpoint"},
+                      "embedded_model": embedded_model_identity()},
             "recipe": opts.recipe, "coreml_compute_precision": opts.coreml_precision,
             **({"quantization": {"keep_float": plan.keep.to_json(), "w8a8_mode": plan.modes,
                                  "kept_float_automatically": automatic_json(plan),

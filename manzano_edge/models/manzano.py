@@ -37,6 +37,9 @@ class Manzano(nn.Module):
         self.decoder = LlamaDecoder(cfg.decoder, cfg.vocab_size)
         self.dit = DiT(cfg)
         self.vae = VAE(cfg.vae)
+        # Where the weights came from ({"checkpoint", "sha256"} of the weights file); None: not loaded
+        # from a checkpoint (a random-weight preset). Manifests and reports record it.
+        self.source: dict | None = None
 
     def image_ids_to_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return ids + self.cfg.image_token_offset
@@ -134,4 +137,12 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[Manzano, str]:
     if vocab > cfg.text.text_vocab_size:
         raise UserError(f"tokenizer.json has {vocab} tokens but the config reserves {cfg.text.text_vocab_size}; "
                         "the checkpoint's files do not belong together")
+    model.source = checkpoint_identity(path)
     return model.eval(), tokenizer_json
+
+
+def checkpoint_identity(path: Path) -> dict:
+    """{"checkpoint": path or "embedded default", "sha256": of the weights file}."""
+    if Path(path).resolve() == EMBEDDED_DEFAULT.resolve():
+        return {"checkpoint": "embedded default", "sha256": embedded_model_identity()["sha256"]}
+    return {"checkpoint": str(Path(path).resolve()), "sha256": path_digest(Path(path) / WEIGHTS_FILE)[0]}

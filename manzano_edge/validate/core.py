@@ -30,7 +30,7 @@ from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.export import EXPORTERS, FORMATS
 from manzano_edge.metrics import compare, psnr, ssim
-from manzano_edge.models.manzano import Manzano, load_checkpoint
+from manzano_edge.models.manzano import Manzano, embedded_model_identity, load_checkpoint
 from manzano_edge.quant.calibration import example_sequences
 from manzano_edge.quant.recipes import PSNR_BAR_DB, PSNR_BAR_DB_W4, RECIPES, is_float
 from manzano_edge.quiet import third_party_output
@@ -383,7 +383,8 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
     report = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "bundle": {"path": str(Path(bundle_path).resolve()), "recipe": recipe,
                          "quantization": bundle.manifest.get("quantization"), "model": bundle.manifest.get("model")},
-              "reference": {"checkpoint": reference or "embedded default", "matches_bundle": True,
+              "reference": {"checkpoint": reference or "embedded default", "sha256": (model.source or {}).get("sha256"),
+                            "embedded_model": embedded_model_identity(), "matches_bundle": True,
                             "exported_from": exported_from},
               "thresholds": vars(th), "settings": {k: v for k, v in vars(st).items()},
               "graphs": rows, "end_to_end": e2e, "notes": notes, "passed": passed,
