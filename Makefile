@@ -29,7 +29,7 @@ lint: install
 	$(VENV)/bin/ruff check manzano_edge tests
 	$(VENV)/bin/lint-imports --no-cache
 
-# Re-train the embedded tiny model from scratch (47:27 alone on this 2-core VM for v16; see README "Training").
+# Re-train the embedded tiny model from scratch (47:27 alone on a 2-core VM for v16; see docs/model-card.md, "Training").
 train-tiny: install
 	$(VENV)/bin/manzano-edge train --preset tiny -o runs/tiny
 
