@@ -319,19 +319,42 @@ def plot(rep: dict, out: Path) -> None:
         ax.bar(xs, [r["latency"].get(c, {}).get("median_ms", 0) for c in cases], width, label=r["label"])
     ax.set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(cases))], cases, rotation=25, ha="right", fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("median latency, ms (log)")
-    ax.set_title("latency per graph and backend")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / LATENCY_PNG, dpi=110)
+    ax.set_ylabel("median latency, ms (log scale)")
+    ax.set_xlabel("graph [case]")
+    ax.set_title("latency per graph and backend (lower is better)")
+    fig.tight_layout()  # before the legend, which goes right of the axes (the saved canvas grows to hold it)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
+              title="backend recipe", title_fontsize=8)
+    fig.savefig(out / LATENCY_PNG, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(ok)), 3.6))
-    ax.bar([r["label"] for r in ok], [r["decoder"]["decode_tok_s"] for r in ok], color="tab:blue")
+    _plot_decode(plt, ok, out / DECODE_PNG)
+
+
+def _plot_decode(plt, ok: list[dict], path: Path) -> None:
+    """Decode tok/s per row, labelled, with the row's bandwidth roofline (the read bandwidth at
+    its bytes per token / those bytes) as a labelled tick: the bar's distance to it is the headroom."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok)), 3.8))
+    rates = [r["decoder"]["decode_tok_s"] or 0 for r in ok]
+    patches = ax.bar(range(len(ok)), rates, color="tab:blue", label="measured (median)")
+    for p, v in zip(patches, rates):
+        ax.annotate(f"{v:.1f}", (p.get_x() + p.get_width() / 2, v), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)
+    ceilings = [(i, r["roofline"]["decode_ceiling_gbs"] * 1e9 / r["roofline"]["decode_bytes_per_token"],
+                 r["roofline"].get("decode_working_set_level"))
+                for i, r in enumerate(ok) if r.get("roofline", {}).get("decode_ceiling_gbs")]
+    for n, (i, tok_s, level) in enumerate(ceilings):
+        ax.hlines(tok_s, i - 0.42, i + 0.42, colors="black", linestyles="--", linewidth=1.2,
+                  label="bandwidth roofline: read GB/s at the\nrow's bytes/token ÷ bytes/token" if n == 0 else None)
+        ax.annotate(f"roofline {tok_s:.0f}" + (f" ({level})" if level else ""), (i, tok_s), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    top = max(rates + [c[1] for c in ceilings] + [1.0])
+    ax.set_ylim(0, top * 1.18)
+    ax.set_xticks(range(len(ok)), [r["label"] for r in ok], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("decode tok/s (median)")
-    ax.set_title("decode throughput per backend and recipe")
-    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.set_title("decode throughput per backend and recipe (higher is better)")
     fig.tight_layout()
-    fig.savefig(out / DECODE_PNG, dpi=110)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
