@@ -226,3 +226,25 @@ def test_coreml_w8a8_from_a_qat_checkpoint_is_emulated_from_it(tiny, tmp_path, c
     # would be the int8 error alone, ~56 dB for this graph.
     assert row["emulated"] and 20 < psnr < 45, row
     assert code == (0 if report["passed"] else 1)
+
+
+def test_plots_read_with_an_exact_match_graph(tmp_path):
+    """An exact-match graph (PSNR capped at 200 dB) is drawn capped and labelled, not as the
+    axis top that squashes the 40-60 dB bars; both plots are written."""
+    from matplotlib import image
+
+    from manzano_edge.metrics import EXACT_DB
+    from manzano_edge.validate.report import plot
+
+    def graph(name, db):
+        return {"graph": name, "format": "onnx", "recipe": "w8a8", "metrics": {"out": {"psnr_db": db}},
+                "checks": [{"name": "out PSNR dB", "value": db, "bar": 35.0, "passed": db >= 35.0}], "passed": db >= 35.0}
+
+    drops = {"understanding_accuracy": 0.0, "shapes_eval": 2.5}
+    e2e = {"format": "onnx", "recipe": "w8a8", "float": {}, "bundle": {}, "drop_points": drops, "passed": False,
+           "checks": [{"name": f"{k} drop (points)", "value": v, "bar": 1.0, "passed": v <= 1.0} for k, v in drops.items()]}
+    rep = {"bundle": {"recipe": "w8a8"}, "end_to_end": [e2e],
+           "graphs": [graph("embed_tokens", EXACT_DB), graph("decoder", 47.3), graph("dit", 33.2)]}
+    assert plot(rep, tmp_path) == ["graphs_psnr.png", "end_to_end.png"]
+    for name in ("graphs_psnr.png", "end_to_end.png"):
+        assert image.imread(tmp_path / name).shape[0] > 200

@@ -48,6 +48,7 @@ def schema_errors(rep: dict) -> list[str]:
     for k in ("bandwidth_gbs", "gemm_gflops"):
         if not isinstance(rep["roofline"].get(k), NUMBER) or rep["roofline"][k] <= 0:
             errs.append(f"roofline: '{k}' must be a positive number")
+    errs += _curve_errors(rep["roofline"])
     errs += _need(rep["context"], {"machine": dict, "tools": dict, "threads": dict, "settings": dict}, "context")
     for i, row in enumerate(rep["results"]):
         where = f"results[{i}]"
@@ -71,13 +72,48 @@ def schema_errors(rep: dict) -> list[str]:
         errs += _stat(row["e2e"].get("text_to_image_ms"), f"{where}.e2e.text_to_image_ms")
         if not isinstance(row["memory"].get("peak_rss_mb"), NUMBER):
             errs.append(f"{where}.memory: missing peak_rss_mb")
-        for k in ("decode_bandwidth_fraction", "prefill_compute_fraction"):
-            if not isinstance(row["roofline"].get(k), NUMBER):
-                errs.append(f"{where}.roofline: missing {k}")
+        errs += _fraction_errors(row["roofline"], f"{where}.roofline")
     c = rep["comparisons"]
     for k in ("best_vs_eager", "kv_cache_vs_recompute", "decode_roofline", "compute_roofline"):
         if k not in c:
             errs.append(f"comparisons: missing '{k}'")
+    return errs
+
+
+FRACTIONS = ("decode_bandwidth_fraction", "prefill_compute_fraction")  # + dit_batch{1,2}_compute_fraction
+
+
+def _fraction_errors(rf: dict, where: str) -> list[str]:
+    """A fraction is a number; since the bandwidth curve (`*_raw` present) it is at most 1, or
+    null with its raw number above 1 and a flag saying the ceiling was wrong."""
+    errs = []
+    keys = list(FRACTIONS) + [k for k in rf if k.startswith("dit_") and k.endswith("_compute_fraction")]
+    for k in keys:
+        v, raw = rf.get(k), rf.get(f"{k}_raw")
+        if raw is None:  # a report from before the flags: a plain number
+            if not isinstance(v, NUMBER):
+                errs.append(f"{where}: missing {k}")
+        elif not isinstance(raw, NUMBER):
+            errs.append(f"{where}: '{k}_raw' must be a number")
+        elif v is None:
+            if raw <= 1 or not (rf.get("flags") or {}).get(k):
+                errs.append(f"{where}: {k} is null without a raw value above 1 and its flag")
+        elif not isinstance(v, NUMBER) or v > 1 or v != raw:
+            errs.append(f"{where}: {k} must be its raw value, at most 1 (above 1: null and flagged)")
+    return errs
+
+
+def _curve_errors(roof: dict) -> list[str]:
+    if "bandwidth_curve" not in roof:  # reports from before the curve
+        return []
+    pts = roof["bandwidth_curve"].get("points") if isinstance(roof["bandwidth_curve"], dict) else None
+    if not pts:
+        return ["roofline.bandwidth_curve: needs points"]
+    errs = [f"roofline.bandwidth_curve.points[{i}]: needs positive 'bytes' and 'gbs'" for i, p in enumerate(pts)
+            if not all(isinstance(p.get(k), NUMBER) and p[k] > 0 for k in ("bytes", "gbs"))]
+    gemm = roof.get("gemm", {})
+    if not isinstance(gemm.get("kernel"), str) or not gemm.get("candidates"):
+        errs.append("roofline.gemm: needs the peak's 'kernel' and its 'candidates'")
     return errs
 
 
@@ -110,9 +146,7 @@ def to_markdown(rep: dict) -> str:
              f"DiT CFG {s['flow_guidance']}, image-token CFG {s.get('token_guidance', 1.0)}"
              + (" (conditional and unconditional rows as one batch-of-2 decode step)"
                 if s.get("token_guidance", 1.0) != 1.0 else ""),
-             f"- roofline (measured in this run): memory bandwidth {roof['bandwidth_gbs']:.2f} GB/s "
-             f"(copy {roof['bandwidth']['copy_gbs']:.2f}, triad {roof['bandwidth']['triad_gbs']:.2f}), "
-             f"fp32 GEMM peak {roof['gemm_gflops']:.1f} GFLOP/s (torch.mm {roof['gemm']['n']}^3)", ""]
+             _roofline_line(roof), ""]
     for b in rep["bundles"]:
         chk = b["reference_check"]
         lines.append(f"- bundle `{b['name']}`: recipe {b['recipe']}, model {b['model'].get('name')} "
@@ -140,6 +174,40 @@ def to_markdown(rep: dict) -> str:
               "in its own process. Load time includes the sha256 check of each file. Files: bytes from the manifest.",
               f"![latency per graph]({LATENCY_PNG})", f"![decode tok/s]({DECODE_PNG})", ""]
     return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _roofline_line(roof: dict) -> str:
+    bw, g = roof["bandwidth"], roof["gemm"]
+    dram = f"DRAM copy {bw['copy_gbs']:.2f}, triad {bw['triad_gbs']:.2f} GB/s ({bw['array_mib']} MiB arrays)"
+    if "bandwidth_curve" not in roof:  # a report from before the curve
+        return (f"- roofline (measured in this run): memory bandwidth {roof['bandwidth_gbs']:.2f} GB/s ({dram}), "
+                f"fp32 GEMM peak {roof['gemm_gflops']:.1f} GFLOP/s (torch.mm {g['n']}^3)")
+    curve = roof["bandwidth_curve"]
+    pts = ", ".join(f"{_bytes(p['bytes'])} {p['gbs']:.1f}" + (f" ({p['level']})" if p.get("level") else "")
+                    for p in curve["points"] if p["source"] == "curve")
+    caches = ", ".join(f"{c['level']} {_bytes(c['bytes'])}" + (f" per {c['shared_by_cpus']} CPUs" if c["shared_by_cpus"] > 1
+                                                              else " per core") for c in curve["caches"]) or "unknown"
+    return (f"- roofline (measured in this run, {curve['threads']} threads): read bandwidth by working-set size, "
+            f"GB/s: {pts}; {dram}; caches: {caches}; fp32 GEMM peak {roof['gemm_gflops']:.1f} GFLOP/s "
+            f"({g['kernel']} {'x'.join(map(str, g['shape']))}, {g['source']}; best of {len(g['candidates'])} "
+            f"kernel x shape candidates)")
+
+
+def _pct(rec: dict, key: str) -> str:
+    """A fraction as a percentage; one above 1 is a wrong ceiling, never shown as a result."""
+    v, raw = rec.get(key), rec.get(f"{key}_raw", rec.get(key))
+    if raw is None:
+        return "–"
+    if v is None or raw > 1:
+        return f"n/a (model error: {raw:.1%} > 100%)"
+    return f"{v:.1%}"
 
 
 def _loads(x) -> str:
@@ -198,18 +266,27 @@ def _comparison_lines(c: dict) -> list[str]:
                      f"{kv['kv_cache_ms']['median_ms']:.0f} ms, recompute {kv['recompute_ms']['median_ms']:.0f} ms → "
                      f"**{kv['speedup']:.2f}x** (same greedy tokens: {kv['same_tokens']})")
     lines += ["", "**3. Fraction of the measured roofline**", "",
-              "| backend recipe | decode tok/s | bytes/token MB | achieved GB/s | decode / bandwidth | prefill GFLOP/s "
-              "| prefill / GEMM peak | DiT b1 / GEMM peak | DiT b2 / GEMM peak |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| backend recipe | decode tok/s | bytes/token MB | fits in | ceiling GB/s | achieved GB/s "
+              "| decode / bandwidth | prefill GFLOP/s | prefill / GEMM peak | DiT b1 / GEMM peak | DiT b2 / GEMM peak |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     comp = {x["label"]: x for x in c["compute_roofline"]}
     for x in c["decode_roofline"]:
         k = comp.get(x["label"], {})
-        lines.append(f"| {x['label']} | {x['decode_tok_s']:.1f} | {x['bytes_per_token'] / 1e6:.2f} | {x['achieved_gbs']:.2f} "
-                     f"| {x['fraction']:.1%} | {k.get('prefill_gflops', 0):.1f} | {k.get('prefill_fraction', 0):.1%} "
-                     f"| {k.get('dit_batch1_compute_fraction', 0):.1%} | {k.get('dit_batch2_compute_fraction', 0):.1%} |")
-    lines += ["", "Bytes per decode token: the decoder graph's stored weights (manifest size; eager: fp32 parameters "
-              "minus the embedding lookup) plus the fp32 KV cache read at the mean position. FLOPs: torch "
-              "FlopCounterMode on the eager graph (matmul, conv, attention)."]
+        lines.append(f"| {x['label']} | {x['decode_tok_s']:.1f} | {x['bytes_per_token'] / 1e6:.2f} | {x.get('level') or '–'} "
+                     f"| {_f(x.get('ceiling_gbs'), '.1f')} | {x['achieved_gbs']:.2f} | {_pct(x, 'fraction')} "
+                     f"| {_f(k.get('prefill_gflops'))} | {_pct(k, 'prefill_fraction')} "
+                     f"| {_pct(k, 'dit_batch1_compute_fraction')} | {_pct(k, 'dit_batch2_compute_fraction')} |")
+    lines += ["", "Method. Bytes per decode token: the decoder graph's stored weights (manifest size; eager: fp32 "
+              "parameters minus the embedding lookup) plus the fp32 KV cache read at the mean position. The bandwidth "
+              "ceiling of a row is the read bandwidth measured in this run at that row's bytes per token (an fp32 "
+              "array of that size summed repeatedly, so a working set that fits in a cache is read from it; best of "
+              "the configured threads and 1 thread, and never below a larger working set's; \"fits in\" names the "
+              "level from the CPU's cache sizes). FLOPs: torch FlopCounterMode on the eager "
+              "graph (matmul, conv, attention); the GEMM peak is the best fp32 GFLOP/s over square torch.mm, the "
+              "model's own DiT and decoder-prefill matmul shapes (torch.mm/bmm) and ONNX Runtime MatMul. A "
+              "fraction above 100% means the ceiling under-estimates what the backend's kernels reach on this "
+              "machine (a model error, e.g. a kernel faster than every probe): it is shown as n/a with the raw "
+              "number, and in bench.json the fraction is null, the number is in `*_raw` and `flags` says why."]
     return lines
 
 
@@ -242,19 +319,42 @@ def plot(rep: dict, out: Path) -> None:
         ax.bar(xs, [r["latency"].get(c, {}).get("median_ms", 0) for c in cases], width, label=r["label"])
     ax.set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(cases))], cases, rotation=25, ha="right", fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("median latency, ms (log)")
-    ax.set_title("latency per graph and backend")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / LATENCY_PNG, dpi=110)
+    ax.set_ylabel("median latency, ms (log scale)")
+    ax.set_xlabel("graph [case]")
+    ax.set_title("latency per graph and backend (lower is better)")
+    fig.tight_layout()  # before the legend, which goes right of the axes (the saved canvas grows to hold it)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
+              title="backend recipe", title_fontsize=8)
+    fig.savefig(out / LATENCY_PNG, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(ok)), 3.6))
-    ax.bar([r["label"] for r in ok], [r["decoder"]["decode_tok_s"] for r in ok], color="tab:blue")
+    _plot_decode(plt, ok, out / DECODE_PNG)
+
+
+def _plot_decode(plt, ok: list[dict], path: Path) -> None:
+    """Decode tok/s per row, labelled, with the row's bandwidth roofline (the read bandwidth at
+    its bytes per token / those bytes) as a labelled tick: the bar's distance to it is the headroom."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(ok)), 3.8))
+    rates = [r["decoder"]["decode_tok_s"] or 0 for r in ok]
+    patches = ax.bar(range(len(ok)), rates, color="tab:blue", label="measured (median)")
+    for p, v in zip(patches, rates):
+        ax.annotate(f"{v:.1f}", (p.get_x() + p.get_width() / 2, v), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)
+    ceilings = [(i, r["roofline"]["decode_ceiling_gbs"] * 1e9 / r["roofline"]["decode_bytes_per_token"],
+                 r["roofline"].get("decode_working_set_level"))
+                for i, r in enumerate(ok) if r.get("roofline", {}).get("decode_ceiling_gbs")]
+    for n, (i, tok_s, level) in enumerate(ceilings):
+        ax.hlines(tok_s, i - 0.42, i + 0.42, colors="black", linestyles="--", linewidth=1.2,
+                  label="bandwidth roofline: read GB/s at the\nrow's bytes/token ÷ bytes/token" if n == 0 else None)
+        ax.annotate(f"roofline {tok_s:.0f}" + (f" ({level})" if level else ""), (i, tok_s), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    top = max(rates + [c[1] for c in ceilings] + [1.0])
+    ax.set_ylim(0, top * 1.18)
+    ax.set_xticks(range(len(ok)), [r["label"] for r in ok], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("decode tok/s (median)")
-    ax.set_title("decode throughput per backend and recipe")
-    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.set_title("decode throughput per backend and recipe (higher is better)")
     fig.tight_layout()
-    fig.savefig(out / DECODE_PNG, dpi=110)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -21,7 +21,14 @@ import torch
 
 from manzano_edge.bench import report
 from manzano_edge.bench.reference import MATCH_DB, load_reference, reference_spec, spec_key
-from manzano_edge.bench.roofline import count_flops, host_roofline
+from manzano_edge.bench.roofline import (
+    bandwidth_at,
+    count_flops,
+    ensure_point,
+    fraction,
+    host_roofline,
+    matmul_shapes,
+)
 from manzano_edge.bench.worker import save_examples
 from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
@@ -148,6 +155,16 @@ class Reference:
                                                                                        x["condition"]))
                 for x in self.examples["dit"]}
 
+    def matmul_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """The matmul shapes carrying most of the DiT's (CFG batch) and the decoder prefill's
+        FLOPs: the GEMM peak is measured at these sizes too."""
+        dit = self.examples["dit"][0]
+        dec = StatefulDecoder(self.model.decoder, last_logits=True).eval()
+        pre = self.examples["decoder"][0]
+        return {f"dit batch{dit['latent'].shape[0]}": matmul_shapes(
+                    lambda: self.model.dit(dit["latent"], dit["timestep"], dit["condition"])),
+                "decoder prefill": matmul_shapes(lambda: dec(pre["inputs_embeds"], pre["causal_mask"]))}
+
     def decoder_weight_bytes(self) -> int:
         """fp32 bytes of the weights one decode step reads (the embedding table is a lookup)."""
         dec = self.model.decoder
@@ -251,17 +268,22 @@ def add_roofline(row: dict, ref: Reference, roof: dict, flops_cache: dict) -> No
     if t not in flops_cache:
         flops_cache[t] = ref.prefill_flops(t)
     dit = flops_cache.setdefault("dit", ref.dit_flops())
-    bw, peak = roof["bandwidth_gbs"] * 1e9, roof["gemm_gflops"] * 1e9
+    point = ensure_point(roof, int(per_token), row["label"])  # the read bandwidth at this working set
+    ceiling = bandwidth_at(roof["bandwidth_curve"]["points"], point["bytes"])
+    peak = roof["gemm_gflops"] * 1e9
     out = {"decode_bytes_per_token": per_token, "decode_weight_bytes": weights, "decode_kv_bytes": kv,
            "decode_achieved_gbs": (d["decode_tok_s"] or 0) * per_token / 1e9,
-           "decode_bandwidth_fraction": (d["decode_tok_s"] or 0) * per_token / bw,
-           "prefill_flops": flops_cache[t], "prefill_gflops": flops_cache[t] / (d["prefill_ms"]["median_ms"] / 1e3) / 1e9}
-    out["prefill_compute_fraction"] = out["prefill_gflops"] * 1e9 / peak
+           "decode_ceiling_gbs": ceiling, "decode_working_set_level": point["level"],
+           "prefill_flops": flops_cache[t], "prefill_gflops": flops_cache[t] / (d["prefill_ms"]["median_ms"] / 1e3) / 1e9,
+           "compute_peak_gflops": roof["gemm_gflops"], "flags": {}}
+    fraction(out, "decode_bandwidth_fraction", out["decode_achieved_gbs"] / ceiling)
+    fraction(out, "prefill_compute_fraction", out["prefill_gflops"] * 1e9 / peak)
     for key, stat in row["diffusion"].items():
         achieved = dit[key] * stat["steps_per_s"]
         out[f"dit_{key}_flops"] = dit[key]
         out[f"dit_{key}_gflops"] = achieved / 1e9
-        out[f"dit_{key}_compute_fraction"] = achieved / peak
+        fraction(out, f"dit_{key}_compute_fraction", achieved / peak)
+    out["status"] = "model_error" if out["flags"] else "ok"
     row["roofline"] = out
 
 
@@ -303,10 +325,16 @@ def comparisons(rows: list[dict]) -> dict:
         rf = r["roofline"]
         out["decode_roofline"].append({"label": r["label"], "decode_tok_s": r["decoder"]["decode_tok_s"],
                                        "bytes_per_token": rf["decode_bytes_per_token"],
-                                       "achieved_gbs": rf["decode_achieved_gbs"], "fraction": rf["decode_bandwidth_fraction"]})
+                                       "achieved_gbs": rf["decode_achieved_gbs"], "ceiling_gbs": rf["decode_ceiling_gbs"],
+                                       "level": rf["decode_working_set_level"],
+                                       "fraction": rf["decode_bandwidth_fraction"],
+                                       "fraction_raw": rf["decode_bandwidth_fraction_raw"],
+                                       "flag": rf["flags"].get("decode_bandwidth_fraction")})
         out["compute_roofline"].append({"label": r["label"], "prefill_gflops": rf["prefill_gflops"],
                                         "prefill_fraction": rf["prefill_compute_fraction"],
-                                        **{k: v for k, v in rf.items() if k.startswith("dit_") and not k.endswith("_flops")}})
+                                        "prefill_fraction_raw": rf["prefill_compute_fraction_raw"],
+                                        **{k: v for k, v in rf.items() if k.startswith("dit_") and not k.endswith("_flops")},
+                                        "flags": {k: v for k, v in rf["flags"].items() if k != "decode_bandwidth_fraction"}})
     return out
 
 
@@ -329,8 +357,6 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
     (tmp / "images").mkdir()
     started = machine()
     torch.set_num_threads(opts.default_threads)
-    _log(opts, f"roofline: memory bandwidth and GEMM peak at {opts.default_threads} threads")
-    roof = host_roofline(opts.default_threads, quick=opts.quick_roofline)
     refs: dict[str, Reference] = {}
     bundle_info = []
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
@@ -346,6 +372,10 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
                                 "reference": {**spec, "sha256": (refs[key].model.source or {}).get("sha256")},
                                 "reference_check": refs[key].check_bundle(b),
                                 "files": {g: {fmt: f["bytes"] for fmt, f in _formats(b, g).items()} for g in b.specs}})
+        _log(opts, f"roofline: read bandwidth per working-set size and GEMM peak at {opts.default_threads} threads")
+        shapes = {f"{src} ({ref.model.cfg.name})" if len(refs) > 1 else src: s
+                  for ref in refs.values() for src, s in ref.matmul_shapes().items()}
+        roof = host_roofline(opts.default_threads, quick=opts.quick_roofline, shapes=shapes)
         jobs = plan_jobs(bundles, refs, opts, tmp)
         rows, flops = [], {}
         for i, job in enumerate(jobs, 1):
