@@ -10,6 +10,7 @@ from torch import nn
 from manzano_edge.cli import main
 from manzano_edge.errors import UserError
 from manzano_edge.quant import qat
+from manzano_edge.quant.recipes import GROUP_SIZE
 
 
 def _torchao_ptq(linear: nn.Linear, recipe: str) -> nn.Module:
@@ -17,7 +18,7 @@ def _torchao_ptq(linear: nn.Linear, recipe: str) -> nn.Module:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    dtype, granularity = (torch.int8, PerAxis(0)) if recipe == "w8a8" else (torch.int4, PerGroup(qat.GROUP))
+    dtype, granularity = (torch.int8, PerAxis(0)) if recipe == "w8a8" else (torch.int4, PerGroup(GROUP_SIZE))
     holder = nn.Sequential(copy.deepcopy(linear))
     quantize_(holder, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity))
     return holder

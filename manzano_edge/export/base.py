@@ -72,6 +72,7 @@ class GraphJob:
 
 class Exporter(Protocol):
     name: str  # the --format value and the bundle's subfolder
+    title: str  # how reports name the format ("Core ML")
     dependency: str  # the module the format needs installed
     suffix: str  # the graph file's suffix
 

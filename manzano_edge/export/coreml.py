@@ -251,6 +251,7 @@ W8A8_MODES = ("static",)
 @register_exporter("coreml", SUPPORT, W8A8_MODES)
 class CoreMLExporter:
     name = "coreml"
+    title = "Core ML"
     dependency = "coremltools"
     suffix = SUFFIX
 

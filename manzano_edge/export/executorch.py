@@ -171,6 +171,7 @@ W8A8_MODES = ("dynamic", "static")
 @register_exporter("executorch", SUPPORT, W8A8_MODES)
 class ExecuTorchExporter:
     name = "executorch"
+    title = "ExecuTorch"
     dependency = "executorch"
     suffix = SUFFIX
 

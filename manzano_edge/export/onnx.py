@@ -65,6 +65,7 @@ W8A8_MODES = ("dynamic", "static")
 @register_exporter("onnx", SUPPORT, W8A8_MODES)
 class OnnxExporter:
     name = "onnx"
+    title = "ONNX"
     dependency = "onnxruntime"
     suffix = SUFFIX
 

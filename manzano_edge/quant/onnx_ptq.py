@@ -29,6 +29,11 @@ from manzano_edge.quant.recipes import GROUP_SIZE
 from manzano_edge.spec.graphs import GraphSpec
 
 STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
+# int8 weights in 7 bits: ORT's x86 u8s8 integer GEMM adds pairs of products in 16 bits, which saturate
+# on full-range weights (ORT's docs recommend reduce_range there); 7 bits cost one bit on other CPUs and
+# give the same numbers on all of them (CHANGELOG has the measurement).
+REDUCE_RANGE = True
+WEIGHT_RANGE = ", 7-bit range (reduce_range)" if REDUCE_RANGE else ""
 DYNAMIC_OP_TYPES = ["MatMul", "Conv"]  # Gemm has no integer kernel in ORT's dynamic path
 INTEGER_OPS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
                "MatMulNBits", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul")
@@ -101,9 +106,9 @@ def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mod
     info = {"tool": "onnxruntime.quantization", "mode": mode, "integer_ops": ops, "kept_float_nodes": exclude}
     if recipe == "w8a8" and mode == "static":
         info.update(op_types=STATIC_OP_TYPES, activations="uint8 per-tensor, MinMax calibration",
-                    weights="int8 symmetric per-channel", calibration_steps=sum(len(s) for s in calibration or []))
+                    weights=f"int8 symmetric per-channel{WEIGHT_RANGE}", calibration_steps=sum(len(s) for s in calibration or []))
     elif recipe == "w8a8":
-        info.update(op_types=DYNAMIC_OP_TYPES, activations="uint8 dynamic per-call", weights="int8 per-channel")
+        info.update(op_types=DYNAMIC_OP_TYPES, activations="uint8 dynamic per-call", weights=f"int8 per-channel{WEIGHT_RANGE}")
     else:
         info.update(op_types=["MatMul"], activations="float", weights=f"int{8 if recipe == 'w8' else 4} "
                     f"symmetric, block {GROUP_SIZE} (MatMulNBits)")
@@ -141,7 +146,7 @@ def _static(spec: GraphSpec, float_path: Path, pre: Path, out: Path, calibration
     feeds = explicit_feeds(spec, float_path, calibration)
     quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
-                    nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE,
                     extra_options={"WeightSymmetric": True})
 
 
@@ -149,7 +154,7 @@ def _dynamic(pre: Path, out: Path, exclude: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(pre), str(out), op_types_to_quantize=DYNAMIC_OP_TYPES, per_channel=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+                     reduce_range=REDUCE_RANGE, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
 
 
 def _nbits(pre: Path, out: Path, bits: int, exclude: list[str]) -> None:

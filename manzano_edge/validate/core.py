@@ -144,7 +144,7 @@ def candidate_program(bundle: Bundle, spec: GraphSpec, fmt: str, model: Manzano,
     if emulated is None:
         raise UserError(f"{fmt} graphs cannot run here ({why}) and have no emulation; validate on a machine that "
                         f"runs {fmt}, or pass --format without it")
-    return emulated, f"EMULATED (not {fmt} itself): {why}"
+    return emulated, f"EMULATED (not {EXPORTERS[fmt].title} itself): {why}"
 
 
 # -- per-graph metrics ----------------------------------------------------------------------------
