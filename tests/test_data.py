@@ -274,3 +274,11 @@ def test_drawings_eval_labels_are_what_the_detector_sees():
         sizes.add(img.size)
         assert [(f.shape, f.color, f.position) for f in detect(img)] == [truth]
     assert len(sizes) > 90 and any(w > h for w, h in sizes) and any(w < h for w, h in sizes)
+
+
+def test_captions_say_an_orange():
+    from manzano_edge.data.scenes import SceneObject, describe_object, indefinite
+
+    assert indefinite("orange") == "an" and indefinite("red") == "a"
+    assert describe_object(SceneObject("triangle", "orange", "center")).startswith("an orange triangle")
+    assert describe_object(SceneObject("circle", "red", "center")).startswith("a red circle")

@@ -191,7 +191,12 @@ def describe_object(obj: SceneObject, rng: np.random.Generator | None = None) ->
     phrases = POSITION_PHRASES[obj.position]
     where = phrases[0] if rng is None else phrases[rng.integers(len(phrases))]
     article = "a" if rng is None or rng.random() < 0.8 else "one"
-    return f"{article} {obj.color} {obj.shape} {where}"
+    return f"{indefinite(obj.color) if article == 'a' else article} {obj.color} {obj.shape} {where}"
+
+
+def indefinite(word: str) -> str:
+    """The indefinite article before `word`: "an orange", "a red"."""
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
