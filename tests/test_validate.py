@@ -218,8 +218,11 @@ def test_coreml_w8a8_from_a_qat_checkpoint_is_emulated_from_it(tiny, tmp_path, c
     assert code == 2 and "--exported-from" in err and not (tmp_path / "r1").exists()
     code, err = run([*args, "-o", str(tmp_path / "r2"), "--exported-from", str(tmp_path / "qat")], capsys)
     report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    from manzano_edge.models.manzano import embedded_model_identity
+
     assert report["reference"] == {"checkpoint": "embedded default", "matches_bundle": True,
-                                   "exported_from": str(tmp_path / "qat")}
+                                   "exported_from": str(tmp_path / "qat"), "embedded_model": embedded_model_identity(),
+                                   "sha256": embedded_model_identity()["sha256"]}
     (row,) = report["graphs"]
     psnr = row["metrics"]["condition"]["psnr_db"]
     # Scored against the float model: the tuning noise dominates. Against the tuned model it
