@@ -1,4 +1,4 @@
-"""`manzano-edge demo`: the main job on the embedded model: caption, generate, evaluate."""
+"""`manzano-edge demo`: the whole job on the embedded model, end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from manzano_edge.cli.common import add_checkpoint, add_command
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "demo", "the main job on the embedded model: caption, generate, evaluate", [
+    p = add_command(sub, "demo", "the whole job on the embedded model: caption, generate, evaluate, export, validate int8, "
+                       "benchmark", [
         "demo -o out/demo --overwrite",
         "demo -o out/demo-mine --checkpoint runs/mine/checkpoint --no-export",
     ])
