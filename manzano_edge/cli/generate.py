@@ -34,8 +34,10 @@ def run(args) -> None:
     pipe.generation_prompt_ids(args.prompt)  # fail on a bad prompt before any progress output
     s = sampling(args)
     n = pipe.cfg.vision.num_image_tokens
-    with tqdm(total=n + s.flow_steps, desc="generate", disable=args.quiet) as bar:
+    # One bar per stage, each in its own unit: image tokens from the decoder, then flow steps of the DiT.
+    with tqdm(total=n, desc="image tokens", unit="token", disable=args.quiet, leave=False) as bar:
         ids = pipe.generate_ids(args.prompt, s, args.seed, progress=lambda i: bar.update(1))
+    with tqdm(total=s.flow_steps, desc="flow steps", unit="step", disable=args.quiet, leave=False) as bar:
         image = to_image(pipe.render_ids(ids, s, args.seed, progress=lambda i: bar.update(1)))
     write_atomic(out, image.save)
     print(f"wrote {out}")
