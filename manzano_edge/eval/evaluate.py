@@ -52,7 +52,7 @@ def eval_understanding(pipe: Pipeline, n_vqa: int, n_captions: int, seed: int, s
     size = pipe.cfg.vision.image_size
     rng = held_out_rng(seed, "vqa")
     vqa_ok, kinds = 0, {}
-    for _ in tqdm(range(n_vqa), desc="eval vqa", disable=not show):
+    for _ in tqdm(range(n_vqa), desc="eval vqa", unit="question", disable=not show):
         scene = scenes.sample_scene(rng)
         question, answer = scenes.question_answer(scene, rng)
         got = pipe.understand(to_pixels(scenes.render(scene, size), size), question)
@@ -64,7 +64,7 @@ def eval_understanding(pipe: Pipeline, n_vqa: int, n_captions: int, seed: int, s
         kinds[kind] = (hit + ok, total + 1)
     rng = held_out_rng(seed, "caption")
     cap_ok, examples = 0, []
-    for i in tqdm(range(n_captions), desc="eval captions", disable=not show):
+    for i in tqdm(range(n_captions), desc="eval captions", unit="image", disable=not show):
         scene = scenes.sample_scene(rng)
         got = pipe.understand(to_pixels(scenes.render(scene, size), size), scenes.caption_question(rng))
         ok = scenes.scene_matches(scenes.scene_specs(scene), scenes.parse_objects(got))
@@ -83,7 +83,7 @@ def eval_understanding(pipe: Pipeline, n_vqa: int, n_captions: int, seed: int, s
 def eval_generation(pipe: Pipeline, n: int, seed: int, sampling: SamplingConfig | None, show: bool = True) -> dict:
     rng = held_out_rng(seed, "generation")
     score, examples = ShapesScore(), []
-    for i in tqdm(range(n), desc="eval generation", disable=not show):
+    for i in tqdm(range(n), desc="eval generation", unit="prompt", disable=not show):
         scene = scenes.sample_scene(rng)
         prompt = scenes.generation_prompt(scene, rng)
         image = pipe.generate(prompt, sampling, seed=seed + i)
@@ -111,7 +111,7 @@ def eval_reconstruction(pipe: Pipeline, n: int, seed: int, sampling: SamplingCon
     size = pipe.cfg.vision.image_size
     rng = held_out_rng(seed, "reconstruction")
     score, vae_score, psnrs = ShapesScore(), ShapesScore(), []
-    for i in tqdm(range(n), desc="eval reconstruction", disable=not show):
+    for i in tqdm(range(n), desc="eval reconstruction", unit="image", disable=not show):
         scene = scenes.sample_scene(rng)
         pixels = to_pixels(scenes.render(scene, size), size)
         specs = scenes.scene_specs(scene)
@@ -151,7 +151,7 @@ def eval_drawings(pipe: Pipeline, n: int, seed: int, show: bool = True) -> dict:
     as a generated scene."""
     rng = held_out_rng(seed, "drawings")
     ok_count, examples = 0, []
-    for i in tqdm(range(n), desc="eval drawings", disable=not show):
+    for i in tqdm(range(n), desc="eval drawings", unit="drawing", disable=not show):
         img, truth = users_drawing(rng)
         got = pipe.understand(img, scenes.caption_question(rng))
         ok = scenes.scene_matches([scenes.ObjectSpec(*truth)], scenes.parse_objects(got))

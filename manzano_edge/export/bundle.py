@@ -129,7 +129,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             print(f"export: {describe_automatic(plan)}", file=sys.stderr)
         entries: list[Entry] = []
         tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
-        bar = tqdm(tasks, desc="export", disable=not opts.show_progress, dynamic_ncols=True)
+        bar = tqdm(tasks, desc="export", unit="graph", disable=not opts.show_progress, dynamic_ncols=True)
         for fmt, name in bar:
             bar.set_description(f"export {name} -> {fmt}")
             t0 = time.time()

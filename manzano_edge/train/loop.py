@@ -244,7 +244,7 @@ def run_stage(name: str, stage: nn.Module, budget: StageBudget, run_dir: Path, t
     logs: dict = {}
     t0 = time.time()
     bar = tqdm(range(start, budget.steps), desc=f"train {name}", initial=start, total=budget.steps,
-               disable=rank != 0 or not show, dynamic_ncols=True)
+               unit="step", disable=rank != 0 or not show, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, budget)

@@ -122,7 +122,7 @@ def analyse_graph(model: Manzano, spec: GraphSpec, recipe: str, seqs: list, gran
     candidate = TorchProgram(spec, module)
     units = units_of(list(layers), granularity)
     rows = []
-    for unit, names in tqdm(units.items(), desc=f"sensitivity {spec.name}", disable=not show, leave=False):
+    for unit, names in tqdm(units.items(), desc=f"sensitivity {spec.name}", unit="layer", disable=not show, leave=False):
         _set_enabled(layers, set(names))
         rows.append({"unit": unit, "layers": names, **_score(spec, reference, candidate, seqs)})
     # Most sensitive first: lowest top-1 (decoder), then lowest PSNR.
