@@ -12,7 +12,7 @@ SCHEMA = "manzano-edge/bench@1"
 JSON_FILE, MD_FILE = "bench.json", "bench.md"
 LATENCY_PNG, DECODE_PNG = "latency_per_graph.png", "decode_tok_s.png"
 
-# key -> type(s) required in every report / every row; the README documents the full layout.
+# key -> type(s) required in every report / every row; docs/guides/benchmarking.md documents the full layout.
 TOP = {"schema": str, "created": str, "context": dict, "roofline": dict, "bundles": list, "results": list,
        "comparisons": dict}
 ROW = {"label": str, "backend": str, "recipe": str, "bundle": str, "status": str, "files": dict}

@@ -1,6 +1,6 @@
 """How much shape the discrete image codes and the understanding tokens carry: the diagnostics
-behind the README's "Generation is still limited by the codes" and "Where the drawing errors
-come from".
+behind "Generation is still limited by the codes" and "Where the drawing errors come from" in
+docs/history.md.
 
 Three measurements on single-object scenes:
 - controlled: each scene rendered once per shape (same colour, place, size, background); how

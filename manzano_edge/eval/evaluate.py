@@ -24,7 +24,7 @@ from manzano_edge.metrics import image_psnr
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
 
 HELD_OUT_TAG = 424242
-EVAL_SCHEMA = "manzano-edge/eval@1"  # documented in the README, "Evaluation"
+EVAL_SCHEMA = "manzano-edge/eval@1"  # documented in docs/guides/training-and-evaluation.md
 
 
 @dataclass

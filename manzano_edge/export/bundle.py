@@ -79,7 +79,7 @@ class ExportOptions:
     # must link ExecuTorch's custom_ops) or "slice" (slice-assigned cache, core kernels only, slower)
     executorch_kv_cache: str = "llm-ops"
     # Also write the Core ML-delegate .pte next to the XNNPACK one; off saves the memory its lowering
-    # takes on paper-sized models (README "The paper-sized preset").
+    # takes on paper-sized models (docs/results/export-costs.md).
     executorch_coreml: bool = True
 
 
@@ -194,7 +194,7 @@ def _export_graph(job: GraphJob, fmt: str) -> list[Entry]:
 
 def _parity_fix_hint(recipe: str, graphs: list[str]) -> str:
     """The next step after a failed parity check: a quantized graph usually misses the bar because of
-    a few sensitive layers (the README's w4 decoder passes with lm_head float)."""
+    a few sensitive layers (docs/guides/quantization-and-validation.md: the w4 decoder passes with lm_head float)."""
     if is_float(recipe):
         return ""
     layered = [g for g in graphs if g in LAYERED_GRAPHS]

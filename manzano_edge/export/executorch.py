@@ -163,8 +163,8 @@ def verify_bundled_program(path: Path, rtol: float = 1e-4, atol: float = 1e-5) -
         raise UserError(f"bundled program {Path(path).name} does not reproduce its expected outputs ({exc})") from exc
 
 
-# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph (README
-# "Quantization"), so dynamic is the default.
+# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph
+# (docs/guides/quantization-and-validation.md), so dynamic is the default.
 W8A8_MODES = ("dynamic", "static")
 
 

@@ -57,8 +57,8 @@ def _needs_external(module: nn.Module) -> bool:
     return sum(p.numel() * p.element_size() for p in module.parameters()) > 1.8e9
 
 
-# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph (README
-# "Quantization"), so dynamic is the default.
+# Per-call (dynamic) activation scales beat MinMax-calibrated static ones on every graph
+# (docs/guides/quantization-and-validation.md), so dynamic is the default.
 W8A8_MODES = ("dynamic", "static")
 
 

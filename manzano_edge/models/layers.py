@@ -2,7 +2,7 @@
 
 Written so XNNPACK delegates as much of each graph as it can (TOOLCHAIN.md §2): every op left
 on the portable kernels between two delegated ones splits the graph into another partition,
-and the hand-offs cost time (README "Fast graphs" has the counts and what is still left out):
+and the hand-offs cost time (docs/results/xnnpack-delegation.md has the counts and what is still left out):
 - attention is explicit bmm + softmax, not F.scaled_dot_product_attention (F.sdpa decomposes
   into `_safe_softmax`'s eq/any/where, which XNNPACK does not take);
 - views write their one dynamic size as -1 (`dims`): XNNPACK rejects symbolic reshapes;

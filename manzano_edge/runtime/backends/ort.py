@@ -30,7 +30,7 @@ class OrtProgram:
         if threads:
             opts.intra_op_num_threads = threads
         # ORT's pool threads spin after each run by default, competing with the pipeline's own tensor
-        # work (and an app's) between calls; the README has the measured cost.
+        # work (and an app's) between calls; docs/results/small-preset-bench.md has the measured cost.
         opts.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
         opts.log_severity_level = 3
         self.spec = spec
