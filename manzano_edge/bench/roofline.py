@@ -164,7 +164,8 @@ def ensure_point(roof: dict, nbytes: int, label: str) -> dict:
     curve = roof["bandwidth_curve"]
     for p in curve["points"]:
         if abs(p["bytes"] - nbytes) <= 0.01 * nbytes:
-            p.setdefault("rows", []).append(label)
+            if label not in p.setdefault("rows", []):
+                p["rows"].append(label)
             return p
     p = {**read_bandwidth(curve["threads"], nbytes, curve["repeats"]), "source": "row", "rows": [label]}
     p["level"] = cache_level(p["bytes"], curve["caches"], curve["threads"])

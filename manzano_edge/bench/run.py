@@ -391,6 +391,11 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
             else:
                 _log(opts, f"    {row['status']}: {row['reason']}")
             rows.append(row)
+        # Every row's working set is on the curve now: compute the ceilings from the whole curve, so a
+        # row's ceiling does not depend on the order the rows ran in.
+        for row in rows:
+            if row["status"] == "ok":
+                add_roofline(row, refs[row["reference_key"]], roof, flops)
     add_consistency(rows, tmp)
     return {"schema": report.SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "context": {"machine": started, "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
