@@ -34,7 +34,8 @@ def add_command(sub, name: str, help: str, examples: list[str]) -> argparse.Argu
     p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
     out = p.add_argument_group("output")
     out.add_argument("--quiet", action="store_true", help="print only results and errors: no progress bars or notes")
-    out.add_argument("--verbose", action="store_true", help="print more detail on stderr")
+    out.add_argument("--verbose", action="store_true",
+                     help="also show the converters' and runtimes' own output (progress bars, warnings, logs)")
     return p
 
 
