@@ -103,6 +103,26 @@ class Exporter(Protocol):
         ...
 
 
+class BaseExporter:
+    """The defaults of the `Exporter` protocol: one folder named after the format, no options of its
+    own, no emulation. A format module overrides what it does differently."""
+
+    name: str
+
+    def folders(self, opts: ExportOptions) -> list[str]:
+        return [self.name]
+
+    def check_options(self, opts: ExportOptions) -> None:
+        return None
+
+    def emulated_program(self, bundle: Bundle, spec: GraphSpec, model: Manzano, codec: TextCodec,
+                         entry: dict) -> GraphProgram | None:
+        return None
+
+    def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
+        return []
+
+
 EXPORTERS: dict[str, Exporter] = {}
 
 

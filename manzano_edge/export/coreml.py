@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.base import Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.quant import calibration as calib
 from manzano_edge.quant import coreml_ptq
@@ -249,14 +249,11 @@ W8A8_MODES = ("static",)
 
 
 @register_exporter("coreml", SUPPORT, W8A8_MODES)
-class CoreMLExporter:
+class CoreMLExporter(BaseExporter):
     name = "coreml"
     title = "Core ML"
     dependency = "coremltools"
     suffix = SUFFIX
-
-    def folders(self, opts) -> list[str]:
-        return [self.name]
 
     def quantized_layers(self, recipe: str) -> tuple[type, ...]:
         # w8a8's activations are quantized around Linear/Conv2d; weight-only recipes compress every weight.

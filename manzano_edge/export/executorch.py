@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.base import Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.fsutil import path_digest
 from manzano_edge.quant import xnnpack_ptq
@@ -169,7 +169,7 @@ W8A8_MODES = ("dynamic", "static")
 
 
 @register_exporter("executorch", SUPPORT, W8A8_MODES)
-class ExecuTorchExporter:
+class ExecuTorchExporter(BaseExporter):
     name = "executorch"
     title = "ExecuTorch"
     dependency = "executorch"
@@ -249,9 +249,3 @@ class ExecuTorchExporter:
         apple.extra["backend"] = "coreml"
         apple.extra["verified_by"] = "structure only: CoreMLBackend runs on Apple hardware"
         return finish(apple, path, job.out)
-
-    def emulated_program(self, bundle, spec, model, codec, entry):
-        return None
-
-    def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
-        return []

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from manzano_edge.export.base import Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.fsutil import path_digest
 from manzano_edge.quant import onnx_ptq
@@ -63,21 +63,15 @@ W8A8_MODES = ("dynamic", "static")
 
 
 @register_exporter("onnx", SUPPORT, W8A8_MODES)
-class OnnxExporter:
+class OnnxExporter(BaseExporter):
     name = "onnx"
     title = "ONNX"
     dependency = "onnxruntime"
     suffix = SUFFIX
 
-    def folders(self, opts) -> list[str]:
-        return [self.name]
-
     def quantized_layers(self, recipe: str) -> tuple[type, ...]:
         # Integer MatMul/Gemm/Conv for w8a8; MatMulNBits takes MatMul weights only.
         return {"w8a8": (nn.Linear, nn.Conv2d), "w8": (nn.Linear,), "w4": (nn.Linear,)}.get(recipe, ())
-
-    def check_options(self, opts) -> None:
-        pass
 
     def export(self, job: GraphJob) -> list[Entry]:
         spec, model, recipe, plan = job.spec, job.model, job.recipe, job.plan
@@ -116,9 +110,3 @@ class OnnxExporter:
         if not is_float(recipe):
             check_smaller(entry, float_bytes)
         return [entry]
-
-    def emulated_program(self, bundle, spec, model, codec, entry):
-        return None
-
-    def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
-        return []
