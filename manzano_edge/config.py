@@ -19,6 +19,10 @@ from manzano_edge.errors import UserError
 LINEAR_ALIGN = 32
 STC_FACTOR = 3
 
+# Sampling defaults of the command line, the Python runtime and the bundle's pipeline contract.
+DEFAULT_MAX_NEW_TOKENS = 48
+DEFAULT_FLOW_STEPS = 20
+
 
 @dataclass
 class VisionConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from manzano_edge.cli.common import add_command
+from manzano_edge.config import DEFAULT_FLOW_STEPS
 
 
 def add_parser(sub) -> None:
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", help="N for every backend, or per backend: torch=2,ort=2,executorch=2 "
                                      "(default: all logical CPUs)")
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens decoded after the caption prefill")
-    p.add_argument("--flow-steps", type=int, default=20, help="flow-matching steps in the text-to-image run")
+    p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS, help="flow-matching steps in the text-to-image run")
     p.add_argument("--guidance", type=float, default=2.0, help="DiT CFG scale in the text-to-image run (1 = off)")
     p.add_argument("--token-guidance", type=float, default=1.0,
                    help="image-token CFG scale in the text-to-image run (1 = off); other values decode both rows as "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from manzano_edge.cli.common import add_backend, add_checkpoint, add_command, pipeline
+from manzano_edge.config import DEFAULT_MAX_NEW_TOKENS
 
 
 def add_parser(sub) -> None:
@@ -13,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image", required=True, help="the image (PNG or JPEG, any size)")
     p.add_argument("--prompt", default="describe the image.", help="the question or instruction about the image")
     add_checkpoint(p)
-    p.add_argument("--max-new-tokens", type=int, default=48, help="most tokens the answer may have")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens the answer may have")
     add_backend(p)
     p.set_defaults(func=run)
 

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from manzano_edge.config import DEFAULT_FLOW_STEPS
 from manzano_edge.errors import UserError
 
 PROG = "manzano-edge"
@@ -94,7 +95,7 @@ def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the top tokens up to this probability mass (1 = off)")
     p.add_argument("--token-guidance", type=float, default=1.0, help="CFG scale for image tokens (1 = off)")
-    p.add_argument("--flow-steps", type=int, default=20, help="flow-matching steps")
+    p.add_argument("--flow-steps", type=int, default=DEFAULT_FLOW_STEPS, help="flow-matching steps")
     add_deprecated_alias(p, "--steps", "--flow-steps", "flow_steps", type=int)
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale for the DiT (1 = off)")
 

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--graphs", help="comma-separated graphs, or 'all' (default: every graph but the optional "
                                     "decoder_cfg, the batch-of-2 decoder that --token-guidance needs)")
     p.add_argument("--coreml-precision", default="fp16", help="Core ML compute precision for float recipes")
+    p.add_argument("--coreml-target", default="iOS18",
+                   help="Core ML minimum deployment target: iOS18 | macOS15 | iOS26 | macOS26")
     p.add_argument("--preset", help="export a randomly initialised preset instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of --preset's random weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -47,7 +49,8 @@ def run(args) -> None:
 
     opts = ExportOptions(formats=parse_list(args.format, FORMATS, "format"), recipe=args.recipe,
                          graphs=args.graphs.split(",") if args.graphs else None,
-                         coreml_precision=args.coreml_precision, overwrite=args.overwrite,
+                         coreml_precision=args.coreml_precision, coreml_target=args.coreml_target,
+                         overwrite=args.overwrite,
                          show_progress=not args.quiet, parity=not args.no_parity, keep_float=args.keep_float,
                          calibration_samples=args.calibration_samples, calibration_file=args.calibration,
                          w8a8_mode=_w8a8_modes(args), bundled_io=args.bundled_io,

@@ -69,6 +69,10 @@ class GraphJob:
     def requested_recipe(self) -> str:
         return self.opts.recipe
 
+    def w8a8_mode(self, fmt: str) -> str | None:
+        """The activation mode `fmt` quantizes this graph's w8a8 with (None: the recipe is not w8a8)."""
+        return self.plan.modes[fmt] if self.recipe == "w8a8" else None
+
 
 class Exporter(Protocol):
     name: str  # the --format value and the bundle's subfolder
@@ -102,6 +106,12 @@ class Exporter(Protocol):
         """What a report must say about the graphs `emulated_program` stood in for."""
         ...
 
+    def finish_bundle(self, out: Path, model: Manzano, tokenizer_json: str, entries: list[Entry],
+                      opts: ExportOptions) -> dict:
+        """After every graph: write the format's folder-level files (a stock runner's config) and
+        return the manifest's `runners` records of them ({} when there are none)."""
+        ...
+
 
 class BaseExporter:
     """The defaults of the `Exporter` protocol: one folder named after the format, no options of its
@@ -121,6 +131,10 @@ class BaseExporter:
 
     def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
         return []
+
+    def finish_bundle(self, out: Path, model: Manzano, tokenizer_json: str, entries: list[Entry],
+                      opts: ExportOptions) -> dict:
+        return {}
 
 
 EXPORTERS: dict[str, Exporter] = {}

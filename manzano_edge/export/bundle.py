@@ -47,6 +47,13 @@ from manzano_edge.quant.recipes import (
 )
 from manzano_edge.quiet import third_party_output
 from manzano_edge.runtime.bundle import MANIFEST_FILE, NULL_CONDITION_FILE
+from manzano_edge.spec.contract import (
+    GENERATION_CONFIG_FILE,
+    PREPROCESSOR_CONFIG_FILE,
+    generation_config,
+    pipeline_contract,
+    preprocessor_config,
+)
 from manzano_edge.spec.examples import real_examples
 from manzano_edge.spec.graphs import GraphSpec, graph_specs
 
@@ -66,6 +73,7 @@ class ExportOptions:
     recipe: str | RecipeConfig = "fp32"  # a name, or a config object (quant/recipes.py)
     graphs: list[str] | None = None
     coreml_precision: str = "fp16"  # Core ML compute precision for float recipes
+    coreml_target: str = "iOS18"  # Core ML minimum deployment target (export/coreml.py TARGETS)
     overwrite: bool = False
     decode_steps: int = 16
     show_progress: bool = True
@@ -141,7 +149,12 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                 e.exporter = fmt
             entries.extend(new)
             gc.collect()
+        runners = {}
+        for fmt in opts.formats:
+            runners.update(EXPORTERS[fmt].finish_bundle(tmp, model, tokenizer_json, entries, opts))
         manifest = build_manifest(model, opts, entries, plan)
+        if runners:
+            manifest["runners"] = runners
         failed = [e for e in entries if not e.passed]
         if failed:
             print_summary(manifest)
@@ -165,15 +178,25 @@ def resolve_recipe(opts: ExportOptions) -> ExportOptions:
 
 
 def _write_bundle_files(model: Manzano, tokenizer_json: str, tmp: Path, manifest: dict) -> None:
-    """Everything besides the graphs: config, tokenizer, the DiT's null condition, the manifest last."""
-    model.cfg.save(tmp / CONFIG_FILE)
+    """Everything besides the graphs: config, tokenizer, the DiT's null condition, the pipeline
+    contract's Hugging Face-style files, the manifest last."""
+    cfg = model.cfg
+    cfg.save(tmp / CONFIG_FILE)
     (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
     # The DiT's learned "no condition" vector: the runtime needs it for classifier-free guidance.
-    null_file = tmp / NULL_CONDITION_FILE
-    save_file({"null_condition": model.dit.null_cond.detach().contiguous()}, str(null_file))
-    digest, size = path_digest(null_file)
-    manifest["extras"] = {"null_condition": {"file": NULL_CONDITION_FILE, "sha256": digest, "bytes": size}}
+    save_file({"null_condition": model.dit.null_cond.detach().contiguous()}, str(tmp / NULL_CONDITION_FILE))
+    (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    (tmp / PREPROCESSOR_CONFIG_FILE).write_text(json.dumps(preprocessor_config(cfg), indent=2) + "\n")
+    manifest["pipeline"] = pipeline_contract(cfg, TOKENIZER_FILE, NULL_CONDITION_FILE)
+    manifest["extras"] = {key: _file_record(tmp, name) for key, name in (
+        ("null_condition", NULL_CONDITION_FILE), ("generation_config", GENERATION_CONFIG_FILE),
+        ("preprocessor_config", PREPROCESSOR_CONFIG_FILE))}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _file_record(root: Path, name: str) -> dict:
+    digest, size = path_digest(root / name)
+    return {"file": name, "sha256": digest, "bytes": size}
 
 
 def _export_graph(job: GraphJob, fmt: str) -> list[Entry]:

@@ -36,6 +36,11 @@ from manzano_edge.spec.tracing import export_program
 
 SUFFIX = ".mlpackage"
 PRECISIONS = ("fp16", "fp32")  # compute precision of float recipes (--coreml-precision)
+# Deployment targets (--coreml-target): the stateful decoder needs Core ML states (iOS 18 / macOS 15).
+TARGETS = ("iOS18", "macOS15", "iOS26", "macOS26")
+DEFAULT_TARGET = "iOS18"
+# The model name swift-transformers reads from a model's metadata.
+MODEL_NAME_KEY = "co.huggingface.exporters.name"
 
 SUPPORT = {
     "fp32": Support(True, "mlprogram, fp32 compute"),
@@ -60,17 +65,44 @@ def _ct():
     return ct
 
 
-def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], fp16: bool = True):
-    return convert_program(spec, export_program(spec, module, example), fp16)
+def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], fp16: bool = True,
+            target: str = DEFAULT_TARGET):
+    return convert_program(spec, export_program(spec, module, example), fp16, target)
 
 
-def convert_program(spec: GraphSpec, program: torch.export.ExportedProgram, fp16: bool = True):
+def convert_program(spec: GraphSpec, program: torch.export.ExportedProgram, fp16: bool = True,
+                    target: str = DEFAULT_TARGET):
     ct = _ct()
     # Symbolic-shape broadcasting is logged as a warning per op; it is expected with flexible shapes.
     logging.getLogger("coremltools").setLevel(logging.ERROR)
-    return ct.convert(program.run_decompositions({}), convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+    return ct.convert(program.run_decompositions({}), convert_to="mlprogram",
+                      minimum_deployment_target=getattr(ct.target, target),
                       compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
                       outputs=[ct.TensorType(name=t.name) for t in spec.outputs])
+
+
+def describe(mlmodel, spec: GraphSpec, model_name: str, recipe: str, target: str) -> None:
+    """The metadata Xcode shows and Apple's and Hugging Face's Swift code read: author, license,
+    version, a description of the graph and of each input, output and state, the model name."""
+    from importlib import metadata
+
+    version = metadata.version("manzano-edge")
+    mlmodel.author = "manzano-edge"
+    mlmodel.license = "Apache-2.0"
+    mlmodel.version = version
+    mlmodel.short_description = f"{model_name} {spec.name}: {spec.summary} ({recipe}, {target})"
+    meta = mlmodel.user_defined_metadata
+    meta[MODEL_NAME_KEY] = f"manzano-edge/{model_name}"
+    meta.update({"manzano-edge.graph": spec.name, "manzano-edge.recipe": recipe, "manzano-edge.version": version,
+                 "manzano-edge.contract": "the bundle's manifest.json, section pipeline"})
+    described = mlmodel.get_spec().description
+    for feature in (*described.input, *described.output):
+        if feature.name in spec.docs:
+            target_map = mlmodel.input_description if feature in described.input else mlmodel.output_description
+            target_map[feature.name] = spec.docs[feature.name]
+    for state in mlmodel._spec.description.state:
+        if state.name in spec.docs:
+            state.shortDescription = spec.docs[state.name]
 
 
 def _weight_key(const_name: str) -> str:
@@ -262,6 +294,9 @@ class CoreMLExporter(BaseExporter):
     def check_options(self, opts) -> None:
         if opts.coreml_precision not in PRECISIONS:
             raise UserError(f"unknown Core ML compute precision '{opts.coreml_precision}'; choose fp16 or fp32")
+        if opts.coreml_target not in TARGETS:
+            raise UserError(f"unknown Core ML target '{opts.coreml_target}'; choose from {', '.join(TARGETS)} (the "
+                            "decoder keeps its KV cache in Core ML states, which need iOS 18 / macOS 15)")
 
     def export(self, job: GraphJob) -> list[Entry]:
         spec, model, recipe, plan = job.spec, job.model, job.recipe, job.plan
@@ -272,11 +307,14 @@ class CoreMLExporter(BaseExporter):
             return [self._w8a8(job, module, path, entry)]
         # A graph kept float inside a quantized export computes in fp16, like the quantized ones.
         fp16 = job.opts.coreml_precision == "fp16" or recipe != job.requested_recipe or recipe == "fp16"
-        mlmodel = convert(spec, module, job.examples[0], fp16=fp16 if is_float(recipe) else True)
+        target = job.opts.coreml_target
+        mlmodel = convert(spec, module, job.examples[0], fp16=fp16 if is_float(recipe) else True, target=target)
         if not is_float(recipe):
             kept = plan.keep_modules(spec, model) if plan else []
             mlmodel = compress(mlmodel, recipe, kept)
             entry.extra["quantization"] = {"tool": "coremltools.optimize.coreml"}
+        describe(mlmodel, spec, model.cfg.name, recipe, target)
+        entry.extra["deployment_target"] = target
         mlmodel.save(str(path))
         info = _checked_structure(spec, path)
         weights = stored_weights(mlmodel)
@@ -309,8 +347,11 @@ class CoreMLExporter(BaseExporter):
         spec, plan = job.spec, job.plan
         program, quantized, info = coreml_ptq.w8a8(spec, module, job.examples[0], plan.calibration.get(spec.name),
                                                    plan.keep_modules(spec, job.model))
-        mlmodel = convert_program(spec, program, fp16=True)
+        target = job.opts.coreml_target
+        mlmodel = convert_program(spec, program, fp16=True, target=target)
         del program
+        describe(mlmodel, spec, job.model.cfg.name, "w8a8", target)
+        entry.extra["deployment_target"] = target
         mlmodel.save(str(path))
         info_structure = _checked_structure(spec, path)
         info["activation_quant_ops"] = coreml_ptq.activation_quant_ops(info_structure["ops"])

@@ -83,6 +83,11 @@ class Bundle:
                 self.verified_file(f["file"], f["sha256"])
                 for side in f.get("external_data", []):
                     self.verified_file(side["file"], side["sha256"])
+        for extra in self.manifest.get("extras", {}).values():
+            self.verified_file(extra["file"], extra["sha256"])
+        for runner in self.manifest.get("runners", {}).values():
+            for f in runner.get("files", []):
+                self.verified_file(f["file"], f["sha256"])
 
     def null_condition(self) -> torch.Tensor:
         info = self.manifest.get("extras", {}).get("null_condition")

@@ -22,14 +22,19 @@ from manzano_edge.data.text import TextCodec
 from manzano_edge.errors import UserError
 from manzano_edge.runtime.graphs import GraphRunner
 from manzano_edge.spec.decoding import (
+    DEFAULT_FLOW_STEPS,
+    DEFAULT_MAX_NEW_TOKENS,
     GENERATION_FIXED_TOKENS,
     NEG_INF,
     UNDERSTANDING_FIXED_TOKENS,
     codes_only_mask,
     decode,
+    euler_step,
+    flow_timesteps,
     generation_layout,
     guidance_rows,
     guided_logits,
+    guided_velocity,
     left_pad,
     padded_causal_mask,
     text_only_mask,
@@ -45,7 +50,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     token_guidance: float = 1.0  # CFG scale on image-token logits; 1 = off (no uncond pass)
-    flow_steps: int = 20
+    flow_steps: int = DEFAULT_FLOW_STEPS
     flow_guidance: float = 1.0  # CFG scale on the DiT velocity; 1 = off
 
     MAX_FLOW_STEPS = 1000
@@ -127,8 +132,14 @@ class Pipeline:
         return ids
 
     # -- understanding -------------------------------------------------------------------------
-    def understand(self, image: Image.Image | torch.Tensor, prompt: str, max_new_tokens: int = 48,
+    def understand(self, image: Image.Image | torch.Tensor, prompt: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    sampling: SamplingConfig | None = None, seed: int = 0) -> str:
+        return self.codec.decode(self.understand_ids(image, prompt, max_new_tokens, sampling, seed))
+
+    def understand_ids(self, image: Image.Image | torch.Tensor, prompt: str,
+                       max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingConfig | None = None,
+                       seed: int = 0) -> list[int]:
+        """The answer's token ids (without the stop token)."""
         s = (sampling or SamplingConfig(temperature=0.0)).validate()
         check_int("max_new_tokens", max_new_tokens, 0, self.max_len)
         check_int("seed", seed, 0, SEED_MAX)
@@ -137,10 +148,9 @@ class Pipeline:
         logits = self.g.decoder_step(embeds, padded_causal_mask([0], 0, embeds.shape[1]))[:, -1]
         past = embeds.shape[1]
         gen = torch.Generator().manual_seed(seed)
-        out = decode(self.g.decoder_step, self.g.embed_tokens, logits, past, min(max_new_tokens, self.max_len - past),
-                     pick=lambda x: sample_token(x + self.text_only, s, gen), stop_id=self.cfg.text.eos_id,
-                     max_len=self.max_len)
-        return self.codec.decode(out)
+        return decode(self.g.decoder_step, self.g.embed_tokens, logits, past, min(max_new_tokens, self.max_len - past),
+                      pick=lambda x: sample_token(x + self.text_only, s, gen), stop_id=self.cfg.text.eos_id,
+                      max_len=self.max_len)
 
     def understanding_embeds(self, image: Image.Image | torch.Tensor, prompt: str) -> torch.Tensor:
         """The understanding prefill [1, T, D]: the prompt layout with the image's embeddings spliced in."""
@@ -206,12 +216,12 @@ class Pipeline:
         if guided:
             cond = torch.cat([cond, self.g.null_condition(1, ids.shape[1])])
         steps = max(1, s.flow_steps)
-        for i in range(steps):
-            t = torch.full((2 if guided else 1,), i / steps)
+        for i, timestep in enumerate(flow_timesteps(steps)):
+            t = torch.full((2 if guided else 1,), timestep)
             v = self.g.denoise(torch.cat([x, x]) if guided else x, t, cond)
             if guided:
-                v = v[1:] + s.flow_guidance * (v[:1] - v[1:])
-            x = x + v / steps
+                v = guided_velocity(v, s.flow_guidance)
+            x = euler_step(x, v, steps)
             if progress:
                 progress(i + 1)
         return self.g.vae_decode(x / self.cfg.vae.scaling_factor).clamp(-1, 1)

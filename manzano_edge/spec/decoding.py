@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from manzano_edge.config import ModelConfig, TextConfig
+from manzano_edge.config import DEFAULT_FLOW_STEPS, DEFAULT_MAX_NEW_TOKENS, ModelConfig, TextConfig
 from manzano_edge.models.decoder import causal_mask
 
 NEG_INF = float("-inf")
@@ -24,7 +24,9 @@ PickFn = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> the next tok
 
 __all__ = ["causal_mask", "padded_causal_mask", "left_pad", "guidance_rows", "guided_logits", "text_only_mask",
            "codes_only_mask", "understanding_layout", "generation_layout", "UNDERSTANDING_FIXED_TOKENS",
-           "GENERATION_FIXED_TOKENS", "greedy", "decode"]
+           "GENERATION_FIXED_TOKENS", "greedy", "decode", "flow_timesteps", "guided_velocity", "euler_step",
+           "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_FLOW_STEPS"]
+
 
 
 # -- prompt layouts --------------------------------------------------------------------------------
@@ -123,3 +125,21 @@ def decode(step: StepFn, embed: EmbedFn, logits: torch.Tensor, past: int, count:
         logits = step(inputs["inputs_embeds"], inputs["causal_mask"])[:, -1]
         past += 1
     return out
+
+
+# -- the flow-matching loop ------------------------------------------------------------------------
+# The DiT predicts a velocity from noise (t = 0) towards the latent (t = 1); Euler steps on a
+# uniform grid integrate it.
+def flow_timesteps(steps: int) -> list[float]:
+    """The timesteps the DiT is evaluated at: i / steps for i in [0, steps)."""
+    return [i / steps for i in range(steps)]
+
+
+def guided_velocity(velocity: torch.Tensor, scale: float) -> torch.Tensor:
+    """[2, ...] velocities (row 0 conditional, row 1 on the null condition) -> [1, ...]:
+    uncond + scale * (cond - uncond)."""
+    return velocity[1:] + scale * (velocity[:1] - velocity[1:])
+
+
+def euler_step(latent: torch.Tensor, velocity: torch.Tensor, steps: int) -> torch.Tensor:
+    return latent + velocity / steps

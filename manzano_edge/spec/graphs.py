@@ -93,6 +93,34 @@ class StateLayout:
     INPLACE = "inplace"
 
 
+class Convention:
+    """Another runtime's I/O convention for the same computation (`GraphSpec.variants`).
+
+    - STOCK_VLM: the vision -> embedding -> decoder split of the stock VLM runtimes: `pixel_values`
+      -> 2-D `image_features`; `input_ids` with negative image slots + `image_features` ->
+      `inputs_embeds`; a decoder with an integer `attention_mask` and one cache tensor per layer
+      (`past_key_values.{i}.key/value` in, `present.{i}.key/value` out).
+    """
+
+    STOCK_VLM = "stock_vlm"
+
+
+@dataclass
+class GraphVariant:
+    """One graph in another I/O convention: the file the runtime looks for, its I/O and its module.
+    Its numbers are the graph's own (the exporter checks parity against the reference build)."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    build: Callable[[Manzano], nn.Module]
+
+    def manifest_io(self, dims: dict[str, Dim]) -> dict:
+        used = {d.name for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, Dim)}
+        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
+                "states": [], "dynamic_dims": {n: {"min": d.min, "max": d.max} for n, d in dims.items() if n in used}}
+
+
 class GraphKind:
     """What a graph computes, for the code that drives it (metrics, benchmarks, examples)."""
 
@@ -118,6 +146,11 @@ class GraphSpec:
     layouts: dict[str, Callable[[Manzano], nn.Module]] = field(default_factory=dict)
     # Not in the default export set, and the runtime runs without it (a feature needs it).
     optional: bool = False
+    # The same step in other runtimes' I/O conventions (`Convention` -> variant).
+    variants: dict[str, GraphVariant] = field(default_factory=dict)
+    # What the graph and each of its inputs, outputs and states mean, for the files' own metadata.
+    summary: str = ""
+    docs: dict[str, str] = field(default_factory=dict)
     dims: dict[str, Dim] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +158,12 @@ class GraphSpec:
             for d in t.shape:
                 if isinstance(d, Dim):
                     self.dims[d.name] = d
+        self.variant_dims: dict[str, Dim] = {}
+        for v in self.variants.values():
+            for t in (*v.inputs, *v.outputs):
+                for d in t.shape:
+                    if isinstance(d, Dim):
+                        self.variant_dims[d.name] = d
 
     def has_layout(self, layout: str) -> bool:
         return layout in self.layouts
@@ -164,15 +203,34 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
     cache = (d.num_hidden_layers, 1, d.num_key_value_heads, d.max_position_embeddings, d.head_dim)
     cfg_cache = (d.num_hidden_layers, 2, *cache[2:])
     latent = (cfg.vae.latent_channels, cfg.latent_size, cfg.latent_size)
+    # The stock VLM convention: a cache that grows by concatenation, from empty (past = 0).
+    past, total = Dim("past", 0, ctx - 1), Dim("total", 1, ctx)
+    image_rows = Dim("image_rows", 0, ctx)
+    per_layer = [f"{i}.{kv}" for i in range(d.num_hidden_layers) for kv in ("key", "value")]
+    past_kv = tuple(TensorSpec(f"past_key_values.{n}", (1, d.num_key_value_heads, past, d.head_dim)) for n in per_layer)
+    present_kv = tuple(TensorSpec(f"present.{n}", (1, d.num_key_value_heads, total, d.head_dim)) for n in per_layer)
     specs = [
         GraphSpec("tokenizer", "tokenizer", GraphKind.IMAGE_TOKENIZER,
                   inputs=(TensorSpec("pixels", (1, 3, hw, hw)),),
                   outputs=(TensorSpec("image_embeds", (1, n, width)), TensorSpec("image_ids", (1, n), "int32")),
-                  build=modules.TokenizerGraph),
+                  build=modules.TokenizerGraph,
+                  summary="hybrid vision tokenizer: understanding embeddings and generation codes of one image",
+                  docs={"pixels": "RGB image, NCHW, in [-1, 1] (x / 127.5 - 1)",
+                        "image_embeds": "continuous-adapter embeddings, spliced into the decoder's prompt",
+                        "image_ids": "FSQ codes of the discrete adapter (image token = code + image_token_offset)"},
+                  variants={Convention.STOCK_VLM: GraphVariant(
+                      "vision", inputs=(TensorSpec("pixel_values", (1, 3, hw, hw)),),
+                      outputs=(TensorSpec("image_features", (n, width)),), build=modules.VisionFeatures)}),
         GraphSpec("embed_tokens", "decoder", GraphKind.TOKEN_EMBEDDING,
                   inputs=(TensorSpec("tokens", (1, seq), "int32"),),
                   outputs=(TensorSpec("embeds", (1, seq, width)),),
-                  build=modules.EmbedGraph),
+                  build=modules.EmbedGraph,
+                  summary="token embedding lookup of the joint text + image-code vocabulary",
+                  docs={"tokens": "token ids", "embeds": "their embeddings, the decoder's inputs_embeds"},
+                  variants={Convention.STOCK_VLM: GraphVariant(
+                      "embedding", inputs=(TensorSpec("input_ids", (1, seq), "int64"),
+                                           TensorSpec("image_features", (image_rows, width))),
+                      outputs=(TensorSpec("inputs_embeds", (1, seq, width)),), build=modules.SplicingEmbedding)}),
         GraphSpec("decoder", "decoder", GraphKind.LM_STEP,
                   inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
                           TensorSpec("causal_mask", (1, 1, seq, end), allow_inf=True)),
@@ -181,8 +239,19 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   outputs=(TensorSpec("logits", (1, 1, cfg.vocab_size)),),
                   states=(TensorSpec("k_cache", cache), TensorSpec("v_cache", cache)),
                   build=lambda m: modules.StatefulDecoder(m.decoder, last_logits=True),
+                  summary="Llama-style decoder step (prefill T > 1 or decode T = 1) with its KV cache as state",
+                  docs={"inputs_embeds": "embeddings of the T new positions (text, spliced image rows, or one token)",
+                        "causal_mask": "additive mask [B, 1, T, E]: 0 where key k <= past + q, -inf elsewhere; "
+                                       "E = past + T is the cache length after the step",
+                        "logits": "next-token logits of the last position",
+                        "k_cache": "keys of every layer (state)", "v_cache": "values of every layer (state)"},
                   layouts={StateLayout.EXPLICIT: lambda m: modules.ExplicitKVDecoder(m.decoder, last_logits=True),
-                           StateLayout.INPLACE: lambda m: modules.InPlaceKVDecoder(m.decoder, last_logits=True)}),
+                           StateLayout.INPLACE: lambda m: modules.InPlaceKVDecoder(m.decoder, last_logits=True)},
+                  variants={Convention.STOCK_VLM: GraphVariant(
+                      "decoder", inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
+                                         TensorSpec("attention_mask", (1, total), "int64"), *past_kv),
+                      outputs=(TensorSpec("logits", (1, 1, cfg.vocab_size)), *present_kv),
+                      build=lambda m: modules.PerLayerKVDecoder(m.decoder))}),
         # Image-token CFG: the conditional and unconditional rows decode as one batch of 2,
         # the shorter row left-padded and masked per row (`padded_causal_mask`).
         GraphSpec("decoder_cfg", "decoder", GraphKind.GUIDED_LM_STEP,
@@ -191,6 +260,12 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   outputs=(TensorSpec("logits", (2, 1, cfg.vocab_size)),),
                   states=(TensorSpec("k_cache", cfg_cache), TensorSpec("v_cache", cfg_cache)),
                   build=lambda m: modules.StatefulDecoder(m.decoder, batch_size=2, last_logits=True),
+                  summary="the decoder step on the two rows of image-token guidance (conditional, unconditional)",
+                  docs={"inputs_embeds": "embeddings of the T new positions (text, spliced image rows, or one token)",
+                        "causal_mask": "additive mask [B, 1, T, E]: 0 where key k <= past + q, -inf elsewhere; "
+                                       "E = past + T is the cache length after the step",
+                        "logits": "next-token logits of the last position",
+                        "k_cache": "keys of every layer (state)", "v_cache": "values of every layer (state)"},
                   layouts={StateLayout.EXPLICIT: lambda m: modules.ExplicitKVDecoder(m.decoder, last_logits=True),
                            StateLayout.INPLACE: lambda m: modules.InPlaceKVDecoder(m.decoder, last_logits=True,
                                                                                    batch_size=2)},
@@ -198,16 +273,25 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
         GraphSpec("code_features", "diffusion", GraphKind.CODE_FEATURES,
                   inputs=(TensorSpec("image_ids", (1, n), "int32"),),
                   outputs=(TensorSpec("condition", (1, n, width)),),
-                  build=modules.CodeFeaturesGraph),
+                  build=modules.CodeFeaturesGraph,
+                  summary="image codes to discrete-adapter features: the DiT's condition",
+                  docs={"image_ids": "image codes (token - image_token_offset)", "condition": "the DiT's condition"}),
         GraphSpec("dit", "diffusion", GraphKind.DENOISER_STEP,
                   inputs=(TensorSpec("latent", (batch, *latent)), TensorSpec("timestep", (batch,)),
                           TensorSpec("condition", (batch, n, width))),
                   outputs=(TensorSpec("velocity", (batch, *latent)),),
-                  build=modules.DiTGraph),
+                  build=modules.DiTGraph,
+                  summary="one flow-matching velocity of the DiT (batch 2: conditional and null condition)",
+                  docs={"latent": "the latent x at time t", "timestep": "t in [0, 1): 0 is noise, 1 the image",
+                        "condition": "code_features' condition, or the null condition for guidance",
+                        "velocity": "dx/dt; an Euler step is x + velocity / steps"}),
         GraphSpec("vae_decoder", "diffusion", GraphKind.LATENT_DECODER,
                   inputs=(TensorSpec("latent", (1, *latent)),),
                   outputs=(TensorSpec("pixels", (1, 3, hw, hw)),),
-                  build=lambda m: m.vae.decoder),
+                  build=lambda m: m.vae.decoder,
+                  summary="VAE decoder: latent to pixels",
+                  docs={"latent": "the flow's final latent divided by the VAE scaling factor",
+                        "pixels": "RGB image, NCHW, in [-1, 1] before clamping"}),
     ]
     return {s.name: s for s in specs}
 

@@ -224,3 +224,65 @@ def reset_states(module: nn.Module, spec: GraphSpec) -> None:
             leaf = name.split(".")[-1]
             if leaf in names or leaf.rstrip("0123456789").rstrip("_") in names:
                 buf.zero_()
+
+
+# -- the stock VLM layout (`StateLayout.PER_LAYER`): vision -> embedding -> decoder ---------------
+class VisionFeatures(nn.Module):
+    """pixel_values [1, 3, H, W] -> image_features [N, D]: the understanding branch alone, 2-D as
+    the stock VLM runtimes take it (rows of all images, so a text-only prompt passes [0, D])."""
+
+    def __init__(self, model: Manzano) -> None:
+        super().__init__()
+        self.tokenizer = model.tokenizer
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer(pixel_values)[0][0]
+
+
+class SplicingEmbedding(nn.Module):
+    """input_ids [B, S] with a negative id at each image slot, image_features [n, D] -> inputs_embeds
+    [B, S, D]: the k-th negative id takes the k-th feature row. The runtime passes [0, D] features
+    for text-only steps, so a zero row is prepended and text positions gather it (then discarded)."""
+
+    def __init__(self, model: Manzano) -> None:
+        super().__init__()
+        self.embed_tokens = model.decoder.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.long()
+        is_image = ids < 0
+        slot = torch.cumsum(is_image.long().flatten(), 0).view(ids.shape) * is_image.long()
+        rows = torch.cat([image_features.new_zeros(1, image_features.shape[-1]), image_features])
+        return torch.where(is_image.unsqueeze(-1), rows[slot], self.embed_tokens(ids.clamp(min=0)))
+
+
+class PerLayerKVDecoder(nn.Module):
+    """`StatefulDecoder`'s step in the stock LLM runtimes' I/O: an integer `attention_mask` [B, total]
+    (1 = a real key) from which the graph builds the causal mask itself, and the cache as one
+    tensor per layer, `past_key_values.{i}.key/value` [B, Hkv, past, hd] in and the grown
+    `present.{i}.key/value` [B, Hkv, past + T, hd] out (past = total - T)."""
+
+    def __init__(self, decoder: LlamaDecoder, last_logits: bool = True) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.last_logits = last_logits
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        t, total = inputs_embeds.shape[1], attention_mask.shape[1]
+        start = total - t
+        q = torch.arange(t, device=inputs_embeds.device)[:, None] + start
+        k = torch.arange(total, device=inputs_embeds.device)[None, :]
+        # A query always sees its own key, so a padding row is never fully masked (NaN).
+        allowed = ((k <= q) & (attention_mask[:, None, None, :] != 0)) | (k == q)
+        mask = torch.where(allowed, 0.0, float("-inf")).to(inputs_embeds.dtype)
+        presents: list[torch.Tensor] = []
+
+        def write(layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = torch.cat([past[2 * layer], k_new], dim=2)
+            values = torch.cat([past[2 * layer + 1], v_new], dim=2)
+            presents.extend((keys, values))
+            return keys, values
+
+        logits = self.decoder(inputs_embeds=inputs_embeds, start=start, mask=mask, kv_writer=write,
+                              last_only=self.last_logits)
+        return (logits, *presents)

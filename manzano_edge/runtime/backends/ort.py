@@ -4,6 +4,7 @@ interpreter independent of ORT for small float graphs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 
 from manzano_edge.errors import UserError
 from manzano_edge.runtime.backends.base import Backend, installed, register_backend, torch_threads
-from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.decoding import causal_mask
+from manzano_edge.spec.graphs import Convention, GraphKind, GraphSpec
 from manzano_edge.spec.tracing import initial_states
 
 ORT_ALLOW_SPINNING = "0"  # bench records it per result, in `threads`
@@ -40,17 +42,53 @@ class OrtProgram:
     def reset(self) -> None:
         self.state = {k: v.numpy() for k, v in initial_states(self.spec).items()}
 
-    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(None, feed)))
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
         feed.update(self.state)
-        values = self._evaluate(feed)
+        values = self.evaluate(feed)
         for s in self.spec.states:
             self.state[s.name] = values.pop(f"{s.name}_out")
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
+
+
+class StockVlmProgram:
+    """A graph's `Convention.STOCK_VLM` file run in onnxruntime behind the graph's own I/O, so export
+    parity and tests compare it with the reference step by step: pixels -> pixel_values,
+    tokens -> input_ids with no image rows, an unpadded causal mask -> the integer attention
+    mask, and the per-layer cache grown between calls as onnxruntime-genai grows it."""
+
+    def __init__(self, spec: GraphSpec, path: Path, threads: int = 0) -> None:
+        self.spec = spec
+        self.variant = spec.variants[Convention.STOCK_VLM]
+        self.session = OrtProgram(replace(spec, states=()), path, threads)
+        self.past = [t for t in self.variant.inputs if t.name.startswith("past_key_values.")]
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = {t.name: np.zeros(t.concrete({"past": 0}), np.float32) for t in self.past}
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kind = self.spec.kind
+        if kind == GraphKind.IMAGE_TOKENIZER:
+            out = self.session.evaluate({"pixel_values": inputs["pixels"].numpy()})
+            return {"image_embeds": torch.from_numpy(out["image_features"])[None]}
+        if kind == GraphKind.TOKEN_EMBEDDING:
+            width = self.variant.inputs[1].shape[-1]
+            out = self.session.evaluate({"input_ids": inputs["tokens"].long().numpy(),
+                                          "image_features": np.zeros((0, width), np.float32)})
+            return {"embeds": torch.from_numpy(out["inputs_embeds"])}
+        mask = inputs["causal_mask"]
+        if mask.shape[0] != 1 or not torch.equal(mask, causal_mask(mask.shape[-1] - mask.shape[-2], mask.shape[-2])):
+            raise UserError(f"{self.spec.name}: the stock VLM decoder takes one unpadded row")
+        out = self.session.evaluate({"inputs_embeds": inputs["inputs_embeds"].numpy(),
+                                      "attention_mask": np.ones((1, mask.shape[-1]), np.int64), **self.cache})
+        for t in self.past:
+            self.cache[t.name] = out[t.name.replace("past_key_values.", "present.")]
+        return {"logits": torch.from_numpy(out["logits"])}
 
 
 class ReferenceProgram(OrtProgram):
@@ -63,7 +101,7 @@ class ReferenceProgram(OrtProgram):
         self.evaluator = ReferenceEvaluator(str(path))
         self.reset()
 
-    def _evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def evaluate(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.evaluator.output_names, self.evaluator.run(None, feed)))
 
 
