@@ -59,7 +59,8 @@ class GenaiApp:
 
     def encode(self, text: str) -> list[int]:
         """onnxruntime-genai's tokenizer applies no normalizer and no prefix space: the app does both."""
-        return [int(i) for i in self.tokenizer.encode(" " + unicodedata.normalize("NFKC", text).lower())]
+        text = unicodedata.normalize("NFKC", text).lower()
+        return [int(i) for i in self.tokenizer.encode(text if text.startswith(" ") else " " + text)]
 
     def generate(self, inputs: og.NamedTensors, mask: np.ndarray, count: int, stop: set[int]) -> list[int]:
         params = og.GeneratorParams(self.model)

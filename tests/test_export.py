@@ -35,8 +35,10 @@ def test_manifest_covers_every_graph_and_format(bundle):
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["schema"] == "manzano-edge/bundle@1"
     assert set(manifest["graphs"]) == set(GRAPHS)
+    genai_graphs = set(manifest["runners"]["onnxruntime-genai"]["graphs"].values())
     for name, graph in manifest["graphs"].items():
-        assert set(graph["formats"]) == {"coreml", "onnx", "executorch", "executorch-coreml"}, name
+        genai = {"onnx-genai"} if name in genai_graphs else set()
+        assert set(graph["formats"]) == {"coreml", "onnx", "executorch", "executorch-coreml", *genai}, name
         for fmt, f in graph["formats"].items():
             digest, size = path_digest(out / f["file"])
             assert (digest, size) == (f["sha256"], f["bytes"]) and size > 0, (name, fmt)
@@ -44,6 +46,9 @@ def test_manifest_covers_every_graph_and_format(bundle):
     for tool in ("torch", "executorch", "coremltools", "onnxruntime"):
         assert manifest["tools"][tool] != "not installed"
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    for runner in manifest["runners"].values():
+        for f in runner["files"]:
+            assert path_digest(out / f["file"]) == (f["sha256"], f["bytes"]), f["file"]
 
 
 def test_manifest_names_the_model_it_came_from(bundle):
@@ -66,7 +71,9 @@ def test_unverified_files_are_never_reported_passed(bundle):
         assert f["onnx"]["status"] == f["executorch"]["status"] == "verified" and f["onnx"]["passed"] is True
         assert f["coreml"]["status"] == "emulated" and f["coreml"]["passed"] is True
         assert f["executorch-coreml"]["status"] == "lowered, not run" and f["executorch-coreml"]["passed"] is None
-    assert status_counts(manifest) == {"verified": 2 * len(GRAPHS), "emulated": len(GRAPHS),
+        assert f.get("onnx-genai", {"status": "verified"})["status"] == "verified"
+    genai = len(manifest["runners"]["onnxruntime-genai"]["graphs"])
+    assert status_counts(manifest) == {"verified": 2 * len(GRAPHS) + genai, "emulated": len(GRAPHS),
                                        "lowered, not run": len(GRAPHS)}
 
 

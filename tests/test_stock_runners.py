@@ -12,7 +12,7 @@ import torch
 
 from manzano_edge.data import scenes
 from manzano_edge.data.images import to_pixels
-from manzano_edge.data.text import TextCodec
+from manzano_edge.data.text import TextCodec, runner_text
 from manzano_edge.errors import UserError
 from manzano_edge.export import onnx_genai
 from manzano_edge.runtime.backends.ort import StockVlmProgram
@@ -37,10 +37,12 @@ def genai(bundle):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny, bundle):
+def pipe(tiny):
+    """manzano-edge's own pipeline on the float reference the bundle was exported from."""
+    from manzano_edge.runtime.graphs import TorchGraphs
+
     model, tok = tiny
-    b = Bundle(bundle[0])
-    return Pipeline(BundleGraphs(b, "ort"), b.cfg, TextCodec(tok, model.cfg.text))
+    return Pipeline(TorchGraphs(model), model.cfg, TextCodec(tok, model.cfg.text))
 
 
 def test_genai_captions_and_answers_token_for_token(genai, pipe):
@@ -67,7 +69,7 @@ def test_genai_tokenizer_reads_as_tokenizers_after_the_app_prepares_text(genai, 
     texts = [*domain_corpus(60), "Describe THE image.", "ﬁve Ｓquares?", "  two  spaces "]
     for text in texts:
         assert genai.encode(text) == pipe.codec.encode(text), text
-        assert genai.encode(text) == [int(i) for i in genai.tokenizer.encode(onnx_genai.prepare_text(text))]
+        assert genai.encode(text) == [int(i) for i in genai.tokenizer.encode(runner_text(text))]
 
 
 def test_genai_folder_is_in_the_manifest_and_checked(bundle, tmp_path):
@@ -140,3 +142,109 @@ def test_the_genai_folder_names_what_it_misses(tiny, tmp_path):
                                                                    Entry("tokenizer", onnx_genai.FOLDER)])
     assert record["folder"] is None and "--w8a8-mode onnx=dynamic" in record["not_written"]
     assert "(embed_tokens, decoder)" in record["not_written"]
+
+
+# -- ExecuTorch's LLM runners ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def et_runner(bundle):
+    pytest.importorskip("executorch.extension.llm.runner", reason="executorch is installed by `make test`")
+    from pytorch_tokenizers.pytorch_tokenizers_cpp import HFTokenizer
+
+    from manzano_edge.spec.modules import load_executorch_cache_ops
+
+    load_executorch_cache_ops()  # the runners' llama:: kernels (a C++ app links ExecuTorch's custom_ops)
+    folder = bundle[0] / "executorch-llm"
+    tokenizer = HFTokenizer()
+    tokenizer.load(str(folder / "tokenizer.json"))
+    pieces = {}
+    for i in range(tokenizer.vocab_size()):
+        try:
+            pieces.setdefault(tokenizer.decode(i), i)
+        except (UnicodeDecodeError, RuntimeError):
+            continue  # a lone UTF-8 continuation byte: not a piece a callback can carry
+    return folder / "model.pte", folder / "tokenizer.json", pieces
+
+
+def runner_tokens(runner, inputs, config, pieces: dict[str, int], eos: int) -> list[int]:
+    """The runners hand their callback decoded pieces, not ids: map them back, drop the stop token."""
+    got: list[str] = []
+    runner.reset()
+    runner.generate(inputs, config, got.append)
+    ids = [pieces[p] for p in got]
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def test_executorch_multimodal_runner_captions_token_for_token(et_runner, pipe):
+    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_token_input
+
+    from manzano_edge.spec.decoding import understanding_layout
+
+    program, tokenizer, pieces = et_runner
+    runner = MultimodalRunner(str(program), str(tokenizer))
+    cfg, size = pipe.cfg, pipe.cfg.vision.image_size
+    rng = np.random.default_rng(8)
+    for i in range(3):
+        scene = scenes.sample_scene(rng)
+        image = scenes.render(scene, size)
+        question = "describe the image." if i == 0 else scenes.question_answer(scene, rng)[0]
+        before, after = understanding_layout(cfg.text, pipe.codec.encode(question))
+        u8 = torch.from_numpy(np.asarray(image.convert("RGB"), np.uint8)).permute(2, 0, 1).contiguous()
+        got = runner_tokens(runner, [make_token_input(before), make_image_input(u8), make_token_input(after)],
+                            GenerationConfig(echo=False, max_new_tokens=48, temperature=0.0), pieces, cfg.text.eos_id)
+        assert got == pipe.understand_ids(to_pixels(image, size), question), question
+
+
+def test_executorch_text_runner_decodes_token_for_token(et_runner, tiny):
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from manzano_edge.runtime.graphs import TorchGraphs
+    from manzano_edge.spec.decoding import decode
+
+    model, tok = tiny
+    program, tokenizer, pieces = et_runner
+    codec, eos = TextCodec(tok, model.cfg.text), model.cfg.text.eos_id
+    graphs = TorchGraphs(model)
+    runner = TextLLMRunner(str(program), str(tokenizer))
+    for prompt in ("a red circle at the top left", "What do you see?"):
+        ids = [model.cfg.text.bos_id, *codec.encode(prompt)]
+        graphs.decoder_reset(1)
+        logits = graphs.decoder_step(graphs.embed_tokens(torch.tensor([ids])), padded_causal_mask([0], 0, len(ids)))[:, -1]
+        want = decode(graphs.decoder_step, graphs.embed_tokens, logits, len(ids), 24, stop_id=eos)  # no mask: the runner has none
+        got = runner_tokens(runner, runner_text(prompt),
+                            GenerationConfig(echo=False, max_new_tokens=24, temperature=0.0, num_bos=1), pieces, eos)
+        assert got == want, prompt
+
+
+def test_executorch_program_methods_draw_the_toolkits_codes(et_runner, pipe):
+    """Text-to-image needs the codes-only mask, which the runners cannot apply: the app calls the
+    program's token_embedding and text_decoder methods itself (ExecuTorch's Module API) and masks."""
+    from manzano_edge.runtime.backends.executorch import runtime
+
+    program_path, _, _ = et_runner
+    program = runtime().load_program(program_path)
+    embed, step = program.load_method("token_embedding"), program.load_method("text_decoder")
+    contract = json.loads((program_path.parents[1] / "manifest.json").read_text())["pipeline"]["text_to_image"]
+    mask = torch.full((pipe.cfg.vocab_size,), float("-inf"))
+    for lo, hi in contract["allowed_ids"]:
+        mask[lo:hi] = 0
+    for prompt in ("a red circle at the top left", "a blue square on the right"):
+        ids = [pipe.cfg.text.bos_id, *pipe.codec.encode(prompt), pipe.cfg.text.img_start_id]
+        logits = step.execute([embed.execute([torch.tensor([ids])])[0], torch.tensor([0])])[0]
+        past, codes = len(ids), []
+        for _ in range(contract["image_tokens"]):
+            token = int((logits.view(-1) + mask).argmax())
+            codes.append(token - pipe.cfg.image_token_offset)
+            logits = step.execute([embed.execute([torch.tensor([[token]])])[0], torch.tensor([past])])[0]
+            past += 1
+        assert codes == pipe.generate_ids(prompt, SamplingConfig(temperature=0.0))[0].tolist(), prompt
+        program = runtime().load_program(program_path)  # a fresh method: the cache starts empty again
+        embed, step = program.load_method("token_embedding"), program.load_method("text_decoder")
+
+
+def test_executorch_runner_program_is_in_the_manifest_and_checked(bundle):
+    runner = bundle[1]["runners"]["executorch-llm-runner"]
+    assert runner["status"] == "verified" and runner["folder"] == "executorch-llm"
+    for method, record in runner["methods"].items():
+        parity = record["parity"]
+        assert min(x for x in (parity["psnr_db"], parity.get("min_step_psnr_db")) if x is not None) >= 60, method
+    assert {f["file"] for f in runner["files"]} == {"executorch-llm/model.pte", "executorch-llm/tokenizer.json"}

@@ -7,6 +7,8 @@ The special tokens take ids 0..5 so they line up with `TextConfig`.
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from collections.abc import Iterable
 
 import numpy as np
@@ -37,6 +39,25 @@ def train_bpe(vocab_size: int, texts: Iterable[str]) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def runner_text(text: str) -> str:
+    """What an app hands a stock runner's tokenizer (onnxruntime-genai, ExecuTorch's LLM runners),
+    which apply neither the normalizer nor the prefix space: with the `runner_tokenizer` file it
+    then gets `TextCodec.encode`'s ids."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return text if text.startswith(" ") else " " + text  # ByteLevel's add_prefix_space adds none before a space
+
+
+def runner_tokenizer(tokenizer_json: str) -> dict:
+    """The same BPE without the steps the stock runners' tokenizers skip or reject (`runner_text`
+    does them in the app), so every runtime reads the file as `tokenizers` does."""
+    tok = json.loads(tokenizer_json)
+    tok["normalizer"] = None
+    for part in ("pre_tokenizer", "decoder", "post_processor"):
+        if isinstance(tok.get(part), dict) and "add_prefix_space" in tok[part]:
+            tok[part]["add_prefix_space"] = False
     return tok
 
 

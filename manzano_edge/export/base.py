@@ -106,10 +106,9 @@ class Exporter(Protocol):
         """What a report must say about the graphs `emulated_program` stood in for."""
         ...
 
-    def finish_bundle(self, out: Path, model: Manzano, tokenizer_json: str, entries: list[Entry],
-                      opts: ExportOptions) -> dict:
-        """After every graph: write the format's folder-level files (a stock runner's config) and
-        return the manifest's `runners` records of them ({} when there are none)."""
+    def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
+        """After every graph (`jobs`: this format's, by graph): write the files that span graphs (a
+        stock runner's program or config) and return the manifest's `runners` records of them."""
         ...
 
 
@@ -132,8 +131,7 @@ class BaseExporter:
     def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
         return []
 
-    def finish_bundle(self, out: Path, model: Manzano, tokenizer_json: str, entries: list[Entry],
-                      opts: ExportOptions) -> dict:
+    def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
         return {}
 
 

@@ -136,6 +136,7 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
         if plan and plan.automatic and opts.show_progress:
             print(f"export: {describe_automatic(plan)}", file=sys.stderr)
         entries: list[Entry] = []
+        jobs: dict[str, dict[str, GraphJob]] = {fmt: {} for fmt in opts.formats}
         tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
         bar = tqdm(tasks, desc="export", unit="graph", disable=not opts.show_progress, dynamic_ncols=True)
         for fmt, name in bar:
@@ -143,26 +144,44 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             t0 = time.time()
             job = GraphJob(specs[name], model, examples[name], tmp,
                            plan.recipe_for(name, fmt) if plan else opts.recipe, opts, plan)
+            jobs[fmt][name] = job
             new = _export_graph(job, fmt)
             for e in new:
                 e.seconds = round(time.time() - t0, 2)
                 e.exporter = fmt
             entries.extend(new)
             gc.collect()
-        runners = {}
-        for fmt in opts.formats:
-            runners.update(EXPORTERS[fmt].finish_bundle(tmp, model, tokenizer_json, entries, opts))
+        runners = _finish_formats(tmp, opts, jobs, entries, tokenizer_json)
         manifest = build_manifest(model, opts, entries, plan)
         if runners:
             manifest["runners"] = runners
-        failed = [e for e in entries if not e.passed]
+        failed = [f"{e.graph}/{e.fmt}" + (f" ({e.error})" if e.error else "") for e in entries if not e.passed]
+        failed += [f"{name} {', '.join(r['failed'])}" for name, r in runners.items() if r.get("status") == "failed"]
         if failed:
             print_summary(manifest)
-            names = ", ".join(f"{e.graph}/{e.fmt}" + (f" ({e.error})" if e.error else "") for e in failed)
+            names = ", ".join(failed)
             raise ExportFailed(f"parity check failed for {names}; nothing was written to {out}"
-                               + _parity_fix_hint(opts.recipe, sorted({e.graph for e in failed})))
+                               + _parity_fix_hint(opts.recipe, sorted({e.graph for e in entries if not e.passed})))
         _write_bundle_files(model, tokenizer_json, tmp, manifest)
     return manifest
+
+
+def _finish_formats(tmp: Path, opts: ExportOptions, jobs: dict[str, dict[str, GraphJob]], entries: list[Entry],
+                    tokenizer_json: str) -> dict:
+    """Each format's files that span graphs (the stock runners' programs and configs), by runner."""
+    runners: dict = {}
+    for fmt in opts.formats:
+        if not jobs[fmt]:
+            continue
+        try:
+            with third_party_output():
+                runners.update(EXPORTERS[fmt].finish_bundle(tmp, jobs[fmt], entries, tokenizer_json))
+        except UserError:
+            raise
+        except Exception as exc:  # the converters raise anything; name the format and the cause
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportFailed(f"the {fmt} runner files failed to convert: {type(exc).__name__}: {first[:300]}") from exc
+    return runners
 
 
 def resolve_recipe(opts: ExportOptions) -> ExportOptions:
@@ -316,5 +335,9 @@ def print_summary(manifest: dict) -> None:
                 parity += " FAIL" if f["status"] == FAILED else " (emulated)" if f["status"] == EMULATED else ""
             size = f"{f['bytes'] / 1e6:.2f} MB"
             print(f"{name:<14} {fmt:<18} {size:>10} {parity:>16} {f['export_seconds']:>7.1f}  {f['verified_by']}")
+    for name, runner in manifest.get("runners", {}).items():
+        where = f"{runner['folder']}/ ({runner.get('status', 'verified by its graphs above')})" if runner.get("folder") \
+            else f"not written: {runner['not_written']}"
+        print(f"{name}: {where}")
     counts = status_counts(manifest)
     print(", ".join(f"{counts[s]} {s}" for s in (VERIFIED, EMULATED, LOWERED, NOT_CHECKED, FAILED) if counts.get(s)))

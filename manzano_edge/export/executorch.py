@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
+from manzano_edge.export import executorch_llm
 from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.fsutil import path_digest
@@ -48,7 +49,7 @@ SUPPORT = {
 }
 
 
-def _exir():
+def exir():
     try:
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -83,7 +84,7 @@ def non_delegated_ops(graph: torch.fx.GraphModule) -> dict[str, int]:
 
 def lower_program(ep: torch.export.ExportedProgram, partitioner) -> tuple[bytes, int, torch.fx.GraphModule]:
     """(program bytes, delegated partitions, the lowered edge graph for inspection)."""
-    to_edge_transform_and_lower, BackendConfig, SymShapePass = _exir()
+    to_edge_transform_and_lower, BackendConfig, SymShapePass = exir()
     partitioners = partitioner if isinstance(partitioner, list) else [partitioner]
     edge = to_edge_transform_and_lower(ep, partitioner=partitioners)
     graph = edge.exported_program().graph_module
@@ -222,6 +223,9 @@ class ExecuTorchExporter(BaseExporter):
         if opts.executorch_coreml:
             entries.append(self._coreml_delegate(job))
         return entries
+
+    def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
+        return {executorch_llm.RUNNER: executorch_llm.write_program(out, tokenizer_json, jobs)}
 
     def _quantized(self, job: GraphJob, module: nn.Module, path: Path, entry: Entry) -> None:
         spec, recipe, plan = job.spec, job.recipe, job.plan

@@ -30,8 +30,6 @@ from manzano_edge.spec.modules import build_module
 from manzano_edge.spec.tracing import torch_dynamic_shapes, trace_args, variant_dynamic_shapes, variant_example
 
 if TYPE_CHECKING:
-    from manzano_edge.export.bundle import ExportOptions
-    from manzano_edge.models.manzano import Manzano
     from manzano_edge.runtime.backends import GraphProgram
 
 OPSET = 18
@@ -159,6 +157,6 @@ class OnnxExporter(BaseExporter):
             check_smaller(entry, float_bytes)
         return entry
 
-    def finish_bundle(self, out: Path, model: Manzano, tokenizer_json: str, entries: list[Entry],
-                      opts: ExportOptions) -> dict:
-        return {onnx_genai.RUNNER: onnx_genai.write_folder(out, model.cfg, tokenizer_json, entries)}
+    def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
+        cfg = next(iter(jobs.values())).model.cfg
+        return {onnx_genai.RUNNER: onnx_genai.write_folder(out, cfg, tokenizer_json, entries)}

@@ -12,12 +12,12 @@ not use: the app prepares `pixel_values` by the pipeline contract and passes the
 from __future__ import annotations
 
 import json
-import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from manzano_edge.config import ModelConfig
+from manzano_edge.data.text import runner_tokenizer
 from manzano_edge.fsutil import path_digest
 from manzano_edge.spec.graphs import Convention, GraphSpec, graph_specs
 
@@ -30,7 +30,10 @@ MODEL_TYPE = "phi3v"
 CONFIG_FILE = "genai_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-IMAGE_SLOT_ID = -1  # phi3v marks the k-th image's slots with -k
+IMAGE_SLOT_ID = -1
+# What an app does to text before a stock runner's tokenizer (`data.text.runner_text`).
+RUNNER_TEXT = ("tokenize lowercase(NFKC(text)), with one space put in front unless it starts with one, with the "
+               "folder's tokenizer")  # phi3v marks the k-th image's slots with -k
 # The graphs onnxruntime-genai loads, by the section of genai_config.json that names them.
 SECTIONS = {"vision": "tokenizer", "embedding": "embed_tokens", "decoder": "decoder"}
 
@@ -39,23 +42,6 @@ def checked_spec(spec: GraphSpec) -> GraphSpec:
     """The graph's declaration restricted to what its variant computes (the vision variant has the
     understanding features only: generation's ids are not an onnxruntime-genai input)."""
     return replace(spec, outputs=tuple(t for t in spec.outputs if t.dtype.startswith("float")))
-
-
-def prepare_text(text: str) -> str:
-    """What the app does to text before onnxruntime-genai's tokenizer, which applies neither the
-    tokenizer's normalizer (NFKC, lowercase) nor its prefix space."""
-    return " " + unicodedata.normalize("NFKC", text).lower()
-
-
-def runner_tokenizer(tokenizer_json: str) -> str:
-    """The same BPE without the steps onnxruntime-genai ignores (`prepare_text` does them), so both
-    runtimes read the file identically."""
-    tok = json.loads(tokenizer_json)
-    tok["normalizer"] = None
-    for part in ("pre_tokenizer", "decoder", "post_processor"):
-        if isinstance(tok.get(part), dict) and "add_prefix_space" in tok[part]:
-            tok[part]["add_prefix_space"] = False
-    return json.dumps(tok, ensure_ascii=False)
 
 
 def tokenizer_config(cfg: ModelConfig, tokenizer_json: str) -> dict:
@@ -104,7 +90,7 @@ def write_folder(out: Path, cfg: ModelConfig, tokenizer_json: str, entries: list
                "--w8a8-mode onnx=dynamic")
         return {"folder": None, "not_written": why}
     files = {CONFIG_FILE: json.dumps(genai_config(cfg), indent=2) + "\n",
-             TOKENIZER_FILE: runner_tokenizer(tokenizer_json),
+             TOKENIZER_FILE: json.dumps(runner_tokenizer(tokenizer_json), ensure_ascii=False),
              TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config(cfg, tokenizer_json), indent=2) + "\n"}
     records = []
     for name, text in files.items():
@@ -115,7 +101,7 @@ def write_folder(out: Path, cfg: ModelConfig, tokenizer_json: str, entries: list
     return {
         "folder": FOLDER, "model_type": MODEL_TYPE, "files": records,
         "graphs": dict(SECTIONS),
-        "text": "tokenize prepare(text) = ' ' + lowercase(NFKC(text)) with the folder's tokenizer",
+        "text": RUNNER_TEXT,
         "understanding": {
             "input_ids": f"the understanding template with {n} ids {IMAGE_SLOT_ID} at the image slot, int32",
             "pixel_values": "pixels.input of the pipeline contract [1, 3, H, W] float32",

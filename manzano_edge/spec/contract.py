@@ -65,6 +65,8 @@ def pipeline_contract(cfg: ModelConfig, tokenizer_file: str, null_condition_file
             "file": tokenizer_file, "format": "huggingface-tokenizers",
             "add_special_tokens": False,
             "note": "encode the user's text alone (no special tokens); the templates below add them",
+            "runner_text": "the stock runners' tokenizer files (manifest runners.*) apply no normalizer and no prefix "
+                           "space: hand them lowercase(NFKC(text)) with one space in front unless it starts with one",
         },
         "vocabulary": {
             "size": cfg.vocab_size, "text_tokens": [0, t.text_vocab_size],

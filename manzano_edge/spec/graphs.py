@@ -35,7 +35,8 @@ from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.spec import modules
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32, "int64": torch.int64,
+          "uint8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ class Convention:
     """
 
     STOCK_VLM = "stock_vlm"
+    # The methods of one program for ExecuTorch's LLM runners: `vision_encoder` (uint8 image ->
+    # embeddings), `token_embedding`, `text_decoder` (embeddings + `input_pos`) and, for the text-only
+    # runner, `forward` (token ids + `input_pos`); the KV cache is the program's state.
+    STOCK_LLM_RUNNER = "stock_llm_runner"
+    STOCK_TEXT_RUNNER = "stock_text_runner"
 
 
 @dataclass
@@ -209,6 +215,33 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
     per_layer = [f"{i}.{kv}" for i in range(d.num_hidden_layers) for kv in ("key", "value")]
     past_kv = tuple(TensorSpec(f"past_key_values.{n}", (1, d.num_key_value_heads, past, d.head_dim)) for n in per_layer)
     present_kv = tuple(TensorSpec(f"present.{n}", (1, d.num_key_value_heads, total, d.head_dim)) for n in per_layer)
+    vision_variants = {
+        Convention.STOCK_VLM: GraphVariant("vision", inputs=(TensorSpec("pixel_values", (1, 3, hw, hw)),),
+                                           outputs=(TensorSpec("image_features", (n, width)),),
+                                           build=modules.VisionFeatures),
+        Convention.STOCK_LLM_RUNNER: GraphVariant("vision_encoder", inputs=(TensorSpec("image", (1, 3, hw, hw), "uint8"),),
+                                                  outputs=(TensorSpec("image_embeds", (1, n, width)),),
+                                                  build=modules.ImageEmbeddings)}
+    embedding_variants = {
+        Convention.STOCK_VLM: GraphVariant("embedding", inputs=(TensorSpec("input_ids", (1, seq), "int64"),
+                                                                TensorSpec("image_features", (image_rows, width))),
+                                           outputs=(TensorSpec("inputs_embeds", (1, seq, width)),),
+                                           build=modules.SplicingEmbedding),
+        Convention.STOCK_LLM_RUNNER: GraphVariant("token_embedding", inputs=(TensorSpec("tokens", (1, seq), "int64"),),
+                                                  outputs=(TensorSpec("embeds", (1, seq, width)),), build=modules.EmbedGraph)}
+    last_logits = (TensorSpec("logits", (1, 1, cfg.vocab_size)),)
+    position = TensorSpec("input_pos", (1,), "int64")
+    decoder_variants = {
+        Convention.STOCK_VLM: GraphVariant("decoder", inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
+                                                              TensorSpec("attention_mask", (1, total), "int64"), *past_kv),
+                                           outputs=(*last_logits, *present_kv),
+                                           build=lambda m: modules.PerLayerKVDecoder(m.decoder)),
+        Convention.STOCK_LLM_RUNNER: GraphVariant("text_decoder", inputs=(TensorSpec("inputs_embeds", (1, seq, width)), position),
+                                                  outputs=last_logits,
+                                                  build=lambda m: modules.PositionedKVDecoder(m.decoder, takes_tokens=False)),
+        Convention.STOCK_TEXT_RUNNER: GraphVariant("forward", inputs=(TensorSpec("tokens", (1, seq), "int64"), position),
+                                                   outputs=last_logits,
+                                                   build=lambda m: modules.PositionedKVDecoder(m.decoder, takes_tokens=True))}
     specs = [
         GraphSpec("tokenizer", "tokenizer", GraphKind.IMAGE_TOKENIZER,
                   inputs=(TensorSpec("pixels", (1, 3, hw, hw)),),
@@ -218,19 +251,14 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                   docs={"pixels": "RGB image, NCHW, in [-1, 1] (x / 127.5 - 1)",
                         "image_embeds": "continuous-adapter embeddings, spliced into the decoder's prompt",
                         "image_ids": "FSQ codes of the discrete adapter (image token = code + image_token_offset)"},
-                  variants={Convention.STOCK_VLM: GraphVariant(
-                      "vision", inputs=(TensorSpec("pixel_values", (1, 3, hw, hw)),),
-                      outputs=(TensorSpec("image_features", (n, width)),), build=modules.VisionFeatures)}),
+                  variants=vision_variants),
         GraphSpec("embed_tokens", "decoder", GraphKind.TOKEN_EMBEDDING,
                   inputs=(TensorSpec("tokens", (1, seq), "int32"),),
                   outputs=(TensorSpec("embeds", (1, seq, width)),),
                   build=modules.EmbedGraph,
                   summary="token embedding lookup of the joint text + image-code vocabulary",
                   docs={"tokens": "token ids", "embeds": "their embeddings, the decoder's inputs_embeds"},
-                  variants={Convention.STOCK_VLM: GraphVariant(
-                      "embedding", inputs=(TensorSpec("input_ids", (1, seq), "int64"),
-                                           TensorSpec("image_features", (image_rows, width))),
-                      outputs=(TensorSpec("inputs_embeds", (1, seq, width)),), build=modules.SplicingEmbedding)}),
+                  variants=embedding_variants),
         GraphSpec("decoder", "decoder", GraphKind.LM_STEP,
                   inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
                           TensorSpec("causal_mask", (1, 1, seq, end), allow_inf=True)),
@@ -247,11 +275,7 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
                         "k_cache": "keys of every layer (state)", "v_cache": "values of every layer (state)"},
                   layouts={StateLayout.EXPLICIT: lambda m: modules.ExplicitKVDecoder(m.decoder, last_logits=True),
                            StateLayout.INPLACE: lambda m: modules.InPlaceKVDecoder(m.decoder, last_logits=True)},
-                  variants={Convention.STOCK_VLM: GraphVariant(
-                      "decoder", inputs=(TensorSpec("inputs_embeds", (1, seq, width)),
-                                         TensorSpec("attention_mask", (1, total), "int64"), *past_kv),
-                      outputs=(TensorSpec("logits", (1, 1, cfg.vocab_size)), *present_kv),
-                      build=lambda m: modules.PerLayerKVDecoder(m.decoder))}),
+                  variants=decoder_variants),
         # Image-token CFG: the conditional and unconditional rows decode as one batch of 2,
         # the shorter row left-padded and masked per row (`padded_causal_mask`).
         GraphSpec("decoder_cfg", "decoder", GraphKind.GUIDED_LM_STEP,

@@ -286,3 +286,59 @@ class PerLayerKVDecoder(nn.Module):
         logits = self.decoder(inputs_embeds=inputs_embeds, start=start, mask=mask, kv_writer=write,
                               last_only=self.last_logits)
         return (logits, *presents)
+
+
+# -- the stock LLM-runner layout (`Convention.STOCK_LLM_RUNNER`): one program, a method per graph ----
+class PositionedKVDecoder(nn.Module):
+    """`StatefulDecoder`'s step in the I/O of ExecuTorch's LLM runners: the start position
+    `input_pos` [1] instead of a mask (attention is causal over cache rows [0, input_pos + T)), token
+    ids or embeddings in, last-position logits [1, 1, V] out. The cache is per-layer mutable buffers
+    written in place by `llama::update_cache`, attended by `llama::custom_sdpa` (as `InPlaceKVDecoder`)."""
+
+    def __init__(self, decoder: LlamaDecoder, takes_tokens: bool, max_len: int | None = None) -> None:
+        super().__init__()
+        load_executorch_cache_ops()
+        self.decoder, self.takes_tokens = decoder, takes_tokens
+        cfg = decoder.cfg
+        self.max_len = max_len or cfg.max_position_embeddings
+        shape = (1, self.max_len, cfg.num_key_value_heads, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def reset(self) -> None:
+        for buf in self._buffers.values():
+            buf.zero_()
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        decoder = self.decoder
+        if self.takes_tokens:
+            x = decoder.embed_tokens(x)
+        t = x.shape[1]
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + t <= self.max_len)
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k_cache, v_cache = getattr(self, f"k_cache_{layer}"), getattr(self, f"v_cache_{layer}")
+            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, start)
+            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, start)
+            return k_cache, v_cache
+
+        def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, start, None, 0.0, True).transpose(1, 2)
+
+        # No mask: custom_sdpa is causal from `start` itself (the decoder's default mask goes unused).
+        return decoder(inputs_embeds=x, start=start, mask=None, kv_writer=write, attend=attend, last_only=True)
+
+
+class ImageEmbeddings(nn.Module):
+    """uint8 image [1, 3, H, W] (what the runners pass for an RGB image) -> image_embeds [1, N, D]: the
+    pipeline contract's x / 127.5 - 1 done in the graph."""
+
+    def __init__(self, model: Manzano) -> None:
+        super().__init__()
+        self.tokenizer = model.tokenizer
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.embed_continuous(image.to(torch.float32) / 127.5 - 1.0)

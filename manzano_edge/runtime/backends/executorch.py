@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
+from manzano_edge.errors import UserError
 from manzano_edge.runtime.backends.base import Backend, installed, register_backend, torch_threads
-from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.decoding import causal_mask
+from manzano_edge.spec.graphs import GraphKind, GraphSpec
 from manzano_edge.spec.modules import load_executorch_cache_ops
 
 
@@ -37,6 +39,33 @@ class EtProgram:
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.method.execute([inputs[t.name].contiguous() for t in self.spec.inputs])
         return {t.name: o.clone() for t, o in zip(self.spec.outputs, out)}
+
+
+class RunnerMethodProgram:
+    """One method of an LLM-runner program (`Convention.STOCK_LLM_RUNNER`) behind its graph's own I/O,
+    so export parity compares it with the reference step by step: pixels -> the uint8 image the
+    runner passes, tokens -> int64, an unpadded causal mask [1, 1, T, E] -> input_pos = E - T."""
+
+    def __init__(self, spec: GraphSpec, path: Path, method: str) -> None:
+        self.spec, self.name = spec, method
+        self.program = runtime().load_program(Path(path))
+        self.reset()
+
+    def reset(self) -> None:
+        self.method = self.program.load_method(self.name)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.spec.kind == GraphKind.IMAGE_TOKENIZER:
+            image = ((inputs["pixels"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return {"image_embeds": self.method.execute([image])[0].clone()}
+        if self.spec.kind == GraphKind.TOKEN_EMBEDDING:
+            return {"embeds": self.method.execute([inputs["tokens"].long()])[0].clone()}
+        mask = inputs["causal_mask"]
+        t, end = mask.shape[-2], mask.shape[-1]
+        if mask.shape[0] != 1 or not torch.equal(mask, causal_mask(end - t, t)):
+            raise UserError(f"{self.spec.name}: the runner's decoder takes one unpadded row")
+        out = self.method.execute([inputs["inputs_embeds"].contiguous(), torch.tensor([end - t])])
+        return {"logits": out[0].clone()}
 
 
 def _threads(threads: int) -> dict:

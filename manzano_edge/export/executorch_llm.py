@@ -1,0 +1,227 @@
+"""The program the ExecuTorch exporter writes for ExecuTorch's stock LLM runners (`TextLLMRunner`,
+`MultimodalRunner`; `llama_main`, the Android JNI layer and iOS's ExecuTorchLLM wrap them):
+`executorch-llm/model.pte` with one method per graph (`Convention.STOCK_LLM_RUNNER`: vision_encoder,
+token_embedding, text_decoder, and `forward` for the text runner), the runners' metadata methods,
+and `tokenizer.json` in the form their loader reads.
+
+Each method is checked against the reference build of its graph through `executorch.runtime`,
+over a prefill and the export's decode steps for the decoder methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from manzano_edge.data.text import runner_tokenizer
+from manzano_edge.export.base import Entry, GraphJob
+from manzano_edge.export.parity import judge, run_parity
+from manzano_edge.fsutil import path_digest
+from manzano_edge.quant.recipes import GROUP_SIZE, is_float
+from manzano_edge.runtime.backends.executorch import RunnerMethodProgram, runtime
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.graphs import Convention, GraphSpec, GraphVariant
+from manzano_edge.spec.modules import build_module
+from manzano_edge.spec.tracing import variant_dynamic_shapes
+
+FOLDER = "executorch-llm"
+RUNNER = "executorch-llm-runner"
+PROGRAM_FILE = "model.pte"
+TOKENIZER_FILE = "tokenizer.json"
+# method -> (graph, convention); the multimodal runner's three, then the text runner's `forward`.
+METHODS = {"vision_encoder": ("tokenizer", Convention.STOCK_LLM_RUNNER),
+           "token_embedding": ("embed_tokens", Convention.STOCK_LLM_RUNNER),
+           "text_decoder": ("decoder", Convention.STOCK_LLM_RUNNER),
+           "forward": ("decoder", Convention.STOCK_TEXT_RUNNER)}
+GRAPHS = ("tokenizer", "embed_tokens", "decoder")
+# The runners' mode names for the recipes this program implements (torchao on every Linear).
+RECIPES = {"fp32": "float32", "w4": "torchao 8da4w: int4 weights group 32, int8 dynamic activations",
+           "w8a8": "torchao 8da8w: int8 per-channel weights, int8 dynamic per-token activations"}
+
+
+def unsupported(recipe: str, w8a8_mode: str) -> str | None:
+    """Why this program cannot carry `recipe` (None: it can)."""
+    if recipe not in RECIPES:
+        return f"recipe {recipe} has no ExecuTorch implementation"
+    if recipe == "w8a8" and w8a8_mode == "static":
+        return "static w8a8 calibrates the reference graphs' inputs only; export with --w8a8-mode executorch=dynamic"
+    return None
+
+
+def metadata(cfg) -> dict:
+    """The runners' constant methods. They read the context from `get_max_seq_len` and stop at
+    `get_eos_ids` (their tokenizer's guess is wrong for this vocabulary)."""
+    context = cfg.decoder.max_position_embeddings - 1
+    return {"get_max_seq_len": context, "get_max_context_len": context, "get_bos_id": cfg.text.bos_id,
+            "get_eos_ids": [cfg.text.eos_id], "use_kv_cache": True, "enable_dynamic_shape": True,
+            "use_sdpa_with_kv_cache": True, "get_vocab_size": cfg.vocab_size}
+
+
+def llm_runner_tokenizer(tokenizer_json: str, cfg) -> str:
+    """The bundle's BPE in the form the runners' tokenizer loader reads: no normalizer (it rejects
+    NFKC; the app passes `data.text.runner_text(text)`), no prefix space, a <bos> post-processor (so
+    `GenerationConfig.num_bos` works), and one special token per id up to the model's vocabulary (the
+    runners pick among the tokenizer's vocab_size logits only, so image codes need ids of their own)."""
+    tok = runner_tokenizer(tokenizer_json)
+    bos = next(t["content"] for t in tok["added_tokens"] if t["id"] == cfg.text.bos_id)
+    piece = {"SpecialToken": {"id": bos, "type_id": 0}}
+    tok["post_processor"] = {"type": "TemplateProcessing",
+                             "single": [piece, {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [piece, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {bos: {"id": bos, "ids": [cfg.text.bos_id], "tokens": [bos]}}}
+    used = {*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])}
+    for i in range(cfg.vocab_size):
+        if i not in used:
+            name = f"<img_{i - cfg.image_token_offset}>" if i >= cfg.image_token_offset else f"<unused_{i}>"
+            tok["added_tokens"].append({"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                                        "normalized": False, "special": True})
+    return json.dumps(tok, ensure_ascii=False)
+
+
+def _method_module(spec: GraphSpec, variant: GraphVariant, model, recipe: str, keep: list[str]) -> nn.Module:
+    module = variant.build(model).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if is_float(recipe):
+        return module
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    module = copy.deepcopy(module)
+    config = (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
+              if recipe == "w4" else
+              Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
+    skip = set(keep)
+    quantize_(module, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in skip)
+    return module
+
+
+def _example(variant: GraphVariant, cfg) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs: a 4-position prefill at input_pos 0, a zero uint8 image."""
+    args = []
+    for t in variant.inputs:
+        shape = t.concrete({"seq": 4})
+        if t.name == "input_pos":
+            args.append(torch.tensor([0]))
+        elif t.dtype == "uint8":
+            args.append(torch.zeros(shape, dtype=torch.uint8))
+        elif t.dtype.startswith("int"):
+            args.append(torch.ones(shape, dtype=torch.int64))
+        else:
+            args.append(torch.zeros(shape))
+    return tuple(args)
+
+
+def build(specs: dict[str, GraphSpec], model, recipe: str, keep: dict[str, list[str]], path: Path) -> dict:
+    """Export the four methods into one XNNPACK program at `path`; returns what was lowered."""
+    from executorch.exir import EdgeCompileConfig
+
+    from manzano_edge.export import executorch as lowering  # the format's module, which imports this one
+
+    to_edge_transform_and_lower, BackendConfig, SymShapePass = lowering.exir()
+    programs = {}
+    for method, (graph, convention) in METHODS.items():
+        spec = specs[graph]
+        variant = spec.variants[convention]
+        module = _method_module(spec, variant, model, recipe, keep.get(graph, []))
+        dims = variant_dynamic_shapes(spec, variant, module)
+        with torch.no_grad():
+            programs[method] = torch.export.export(module, _example(variant, model.cfg), dynamic_shapes=dims, strict=False)
+    # The variants read the cache position from input_pos at run time: ExecuTorch checks those
+    # data-dependent sizes when it runs, not as edge-IR shape invariants.
+    partitioner = lowering.xnnpack_partitioner(not is_float(recipe))
+    edge = to_edge_transform_and_lower(programs, partitioner=partitioner if isinstance(partitioner, list) else [partitioner],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                       constant_methods=metadata(model.cfg))
+    path.write_bytes(edge.to_executorch(BackendConfig(sym_shape_eval_pass=SymShapePass())).buffer)
+    return {"metadata": metadata(model.cfg), "how": RECIPES[recipe]}
+
+
+def check(specs: dict[str, GraphSpec], model, jobs: dict[str, GraphJob], path: Path) -> dict[str, dict]:
+    """Parity of each method against its graph's reference build, through executorch.runtime."""
+    out = {}
+    for method, (graph, convention) in METHODS.items():
+        spec, job = specs[graph], jobs[graph]
+        if convention == Convention.STOCK_TEXT_RUNNER:
+            out[method] = token_step_parity(spec, model, path, jobs["embed_tokens"].examples[0]["tokens"])
+        else:
+            checked = spec if spec.kind != "image_tokenizer" else _float_outputs(spec)
+            out[method] = run_parity(checked, TorchProgram(checked, build_module(spec, model)),
+                                     RunnerMethodProgram(checked, path, method), job.examples)
+    return out
+
+
+def _float_outputs(spec: GraphSpec) -> GraphSpec:
+    from dataclasses import replace
+
+    return replace(spec, outputs=tuple(t for t in spec.outputs if t.dtype.startswith("float")))
+
+
+def token_step_parity(spec: GraphSpec, model, path: Path, tokens: torch.Tensor, steps: int = 8) -> dict:
+    """`forward` (token ids + input_pos) against the reference decoder on the same tokens' embeddings:
+    a prefill of `tokens`, then `steps` greedy decode steps."""
+    from manzano_edge.metrics import compare
+    from manzano_edge.spec.decoding import causal_mask
+
+    reference = TorchProgram(spec, build_module(spec, model))
+    reference.reset()
+    method = runtime().load_program(path).load_method("forward")
+    ids, past, results, same = tokens.long(), 0, [], 0
+    for _ in range(steps + 1):
+        t = ids.shape[1]
+        want = reference.run({"inputs_embeds": model.decoder.embed_tokens(ids),
+                              "causal_mask": causal_mask(past, t)})["logits"]
+        got = method.execute([ids, torch.tensor([past])])[0]
+        results.append(compare(want, got)["psnr_db"])
+        same += int(torch.equal(want.argmax(-1), got.argmax(-1)))
+        past += t
+        ids = want.argmax(-1).view(1, 1)
+    return {"psnr_db": min(results), "min_step_psnr_db": min(results), "decode_steps": steps,
+            "greedy_match": same / (steps + 1), "examples": steps + 1}
+
+
+def write_program(out: Path, tokenizer_json: str, jobs: dict[str, GraphJob]) -> dict:
+    """The runners' program and tokenizer in `out/executorch-llm/`, and the manifest's record of them."""
+    missing = [g for g in GRAPHS if g not in jobs]
+    if missing:
+        return {"folder": None, "not_written": f"it needs the graphs {', '.join(missing)}: add them to --graphs"}
+    job, model = jobs["decoder"], jobs["decoder"].model
+    recipes = {jobs[g].recipe for g in GRAPHS} - {"fp32"}
+    recipe = recipes.pop() if recipes else "fp32"
+    why = unsupported(recipe, job.w8a8_mode("executorch") or "")
+    if why:
+        return {"folder": None, "not_written": why}
+    folder = out / FOLDER
+    folder.mkdir(exist_ok=True)
+    path = folder / PROGRAM_FILE
+    specs = {g: jobs[g].spec for g in GRAPHS}
+    keep = {g: jobs[g].plan.keep_modules(specs[g], model) if jobs[g].plan else [] for g in GRAPHS}
+    t0 = time.time()
+    info = build(specs, model, recipe, keep, path)
+    (folder / TOKENIZER_FILE).write_text(llm_runner_tokenizer(tokenizer_json, model.cfg))
+    files = []
+    for name in (PROGRAM_FILE, TOKENIZER_FILE):
+        digest, size = path_digest(folder / name)
+        files.append({"file": f"{FOLDER}/{name}", "sha256": digest, "bytes": size})
+    record = {"folder": FOLDER, "files": files, "recipe": recipe, **info,
+              "methods": {m: {"graph": g, "io": specs[g].variants[c].manifest_io(specs[g].variant_dims)}
+                          for m, (g, c) in METHODS.items()},
+              "export_seconds": round(time.time() - t0, 2), "verified_by": "executorch.runtime"}
+    if job.check:
+        failed = []
+        for method, parity in check(specs, model, jobs, path).items():
+            probe = Entry(METHODS[method][0], FOLDER, parity=parity)
+            judge(probe, recipe, fp16_compute=False)
+            record["methods"][method]["parity"] = parity
+            if not probe.passed:
+                failed.append(f"{method} ({parity.get('min_step_psnr_db', parity.get('psnr_db'))} dB)")
+        record["status"] = "failed" if failed else "verified"
+        record["failed"] = failed
+    else:
+        record["status"] = "not checked"
+    return record
