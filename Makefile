@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two workers on two cores; the tests that share an exported bundle stay on one (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: install
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 demo: install
 	$(VENV)/bin/manzano-edge demo -o out/demo --overwrite

@@ -3,8 +3,19 @@ import os
 import pytest
 import torch
 
-# Two cores: keep each test process from oversubscribing them.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, os.cpu_count() or 1)))))
+# Two cores: keep the test processes from oversubscribing them (`make test` runs two pytest workers).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, (os.cpu_count() or 1) // WORKERS)))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (make test), the tests that share an exported bundle run in
+    one worker, so each bundle is exported once per session; the other workers take the rest."""
+    for item in items:
+        for fixture in ("bundle", "quant_bundle"):
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(fixture))
+                break
 
 
 @pytest.fixture(scope="session")
