@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -8,14 +9,30 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, (os.cpu_count() or 1) // WORKERS)))))
 
 
+# Session fixtures that export bundles: the tests using one run in one worker, so each is exported once.
+SHARED_EXPORTS = ("bundle", "quant_bundle", "coreml_delegate_programs")
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup` (make test), the tests that share an exported bundle run in
-    one worker, so each bundle is exported once per session; the other workers take the rest."""
+    """Under `pytest -n N --dist loadgroup` (make test) the tests that share an exported bundle form
+    one group, which xdist gives to one worker; the other workers take the rest."""
     for item in items:
-        for fixture in ("bundle", "quant_bundle"):
-            if fixture in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(fixture))
-                break
+        shared = [name for name in SHARED_EXPORTS if name in item.fixturenames]
+        if len(shared) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses {' and '.join(shared)}: a test takes one shared export, "
+                                    "or two workers would export them")
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    result = yield
+    if getattr(config.option, "loadgroup", False):  # set in xdist workers under --dist loadgroup
+        ungrouped = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if ungrouped:
+            why = (f"pytest-xdist did not group {ungrouped[0]}: every worker would export its own bundle; "
+                   "install the pytest and pytest-xdist ranges pyproject.toml pins")
+            sys.__stderr__.write(why + "\n")  # xdist's controller reports a worker's error without its message
+            raise pytest.UsageError(why)
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +54,41 @@ def tiny():
 @pytest.fixture(scope="session")
 def bundle(tiny, tmp_path_factory):
     """The embedded model, every graph (the optional decoder_cfg too), exported to every format
-    once per session (fp32, Core ML fp16 compute)."""
+    once per session (fp32, Core ML fp16 compute); the ExecuTorch Core ML-delegate programs are
+    `coreml_delegate_programs`."""
     from manzano_edge.export.bundle import ExportOptions, export_bundle
 
     model, tok = tiny
     out = tmp_path_factory.mktemp("bundle") / "tiny-fp32"
     manifest = export_bundle(model, tok, out, ExportOptions(formats=["coreml", "onnx", "executorch"],
-                                                            graphs=["all"], show_progress=False))
+                                                            graphs=["all"], show_progress=False,
+                                                            executorch_coreml=False))
     return out, manifest
+
+
+@pytest.fixture(scope="session")
+def coreml_delegate_programs(tiny, tmp_path_factory):
+    """Every graph lowered to ExecuTorch's Core ML delegate by the exporter's own step (what
+    `export` writes to executorch-coreml/), as (folder, manifest). Kept out of `bundle` so that
+    another worker lowers them while `bundle` exports."""
+    from manzano_edge.data.text import TextCodec
+    from manzano_edge.export.base import GraphJob
+    from manzano_edge.export.bundle import ExportOptions, build_manifest
+    from manzano_edge.export.executorch import COREML_DELEGATE_FOLDER, ExecuTorchExporter
+    from manzano_edge.spec.examples import real_examples
+    from manzano_edge.spec.graphs import graph_specs
+
+    model, tok = tiny
+    out = tmp_path_factory.mktemp("executorch-coreml")
+    (out / COREML_DELEGATE_FOLDER).mkdir()
+    examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph
+    opts = ExportOptions(formats=["executorch"], graphs=["all"], show_progress=False)
+    exporter = ExecuTorchExporter()
+    entries = [exporter.coreml_delegate(GraphJob(spec, model, examples[name], out, "fp32", opts))
+               for name, spec in graph_specs(model.cfg).items()]
+    for entry in entries:
+        entry.exporter = exporter.name  # as export_bundle records it
+    return out, build_manifest(model, opts, entries)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,8 @@ def test_manifest_covers_every_graph_and_format(bundle):
     genai_graphs = set(manifest["runners"]["onnxruntime-genai"]["graphs"].values())
     for name, graph in manifest["graphs"].items():
         genai = {"onnx-genai"} if name in genai_graphs else set()
-        assert set(graph["formats"]) == {"coreml", "onnx", "executorch", "executorch-coreml", *genai}, name
+        # the session bundle leaves out the Core ML-delegate programs (`coreml_delegate_programs`)
+        assert set(graph["formats"]) == {"coreml", "onnx", "executorch", *genai}, name
         for fmt, f in graph["formats"].items():
             digest, size = path_digest(out / f["file"])
             assert (digest, size) == (f["sha256"], f["bytes"]) and size > 0, (name, fmt)
@@ -60,9 +61,8 @@ def test_manifest_names_the_model_it_came_from(bundle):
     assert manifest["model"]["embedded_model"] == embedded_model_identity()
 
 
-def test_unverified_files_are_never_reported_passed(bundle):
-    """Only a file that ran (on its runtime, or its emulation) gets a verdict; the Core ML-delegate
-    programs, which nothing here runs, are "lowered, not run" with passed null."""
+def test_only_files_that_ran_are_reported_passed(bundle):
+    """Only a file that ran (on its runtime, or its emulation) gets a verdict."""
     from manzano_edge.export.bundle import status_counts
 
     _, manifest = bundle
@@ -70,11 +70,22 @@ def test_unverified_files_are_never_reported_passed(bundle):
         f = graph["formats"]
         assert f["onnx"]["status"] == f["executorch"]["status"] == "verified" and f["onnx"]["passed"] is True
         assert f["coreml"]["status"] == "emulated" and f["coreml"]["passed"] is True
-        assert f["executorch-coreml"]["status"] == "lowered, not run" and f["executorch-coreml"]["passed"] is None
         assert f.get("onnx-genai", {"status": "verified"})["status"] == "verified"
     genai = len(manifest["runners"]["onnxruntime-genai"]["graphs"])
-    assert status_counts(manifest) == {"verified": 2 * len(GRAPHS) + genai, "emulated": len(GRAPHS),
-                                       "lowered, not run": len(GRAPHS)}
+    assert status_counts(manifest) == {"verified": 2 * len(GRAPHS) + genai, "emulated": len(GRAPHS)}
+
+
+def test_core_ml_delegate_programs_are_never_reported_passed(coreml_delegate_programs):
+    """The Core ML-delegate programs, which nothing here runs, are "lowered, not run" with passed null."""
+    from manzano_edge.export.bundle import status_counts
+
+    out, manifest = coreml_delegate_programs
+    assert set(manifest["graphs"]) == set(GRAPHS)
+    for name, graph in manifest["graphs"].items():
+        f = graph["formats"]["executorch-coreml"]
+        assert f["status"] == "lowered, not run" and f["passed"] is None, name
+        assert path_digest(out / f["file"]) == (f["sha256"], f["bytes"]) and f["bytes"] > 0, name
+    assert status_counts(manifest) == {"lowered, not run": len(GRAPHS)}
 
 
 def test_float_parity_bars(bundle):
@@ -150,6 +161,11 @@ def test_executorch_programs_are_delegated(bundle):
     for name, graph in manifest["graphs"].items():
         # XNNPACK has no embedding kernel: embed_tokens is all portable ops (TOOLCHAIN §2).
         assert graph["formats"]["executorch"]["delegates"] >= (0 if name == "embed_tokens" else 1), name
+
+
+def test_every_graph_lowers_to_the_core_ml_delegate(coreml_delegate_programs):
+    _, manifest = coreml_delegate_programs
+    for name, graph in manifest["graphs"].items():
         assert graph["formats"]["executorch-coreml"]["delegates"] >= 1, name
 
 
@@ -201,6 +217,31 @@ def test_executorch_slice_cache_needs_no_custom_kernels(tiny, tmp_path):
 def test_onnx_reference_evaluator_agrees(bundle):
     _, manifest = bundle
     assert manifest["graphs"]["code_features"]["formats"]["onnx"]["reference_evaluator_psnr_db"] >= 60
+
+
+def test_coreml_files_carry_metadata_and_io_descriptions(bundle):
+    """What Xcode shows and Apple's and Hugging Face's Swift code read (structure only: nothing runs
+    Core ML on Linux)."""
+    import coremltools as ct
+
+    out, manifest = bundle
+    specs = graph_specs(load_checkpoint(None)[0].cfg)
+    for name, graph in manifest["graphs"].items():
+        entry = graph["formats"]["coreml"]
+        assert entry["deployment_target"] == "iOS18"
+        described = ct.models.MLModel(str(out / entry["file"]), skip_model_load=True).get_spec().description
+        meta = described.metadata
+        assert (meta.author, meta.license) == ("manzano-edge", "Apache-2.0") and meta.versionString, name
+        assert name in meta.shortDescription and specs[name].summary in meta.shortDescription
+        assert meta.userDefined[coreml.MODEL_NAME_KEY] == f"manzano-edge/{manifest['model']['name']}"
+        assert meta.userDefined["manzano-edge.graph"] == name
+        for feature in (*described.input, *described.output, *described.state):
+            assert feature.shortDescription == specs[name].docs[feature.name], (name, feature.name)
+
+
+def test_coreml_target_is_checked_before_any_conversion():
+    with pytest.raises(UserError, match="unknown Core ML target 'iOS17'.*states, which need iOS 18"):
+        coreml.CoreMLExporter().check_options(ExportOptions(formats=["coreml"], coreml_target="iOS17"))
 
 
 @pytest.mark.parametrize("recipe", ["w8", "w4", "palette4"])
@@ -366,16 +407,30 @@ def test_coreml_predict_matches_eager_on_macos(bundle, tiny):
 
 @pytest.mark.skipif(not _predict_reason()[0], reason=f"CoreMLBackend for ExecuTorch needs Apple hardware: "
                                                      f"{_predict_reason()[1]}")
-def test_executorch_coreml_delegate_runs_on_macos(bundle, tiny):
+def test_executorch_coreml_delegate_runs_on_macos(coreml_delegate_programs, tiny):
     from manzano_edge.runtime.backends.executorch import EtProgram
 
-    out, manifest = bundle
+    out, manifest = coreml_delegate_programs
     model, tok = tiny
     spec = graph_specs(model.cfg)["vae_decoder"]
     program = EtProgram(spec, out / manifest["graphs"]["vae_decoder"]["formats"]["executorch-coreml"]["file"])
     latent = torch.zeros(1, *spec.inputs[0].shape[1:])
     size = model.cfg.vision.image_size
     assert program.run({"latent": latent})["pixels"].shape == (1, 3, size, size)
+
+
+def test_export_writes_the_core_ml_delegate_program_by_default(tiny, tmp_path):
+    from manzano_edge.export.bundle import ExportOptions, export_bundle
+
+    model, tok = tiny
+    out = tmp_path / "b"
+    manifest = export_bundle(model, tok, out, ExportOptions(formats=["executorch"], graphs=["code_features"],
+                                                            show_progress=False))
+    formats = manifest["graphs"]["code_features"]["formats"]
+    assert set(formats) == {"executorch", "executorch-coreml"}
+    apple = formats["executorch-coreml"]
+    assert (apple["status"], apple["passed"], apple["backend"]) == ("lowered, not run", None, "coreml")
+    assert path_digest(out / apple["file"]) == (apple["sha256"], apple["bytes"]) and apple["delegates"] >= 1
 
 
 def test_bundled_programs_for_device_runners(tiny, tmp_path):

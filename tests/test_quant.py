@@ -271,6 +271,17 @@ def test_coreml_w8a8_decoder_tracks_float_within_the_validate_bar(coreml_w8a8_de
     assert p["psnr_db"] >= W8A8_DB and p["min_step_psnr_db"] >= 25, p
 
 
+def test_coreml_pattern_graphs_are_traced_once_and_handed_out_as_copies():
+    """The annotators' pattern graphs are traced once per process; each caller gets its own copy,
+    because the subgraph matcher rewrites a pattern's output node in place."""
+    from executorch.backends.apple.coreml.quantizer import _coreml_quantizer_utils as utils
+
+    coreml_ptq._reuse_pattern_graphs()
+    first, second = utils.get_linear_pattern(None, False), utils.get_linear_pattern(None, False)
+    assert first is not second and str(first.graph) == str(second.graph)
+    assert utils.get_linear_pattern.traced.cache_info().hits >= 1
+
+
 def test_coreml_w8a8_leaves_graph_inputs_and_outputs_float():
     """The runtime feeds and reads float. Quantized, the last Linear's output (the decoder's
     logits) cost a tiny decoder 14.7 dB against 27.4 dB, and the pixels' uint8 grid, half a step

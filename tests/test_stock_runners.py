@@ -175,12 +175,21 @@ def runner_tokens(runner, inputs, config, pieces: dict[str, int], eos: int) -> l
 
 
 def test_executorch_multimodal_runner_captions_token_for_token(et_runner, pipe):
-    from executorch.extension.llm.runner import GenerationConfig, MultimodalRunner, make_image_input, make_token_input
+    from executorch.extension.llm.runner import (
+        GenerationConfig,
+        MultimodalRunner,
+        make_image_input,
+        make_text_input,
+        make_token_input,
+    )
+    from tokenizers import Tokenizer
 
+    from manzano_edge.data.text import runner_text
     from manzano_edge.spec.decoding import understanding_layout
 
     program, tokenizer, pieces = et_runner
     runner = MultimodalRunner(str(program), str(tokenizer))
+    special = {i: t.content for i, t in Tokenizer.from_file(str(tokenizer)).get_added_tokens_decoder().items()}
     cfg, size = pipe.cfg, pipe.cfg.vision.image_size
     rng = np.random.default_rng(8)
     for i in range(3):
@@ -189,9 +198,14 @@ def test_executorch_multimodal_runner_captions_token_for_token(et_runner, pipe):
         question = "describe the image." if i == 0 else scenes.question_answer(scene, rng)[0]
         before, after = understanding_layout(cfg.text, pipe.codec.encode(question))
         u8 = torch.from_numpy(np.asarray(image.convert("RGB"), np.uint8)).permute(2, 0, 1).contiguous()
+        config = GenerationConfig(echo=False, max_new_tokens=48, temperature=0.0)
         got = runner_tokens(runner, [make_token_input(before), make_image_input(u8), make_token_input(after)],
-                            GenerationConfig(echo=False, max_new_tokens=48, temperature=0.0), pieces, cfg.text.eos_id)
+                            config, pieces, cfg.text.eos_id)
         assert got == pipe.understand_ids(to_pixels(image, size), question), question
+        # As the Swift and Kotlin APIs take it (text only): the special tokens as their strings.
+        text = [make_text_input(special[before[0]] + special[before[1]]), make_image_input(u8),
+                make_text_input(special[after[0]] + runner_text(question) + special[after[-1]])]
+        assert runner_tokens(runner, text, config, pieces, cfg.text.eos_id) == got, question
 
 
 def test_executorch_text_runner_decodes_token_for_token(et_runner, tiny):

@@ -1,12 +1,15 @@
 """`manzano-edge export`: every graph x format into one verified bundle directory.
 
 OUT/
-  manifest.json           per graph x format: file, sha256, bytes, I/O spec, recipe, parity, tool versions
-  config.json, tokenizer.json
+  manifest.json           per graph x format: file, sha256, bytes, I/O spec, recipe, parity, tool versions;
+                          the stock runners' files (`runners`) and the app-side pipeline (`pipeline`)
+  config.json, tokenizer.json, generation_config.json, preprocessor_config.json
   coreml/<graph>.mlpackage
   onnx/<graph>.onnx
+  onnx-genai/                     onnxruntime-genai's folder (export/onnx_genai.py)
   executorch/<graph>.pte          XNNPACK
   executorch-coreml/<graph>.pte   Core ML delegate (runs on Apple hardware only)
+  executorch-llm/model.pte        ExecuTorch's LLM runners' program (export/executorch_llm.py)
 
 Each graph is checked against eager PyTorch on real inputs (scenes, a real prompt, a
 prefill then 16 decode steps). Everything is written to a temporary directory and renamed

@@ -22,9 +22,11 @@ from manzano_edge.data.text import runner_tokenizer
 from manzano_edge.export.base import Entry, GraphJob
 from manzano_edge.export.parity import judge, run_parity
 from manzano_edge.fsutil import path_digest
+from manzano_edge.metrics import compare
 from manzano_edge.quant.recipes import GROUP_SIZE, is_float
 from manzano_edge.runtime.backends.executorch import RunnerMethodProgram, runtime
 from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.decoding import causal_mask
 from manzano_edge.spec.graphs import Convention, GraphSpec, GraphVariant
 from manzano_edge.spec.modules import build_module
 from manzano_edge.spec.tracing import variant_dynamic_shapes
@@ -117,8 +119,9 @@ def _example(variant: GraphVariant, cfg) -> tuple[torch.Tensor, ...]:
     return tuple(args)
 
 
-def build(specs: dict[str, GraphSpec], model, recipe: str, keep: dict[str, list[str]], path: Path) -> dict:
-    """Export the four methods into one XNNPACK program at `path`; returns what was lowered."""
+def build(specs: dict[str, GraphSpec], model, recipes: dict[str, str], keep: dict[str, list[str]], path: Path) -> dict:
+    """Export the four methods, each graph's with its own recipe, into one XNNPACK program at `path`;
+    returns what was lowered."""
     from executorch.exir import EdgeCompileConfig
 
     from manzano_edge.export import executorch as lowering  # the format's module, which imports this one
@@ -128,18 +131,18 @@ def build(specs: dict[str, GraphSpec], model, recipe: str, keep: dict[str, list[
     for method, (graph, convention) in METHODS.items():
         spec = specs[graph]
         variant = spec.variants[convention]
-        module = _method_module(spec, variant, model, recipe, keep.get(graph, []))
+        module = _method_module(spec, variant, model, recipes[graph], keep.get(graph, []))
         dims = variant_dynamic_shapes(spec, variant, module)
         with torch.no_grad():
             programs[method] = torch.export.export(module, _example(variant, model.cfg), dynamic_shapes=dims, strict=False)
     # The variants read the cache position from input_pos at run time: ExecuTorch checks those
     # data-dependent sizes when it runs, not as edge-IR shape invariants.
-    partitioner = lowering.xnnpack_partitioner(not is_float(recipe))
+    partitioner = lowering.xnnpack_partitioner(any(not is_float(r) for r in recipes.values()))
     edge = to_edge_transform_and_lower(programs, partitioner=partitioner if isinstance(partitioner, list) else [partitioner],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                        constant_methods=metadata(model.cfg))
     path.write_bytes(edge.to_executorch(BackendConfig(sym_shape_eval_pass=SymShapePass())).buffer)
-    return {"metadata": metadata(model.cfg), "how": RECIPES[recipe]}
+    return {"metadata": metadata(model.cfg), "how": {m: RECIPES[recipes[g]] for m, (g, _) in METHODS.items()}}
 
 
 def check(specs: dict[str, GraphSpec], model, jobs: dict[str, GraphJob], path: Path) -> dict[str, dict]:
@@ -150,24 +153,15 @@ def check(specs: dict[str, GraphSpec], model, jobs: dict[str, GraphJob], path: P
         if convention == Convention.STOCK_TEXT_RUNNER:
             out[method] = token_step_parity(spec, model, path, jobs["embed_tokens"].examples[0]["tokens"])
         else:
-            checked = spec if spec.kind != "image_tokenizer" else _float_outputs(spec)
+            checked = spec.float_outputs()
             out[method] = run_parity(checked, TorchProgram(checked, build_module(spec, model)),
                                      RunnerMethodProgram(checked, path, method), job.examples)
     return out
 
 
-def _float_outputs(spec: GraphSpec) -> GraphSpec:
-    from dataclasses import replace
-
-    return replace(spec, outputs=tuple(t for t in spec.outputs if t.dtype.startswith("float")))
-
-
 def token_step_parity(spec: GraphSpec, model, path: Path, tokens: torch.Tensor, steps: int = 8) -> dict:
     """`forward` (token ids + input_pos) against the reference decoder on the same tokens' embeddings:
     a prefill of `tokens`, then `steps` greedy decode steps."""
-    from manzano_edge.metrics import compare
-    from manzano_edge.spec.decoding import causal_mask
-
     reference = TorchProgram(spec, build_module(spec, model))
     reference.reset()
     method = runtime().load_program(path).load_method("forward")
@@ -191,37 +185,47 @@ def write_program(out: Path, tokenizer_json: str, jobs: dict[str, GraphJob]) -> 
     if missing:
         return {"folder": None, "not_written": f"it needs the graphs {', '.join(missing)}: add them to --graphs"}
     job, model = jobs["decoder"], jobs["decoder"].model
-    recipes = {jobs[g].recipe for g in GRAPHS} - {"fp32"}
-    recipe = recipes.pop() if recipes else "fp32"
-    why = unsupported(recipe, job.w8a8_mode("executorch") or "")
-    if why:
-        return {"folder": None, "not_written": why}
+    recipes = {g: jobs[g].recipe for g in GRAPHS}  # --keep-float graph:X keeps that graph's methods float
+    for graph, recipe in recipes.items():
+        why = unsupported(recipe, jobs[graph].w8a8_mode("executorch") or "")
+        if why:
+            return {"folder": None, "not_written": why}
     folder = out / FOLDER
     folder.mkdir(exist_ok=True)
     path = folder / PROGRAM_FILE
     specs = {g: jobs[g].spec for g in GRAPHS}
     keep = {g: jobs[g].plan.keep_modules(specs[g], model) if jobs[g].plan else [] for g in GRAPHS}
     t0 = time.time()
-    info = build(specs, model, recipe, keep, path)
+    info = build(specs, model, recipes, keep, path)
     (folder / TOKENIZER_FILE).write_text(llm_runner_tokenizer(tokenizer_json, model.cfg))
     files = []
     for name in (PROGRAM_FILE, TOKENIZER_FILE):
         digest, size = path_digest(folder / name)
         files.append({"file": f"{FOLDER}/{name}", "sha256": digest, "bytes": size})
-    record = {"folder": FOLDER, "files": files, "recipe": recipe, **info,
+    record = {"folder": FOLDER, "files": files, "recipes": recipes, **info,
               "methods": {m: {"graph": g, "io": specs[g].variants[c].manifest_io(specs[g].variant_dims)}
                           for m, (g, c) in METHODS.items()},
               "export_seconds": round(time.time() - t0, 2), "verified_by": "executorch.runtime"}
+    failed = []
+    float_bytes = _float_weight_bytes(model, GRAPHS)
+    if any(not is_float(r) for r in recipes.values()) and files[0]["bytes"] >= float_bytes:
+        failed.append(f"program ({files[0]['bytes']} B) not smaller than its float weights ({float_bytes} B)")
     if job.check:
-        failed = []
         for method, parity in check(specs, model, jobs, path).items():
             probe = Entry(METHODS[method][0], FOLDER, parity=parity)
-            judge(probe, recipe, fp16_compute=False)
+            judge(probe, recipes[METHODS[method][0]], fp16_compute=False)
             record["methods"][method]["parity"] = parity
             if not probe.passed:
                 failed.append(f"{method} ({parity.get('min_step_psnr_db', parity.get('psnr_db'))} dB)")
         record["status"] = "failed" if failed else "verified"
-        record["failed"] = failed
     else:
-        record["status"] = "not checked"
+        record["status"] = "failed" if failed else "not checked"
+    record["failed"] = failed
     return record
+
+
+def _float_weight_bytes(model, graphs: tuple[str, ...]) -> int:
+    """fp32 bytes of the weights the program's methods use (the decoder's once: its two methods share them)."""
+    parts = {"tokenizer": model.tokenizer, "embed_tokens": model.decoder.embed_tokens, "decoder": model.decoder}
+    seen = {id(p): p.numel() * 4 for g in graphs for p in parts[g].parameters()}
+    return sum(seen.values())

@@ -117,8 +117,10 @@ class OnnxExporter(BaseExporter):
         """The graph in onnxruntime-genai's I/O, checked through the graph's own I/O (`StockVlmProgram`)."""
         spec = job.spec
         path = job.out / onnx_genai.FOLDER / f"{variant.file}{SUFFIX}"
+        # A variant wraps the reference build's submodules under the same names, so --keep-float
+        # layers resolve against the reference build.
         entry = self._convert(job, lambda p: export_variant(spec, variant, variant.build(job.model).eval(), p), path,
-                              Convention.STOCK_VLM, lambda: StockVlmProgram(spec, path), onnx_genai.checked_spec(spec))
+                              StateLayout.STATEFUL, lambda: StockVlmProgram(spec, path), spec.float_outputs())
         entry.fmt = onnx_genai.FOLDER
         entry.extra["io"] = variant.manifest_io(spec.variant_dims)
         entry.extra["opset"] = OPSET

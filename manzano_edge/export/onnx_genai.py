@@ -12,14 +12,13 @@ not use: the app prepares `pixel_values` by the pipeline contract and passes the
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from manzano_edge.config import ModelConfig
 from manzano_edge.data.text import runner_tokenizer
 from manzano_edge.fsutil import path_digest
-from manzano_edge.spec.graphs import Convention, GraphSpec, graph_specs
+from manzano_edge.spec.graphs import Convention, graph_specs
 
 if TYPE_CHECKING:
     from manzano_edge.export.base import Entry
@@ -36,12 +35,6 @@ RUNNER_TEXT = ("tokenize lowercase(NFKC(text)), with one space put in front unle
                "folder's tokenizer")  # phi3v marks the k-th image's slots with -k
 # The graphs onnxruntime-genai loads, by the section of genai_config.json that names them.
 SECTIONS = {"vision": "tokenizer", "embedding": "embed_tokens", "decoder": "decoder"}
-
-
-def checked_spec(spec: GraphSpec) -> GraphSpec:
-    """The graph's declaration restricted to what its variant computes (the vision variant has the
-    understanding features only: generation's ids are not an onnxruntime-genai input)."""
-    return replace(spec, outputs=tuple(t for t in spec.outputs if t.dtype.startswith("float")))
 
 
 def tokenizer_config(cfg: ModelConfig, tokenizer_json: str) -> dict:

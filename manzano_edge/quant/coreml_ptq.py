@@ -15,6 +15,9 @@ and the logits clipped (`keep_graph_inputs_float`, `keep_graph_outputs_float`).
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 from torch import nn
 
@@ -97,9 +100,37 @@ def _output_nodes(model: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return nodes
 
 
+# The pattern builders ExecuTorch's Core ML annotators call once per (op, activation, in-place)
+# combination on every annotate.
+_PATTERN_BUILDERS = ("get_conv_pattern", "get_conv_bn_pattern", "get_linear_pattern", "get_linear_bn_pattern",
+                     "get_binary_op_act_pattern")
+
+
+def _reuse_pattern_graphs() -> None:
+    """Each builder traces a small pattern module with torch.export, about 40 s per annotate on 2
+    cores, for a graph that depends only on the builder's arguments. Trace each once per process and
+    hand out copies (the subgraph matcher rewrites a pattern's output node in place)."""
+    from executorch.backends.apple.coreml.quantizer import _coreml_quantizer_utils as utils
+
+    for name in _PATTERN_BUILDERS:
+        build = getattr(utils, name)
+        if hasattr(build, "traced"):
+            continue
+        traced = functools.cache(build)
+
+        @functools.wraps(build)
+        def pattern(*args, _traced=traced, **kwargs):
+            return copy.deepcopy(_traced(*args, **kwargs))
+
+        pattern.traced = traced
+        setattr(utils, name, pattern)
+
+
 def _quantizer(keep_float: frozenset[str] = frozenset()):
     from coremltools.optimize.torch.quantization import LinearQuantizerConfig
     from executorch.backends.apple.coreml.quantizer import CoreMLQuantizer
+
+    _reuse_pattern_graphs()
 
     class WeightedOpsCoreMLQuantizer(CoreMLQuantizer):
         """CoreMLQuantizer's own config filters cannot say "Linear/Conv2d only" here: class keys

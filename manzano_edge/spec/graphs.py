@@ -25,7 +25,7 @@ Graphs (loops stay in the runtime):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -170,6 +170,11 @@ class GraphSpec:
                 for d in t.shape:
                     if isinstance(d, Dim):
                         self.variant_dims[d.name] = d
+
+    def float_outputs(self) -> GraphSpec:
+        """This declaration without its integer outputs: what a variant that computes only the
+        understanding branch (the stock runners' vision graphs) is checked on."""
+        return replace(self, outputs=tuple(t for t in self.outputs if t.dtype.startswith("float")))
 
     def has_layout(self, layout: str) -> bool:
         return layout in self.layouts
