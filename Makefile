@@ -11,8 +11,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: it resolves to the CPU wheel on this machine, never the CUDA build.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	# --no-compile: Python byte-compiles a module when it is first imported; compiling all
+	# ~21,000 files of the dependencies at install time is most of the install, for code that never runs.
+	$(PY) -m pip install -q --no-compile "torch==2.13.0"
+	$(PY) -m pip install -q --no-compile -e ".[dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

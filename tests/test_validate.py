@@ -251,3 +251,36 @@ def test_plots_read_with_an_exact_match_graph(tmp_path):
     assert plot(rep, tmp_path) == ["graphs_psnr.png", "end_to_end.png"]
     for name in ("graphs_psnr.png", "end_to_end.png"):
         assert image.imread(tmp_path / name).shape[0] > 200
+
+
+def test_validate_scores_the_stock_runners_files_on_their_runtimes(bundle, tmp_path):
+    """The onnxruntime-genai graphs and the LLM-runner program's methods get their own rows, run on
+    onnxruntime and ExecuTorch against the same reference (the language-model graphs only, to keep
+    it short: the others have no runner files)."""
+    from manzano_edge.validate.core import Settings, validate
+
+    out, manifest = bundle
+    trimmed = tmp_path / "b"
+    trimmed.mkdir()
+    for item in out.iterdir():
+        (trimmed / item.name).symlink_to(item) if item.is_dir() else shutil.copy(item, trimmed / item.name)
+    graphs = ("tokenizer", "embed_tokens", "decoder")
+    kept = copy.deepcopy(manifest)
+    kept["graphs"] = {g: {**manifest["graphs"][g], "formats": {f: e for f, e in manifest["graphs"][g]["formats"].items()
+                                                               if f != "coreml"}} for g in graphs}
+    (trimmed / "manifest.json").unlink()
+    (trimmed / "manifest.json").write_text(json.dumps(kept))
+    report = validate(trimmed, None, Thresholds(), Settings(samples=1, greedy_tokens=8, end_to_end=False),
+                      show=False).report
+    rows = {(r["graph"], r["format"]): r for r in report["graphs"]}
+    runner_rows = {("tokenizer", "onnx-genai"), ("embed_tokens", "onnx-genai"), ("decoder", "onnx-genai"),
+                   ("tokenizer", "executorch-llm:vision_encoder"), ("embed_tokens", "executorch-llm:token_embedding"),
+                   ("decoder", "executorch-llm:text_decoder")}
+    assert set(rows) == {(g, f) for g in graphs for f in ("onnx", "executorch")} | runner_rows
+    for key in runner_rows:
+        row = rows[key]
+        assert row["passed"] and not row["emulated"] and row["recipe"] == "fp32", (key, row["checks"])
+        assert "image_ids" not in row["metrics"]  # the runners' vision graphs compute the understanding branch only
+    assert rows[("decoder", "onnx-genai")]["metrics"]["greedy"]["exact_match"] == 1.0
+    assert rows[("decoder", "executorch-llm:text_decoder")]["metrics"]["greedy"]["exact_match"] == 1.0
+    assert report["passed"]

@@ -111,6 +111,22 @@ class Exporter(Protocol):
         stock runner's program or config) and return the manifest's `runners` records of them."""
         ...
 
+    def runner_programs(self, bundle: Bundle, spec: GraphSpec) -> list[RunnerProgram]:
+        """The bundle's stock-runner files of this format that compute graph `spec`, each behind the
+        graph's own I/O, for `validate` ([]: none)."""
+        ...
+
+
+@dataclass
+class RunnerProgram:
+    """One stock-runner file (or program method) that computes a graph, as `validate` scores it."""
+
+    label: str  # the report's format column: the runner folder, and the method where one file has several
+    spec: GraphSpec  # the graph's declaration restricted to what the runner's file computes
+    program: GraphProgram
+    recipe: str
+    bytes: int
+
 
 class BaseExporter:
     """The defaults of the `Exporter` protocol: one folder named after the format, no options of its
@@ -133,6 +149,9 @@ class BaseExporter:
 
     def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
         return {}
+
+    def runner_programs(self, bundle: Bundle, spec: GraphSpec) -> list[RunnerProgram]:
+        return []
 
 
 EXPORTERS: dict[str, Exporter] = {}

@@ -19,7 +19,16 @@ from torch import nn
 
 from manzano_edge.errors import UserError
 from manzano_edge.export import executorch_llm
-from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.base import (
+    BaseExporter,
+    Entry,
+    GraphJob,
+    RunnerProgram,
+    cannot_quantize,
+    check_smaller,
+    finish,
+    register_exporter,
+)
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.fsutil import path_digest
 from manzano_edge.quant import xnnpack_ptq
@@ -216,16 +225,21 @@ class ExecuTorchExporter(BaseExporter):
             xnn.extra["bundled_program"] = {"file": str(bpte.relative_to(job.out)), "sha256": digest, "bytes": size,
                                             **info}
         entries = [finish(xnn, path, job.out)]
-        gc.collect()  # FX graphs hold reference cycles: free the XNNPACK program's weight copies now
         if not is_float(recipe):
             check_smaller(xnn, xnn.extra.pop("_float_bytes"))
             return entries  # the Core ML delegate program is float-only here; Core ML recipes go through `coreml`
         if opts.executorch_coreml:
+            # FX graphs hold reference cycles: free the XNNPACK program's weight copies before the
+            # second lowering (the bundle's loop collects after each graph).
+            gc.collect()
             entries.append(self.coreml_delegate(job))
         return entries
 
     def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
         return {executorch_llm.RUNNER: executorch_llm.write_program(out, tokenizer_json, jobs)}
+
+    def runner_programs(self, bundle, spec: GraphSpec) -> list[RunnerProgram]:
+        return executorch_llm.method_programs(bundle, spec)
 
     def _quantized(self, job: GraphJob, module: nn.Module, path: Path, entry: Entry) -> None:
         spec, recipe, plan = job.spec, job.recipe, job.plan

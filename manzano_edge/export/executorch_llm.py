@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from manzano_edge.data.text import runner_tokenizer
-from manzano_edge.export.base import Entry, GraphJob
+from manzano_edge.export.base import Entry, GraphJob, RunnerProgram
 from manzano_edge.export.parity import judge, run_parity
 from manzano_edge.fsutil import path_digest
 from manzano_edge.metrics import compare
@@ -222,6 +222,22 @@ def write_program(out: Path, tokenizer_json: str, jobs: dict[str, GraphJob]) -> 
         record["status"] = "failed" if failed else "not checked"
     record["failed"] = failed
     return record
+
+
+def method_programs(bundle, spec: GraphSpec) -> list[RunnerProgram]:
+    """The runner program's methods that take graph `spec`'s inputs, for `validate`. `forward` (token
+    ids in) is `token_embedding` then `text_decoder` on the same weights; export checks it
+    (`token_step_parity`)."""
+    record = bundle.manifest.get("runners", {}).get(RUNNER, {})
+    if not record.get("folder"):
+        return []
+    program = next(f for f in record["files"] if f["file"].endswith(PROGRAM_FILE))
+    path = bundle.verified_file(program["file"], program["sha256"])
+    checked = spec.float_outputs()
+    return [RunnerProgram(f"{FOLDER}:{method}", checked, RunnerMethodProgram(checked, path, method),
+                          record["recipes"][graph], program["bytes"])
+            for method, (graph, convention) in METHODS.items()
+            if graph == spec.name and convention == Convention.STOCK_LLM_RUNNER]
 
 
 def _float_weight_bytes(model, graphs: tuple[str, ...]) -> int:

@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from manzano_edge.export import onnx_genai
-from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.base import (
+    BaseExporter,
+    Entry,
+    GraphJob,
+    RunnerProgram,
+    cannot_quantize,
+    check_smaller,
+    finish,
+    register_exporter,
+)
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.fsutil import path_digest
 from manzano_edge.quant import onnx_ptq
@@ -162,3 +171,11 @@ class OnnxExporter(BaseExporter):
     def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
         cfg = next(iter(jobs.values())).model.cfg
         return {onnx_genai.RUNNER: onnx_genai.write_folder(out, cfg, tokenizer_json, entries)}
+
+    def runner_programs(self, bundle, spec: GraphSpec) -> list[RunnerProgram]:
+        entry = bundle.manifest["graphs"][spec.name]["formats"].get(onnx_genai.FOLDER)
+        if entry is None:
+            return []
+        path = bundle.verified_file(entry["file"], entry["sha256"])
+        return [RunnerProgram(onnx_genai.FOLDER, spec.float_outputs(), StockVlmProgram(spec, path),
+                              entry["recipe"]["name"], entry["bytes"])]

@@ -239,6 +239,16 @@ def greedy_match(reference: GraphProgram, candidate: GraphProgram, model: Manzan
             "mean_matching_prefix": sum(prefix) / len(prefix)}
 
 
+def graph_row_metrics(spec: GraphSpec, model: Manzano, candidate: GraphProgram, seqs: list, st: Settings,
+                      th: Thresholds) -> dict:
+    """A candidate against the reference build of `spec` (the decoder also greedy, step by step)."""
+    reference = TorchProgram(spec, build_module(spec, model))
+    metrics = graph_metrics(spec, reference, candidate, seqs, th.top1_tie_nats)
+    if spec.kind == GraphKind.LM_STEP:
+        metrics["greedy"] = greedy_match(reference, candidate, model, seqs, st.greedy_tokens)
+    return metrics
+
+
 def judge_graph(row: dict, spec: GraphSpec, recipe: str, th: Thresholds) -> None:
     checks = []
     bar = th.graph_db(recipe)
@@ -348,18 +358,20 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
             spec = bundle.specs[name]
             entry = g["formats"][fmt]
             program, verified_by = candidate_program(bundle, spec, fmt, source, codec)
-            reference_program = TorchProgram(spec, build_module(spec, model))
-            row = {"graph": name, "format": fmt, "recipe": entry.get("recipe", {}).get("name", recipe),
-                   "verified_by": verified_by, "emulated": verified_by.startswith("EMULATED"),
-                   "bytes": entry["bytes"], "float_bytes": entry.get("float_bytes"),
-                   "metrics": graph_metrics(spec, reference_program, program, seqs[name], th.top1_tie_nats)}
-            if spec.kind == GraphKind.LM_STEP:
-                row["metrics"]["greedy"] = greedy_match(reference_program, program, model, seqs[name],
-                                                        st.greedy_tokens)
-            judge_graph(row, spec, row["recipe"], th)
-            rows.append(row)
-            if show:
-                print(f"  {name:<14} {fmt:<11} {_summary(row)}", flush=True)
+            candidates = [(fmt, spec, program, verified_by, entry.get("recipe", {}).get("name", recipe),
+                           entry["bytes"], entry.get("float_bytes"))]
+            # The stock runners' files of this format run on its runtime, so only where it runs here.
+            if not verified_by.startswith("EMULATED"):
+                candidates += [(r.label, r.spec, r.program, verified_by, r.recipe, r.bytes, None)
+                               for r in EXPORTERS[fmt].runner_programs(bundle, spec)]
+            for label, checked, candidate, by, graph_recipe, size, float_size in candidates:
+                row = {"graph": name, "format": label, "recipe": graph_recipe, "verified_by": by,
+                       "emulated": by.startswith("EMULATED"), "bytes": size, "float_bytes": float_size,
+                       "metrics": graph_row_metrics(checked, model, candidate, seqs[name], st, th)}
+                judge_graph(row, checked, graph_recipe, th)
+                rows.append(row)
+                if show:
+                    print(f"  {name:<14} {label:<11} {_summary(row)}", flush=True)
     for fmt in formats:
         if any(r["emulated"] and r["format"] == fmt for r in rows):
             notes += EXPORTERS[fmt].emulation_notes(recipe, exported_from)
