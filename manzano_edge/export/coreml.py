@@ -204,9 +204,12 @@ def stored_weights(mlmodel) -> dict[str, np.ndarray]:
     torch parameter path with dots replaced by underscores."""
     import coremltools.optimize.coreml as oc
 
-    dense = oc.decompress_weights(mlmodel)
+    ops = mlmodel._mil_program.functions["main"].operations
+    # decompress_weights re-serialises the whole model: only a compressed one needs it.
+    if any(op.op_type.startswith("constexpr_") for op in ops):
+        ops = oc.decompress_weights(mlmodel)._mil_program.functions["main"].operations
     out = {}
-    for op in dense._mil_program.functions["main"].operations:
+    for op in ops:
         if op.op_type != "const" or not op.name.startswith(("p_", "b_")):
             continue
         key = _weight_key(op.name)

@@ -107,9 +107,10 @@ _PATTERN_BUILDERS = ("get_conv_pattern", "get_conv_bn_pattern", "get_linear_patt
 
 
 def _reuse_pattern_graphs() -> None:
-    """Each builder traces a small pattern module with torch.export, about 40 s per annotate on 2
-    cores, for a graph that depends only on the builder's arguments. Trace each once per process and
-    hand out copies (the subgraph matcher rewrites a pattern's output node in place)."""
+    """Each builder traces a small pattern module with torch.export, which dominates the
+    quantization of a small graph, for a pattern that depends only on the builder's arguments. Trace
+    each once per process and hand out copies (the subgraph matcher rewrites a pattern's output node
+    in place)."""
     from executorch.backends.apple.coreml.quantizer import _coreml_quantizer_utils as utils
 
     for name in _PATTERN_BUILDERS:
