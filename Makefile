@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# pip byte-compiles one file at a time, most of the install; compile the same files on every core.
 	# As under pip, a few files written for newer Pythons (torch's test helpers) do not compile and are
 	# never imported.
-	-@$(PY) -m compileall -q -j0 $(VENV)/lib > /dev/null
+	$(PY) -m compileall -q -j0 $(VENV)/lib > /dev/null || true
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
