@@ -11,7 +11,7 @@ from manzano_edge.spec.decoding import decode, padded_causal_mask
 
 
 def test_every_format_states_every_recipe_and_how_it_is_checked():
-    assert FORMATS == ("coreml", "onnx", "executorch")
+    assert FORMATS == ("coreml", "onnx", "executorch", "coreai")
     for fmt in FORMATS:
         assert all((fmt, r) in SUPPORT for r in RECIPES)
         assert EXPORTERS[fmt].name == fmt
@@ -30,9 +30,12 @@ def test_a_format_that_skips_a_recipe_or_reuses_a_name_is_refused():
 
 
 def test_backends_are_looked_up_by_name():
-    assert list(BACKENDS) == ["torch", "ort", "executorch", "coreml"]
+    from manzano_edge.cli.common import BACKEND_NAMES
+
+    assert list(BACKENDS) == ["torch", "ort", "executorch", "coreml", "coreai"]
+    assert BACKEND_NAMES == tuple(BACKENDS)  # the CLI's choices, named without importing the runtimes
     assert get_backend("ort").format == "onnx"
-    with pytest.raises(UserError, match="unknown backend 'tflite'; choose from torch, ort, executorch, coreml"):
+    with pytest.raises(UserError, match="unknown backend 'tflite'; choose from torch, ort, executorch, coreml, coreai"):
         get_backend("tflite")
 
 

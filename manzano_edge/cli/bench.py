@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from manzano_edge.cli.common import add_command
+from manzano_edge.cli.common import BACKEND_NAMES, add_command
 from manzano_edge.config import DEFAULT_FLOW_STEPS
 
 
@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
     ])
     p.add_argument("bundles", nargs="+", help="bundle directories (one per recipe) written by `manzano-edge export`")
     p.add_argument("-o", "--output", required=True, help="report directory: bench.json, bench.md, plots")
-    p.add_argument("--backends", default="torch,ort,executorch,coreml",
-                   help="comma-separated: torch (eager fp32 baseline), ort, executorch, coreml (macOS)")
+    p.add_argument("--backends", default="torch,ort,executorch,coreml,coreai",
+                   help="comma-separated: torch (eager fp32 baseline), ort, executorch, coreml (macOS), coreai")
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median and p90)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before each measurement")
     p.add_argument("--threads", help="N for every backend, or per backend: torch=2,ort=2,executorch=2 "
@@ -41,7 +41,7 @@ def run(args) -> None:
     from manzano_edge.quant.recipes import parse_list
 
     default, per = parse_threads(args.threads)
-    opts = BenchOptions(backends=parse_list(args.backends, ("torch", "ort", "executorch", "coreml"), "backend"),
+    opts = BenchOptions(backends=parse_list(args.backends, BACKEND_NAMES, "backend"),
                         runs=args.runs, warmup=args.warmup, threads=per, decode_tokens=args.decode_tokens,
                         flow_steps=args.flow_steps, flow_guidance=args.guidance, token_guidance=args.token_guidance,
                         reference=args.checkpoint, seed=args.seed,

@@ -14,7 +14,9 @@ PROG = "manzano-edge"
 
 # `--bundle` without `--backend` runs on the first of these that the bundle holds files for and that
 # runs on this machine (backends registered later, not named here, come after them).
-BUNDLE_BACKEND_PREFERENCE = ("executorch", "ort", "coreml")
+BUNDLE_BACKEND_PREFERENCE = ("executorch", "ort", "coreai", "coreml")
+# The registered backends (runtime/backends), named here so that building the parser imports no runtime.
+BACKEND_NAMES = ("torch", "ort", "executorch", "coreml", "coreai")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -103,8 +105,8 @@ def add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 def add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", metavar="DIR", help="run an exported bundle directory (`manzano-edge export`) instead "
                                                    "of eager PyTorch on --checkpoint")
-    p.add_argument("--backend", choices=["torch", "ort", "executorch", "coreml"],
-                   help="torch: eager PyTorch on --checkpoint (without --bundle, the default); ort|executorch|coreml: "
+    p.add_argument("--backend", choices=BACKEND_NAMES,
+                   help="torch: eager PyTorch on --checkpoint (without --bundle, the default); the others run "
                         "the bundle's graphs (with --bundle, the default is the first of "
                         f"{', '.join(BUNDLE_BACKEND_PREFERENCE)} that the bundle holds and that runs here)")
 

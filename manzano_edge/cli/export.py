@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     ])
     add_checkpoint(p, positional=True)
     p.add_argument("-o", "--output", required=True, help="bundle directory to create")
-    p.add_argument("--format", default="coreml,onnx,executorch", help="comma-separated: coreml,onnx,executorch")
+    p.add_argument("--format", default="coreml,onnx,executorch",
+                   help="comma-separated, from: coreml,onnx,executorch,coreai (coreai needs manzano-edge[coreai])")
     p.add_argument("--recipe", default="fp32", help="fp32|fp16|w8|w8a8|w4|palette4")
     p.add_argument("--graphs", help="comma-separated graphs, or 'all' (default: every graph but the optional "
                                     "decoder_cfg, the batch-of-2 decoder that --token-guidance needs)")

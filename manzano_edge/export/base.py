@@ -186,8 +186,8 @@ def check_dependency(exporter: Exporter) -> None:
         with third_party_output():  # converters warn about versions as they import
             __import__(exporter.dependency)
     except ImportError as exc:
-        raise UserError(f"format '{exporter.name}' needs {exporter.dependency}, which is not installed; "
-                        "pip install 'manzano-edge[export]'") from exc
+        hint = getattr(exporter, "install_hint", "pip install 'manzano-edge[export]'")
+        raise UserError(f"format '{exporter.name}' needs {exporter.dependency}, which is not installed; {hint}") from exc
 
 
 def cannot_quantize(spec: GraphSpec, fmt: str, recipe: str, why: str) -> UserError:

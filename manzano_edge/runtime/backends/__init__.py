@@ -1,7 +1,7 @@
 """Runtime backends, one module each, registered by name (`base.BACKENDS`)."""
 
-# Registration order is the order users see (torch, ort, executorch, coreml).
-from manzano_edge.runtime.backends import torch, ort, executorch, coreml  # noqa: F401, I001  (registers each backend)
+# Registration order is the order users see (torch, ort, executorch, coreml, coreai).
+from manzano_edge.runtime.backends import torch, ort, executorch, coreml, coreai  # noqa: F401, I001  (registers each backend)
 from manzano_edge.runtime.backends.base import (
     BACKENDS,
     Backend,

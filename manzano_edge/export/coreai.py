@@ -1,0 +1,228 @@
+"""Core AI (Apple's OS 27 runtime): torch.export -> coreai-torch -> .aimodel, compressed through
+coreai-opt, and checked by *running* the asset in coreai-core's runtime (bundled in its Linux
+wheel), against eager PyTorch over prefill and decode steps like every other format.
+
+- One function per graph (`main`) with the graph's dynamic shapes: the decoder's one step serves
+  prefill (T > 1) and decode (T = 1), its KV cache in Core AI state. A graph whose batch is
+  dynamic (the DiT) ships one static function per batch size instead (`runtime/backends/coreai.py`).
+- fp16 is a torch-side cast (`cast_fp32_to_fp16`): weights, activations, state and float I/O
+  are fp16. w8 / w4 / palette4 are coreai-opt's post-conversion weight passes, which compress
+  every weight of 1024+ elements feeding a matmul, conv, gather or transpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from manzano_edge.errors import UserError
+from manzano_edge.export.base import (
+    BaseExporter,
+    Entry,
+    GraphJob,
+    cannot_quantize,
+    check_smaller,
+    finish,
+    register_exporter,
+)
+from manzano_edge.export.parity import SKIPPED, judge, run_parity
+from manzano_edge.quant.recipes import GROUP_SIZE, PALETTE_GROUP_SIZE, Support, is_float
+from manzano_edge.quiet import third_party_output
+from manzano_edge.runtime.backends.coreai import (
+    INSTALL,
+    VERIFIED_BY,
+    CoreAIProgram,
+    asset_info,
+    batch_sizes,
+    function_name,
+    platform_supported,
+)
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.modules import build_module
+from manzano_edge.spec.tracing import torch_dynamic_shapes, trace_args
+
+SUFFIX = ".aimodel"
+# The OS that loads an .aimodel (coreai-torch's default `minimum_os`).
+MINIMUM_OS = "iOS 27 / macOS 27"
+
+SUPPORT = {
+    "fp32": Support(True, "coreai-torch, float32"),
+    "fp16": Support(True, "coreai-opt cast_fp32_to_fp16 before conversion: fp16 weights, activations, state and "
+                          "float I/O"),
+    "w8": Support(True, "coreai-opt quantize_weights int8 per-channel, symmetric (weight-only)"),
+    "w8a8": Support(False, "coreai-opt's calibrated Quantizer is not wired into this exporter yet; use w8 (weight-only "
+                           "int8) on coreai, or w8a8 on onnx/executorch/coreml"),
+    "w4": Support(True, f"coreai-opt quantize_weights int4 per-block {GROUP_SIZE}, symmetric (weight-only)"),
+    "palette4": Support(True, f"coreai-opt palettize_weights 4-bit k-means, one LUT per {PALETTE_GROUP_SIZE} output "
+                              "channels (weight-only)"),
+}
+# The IR ops a compressed weight decompresses through: counted to prove a recipe compressed anything.
+COMPRESSION_OPS = ("coreai.blockwise_shift_scale", "coreai.lut_to_dense")
+
+
+def decompositions() -> dict:
+    """coreai-torch's table, plus `remainder`, which it cannot lower (FSQ's level parity)."""
+    import coreai_torch
+
+    table = coreai_torch.get_decomp_table()
+    table[torch.ops.aten.remainder.Scalar] = _remainder
+    table[torch.ops.aten.remainder.Tensor] = _remainder
+    return table
+
+
+def _remainder(x: torch.Tensor, other) -> torch.Tensor:
+    return x - torch.div(x, other, rounding_mode="floor") * other
+
+
+def static_batch(spec: GraphSpec, example: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+    """The example at batch size `batch` (its first row repeated)."""
+    out = {}
+    for t in spec.inputs:
+        value = example[t.name]
+        axes = [i for i, d in enumerate(t.shape) if getattr(d, "name", None) == "batch"]
+        for axis in axes:
+            value = value.narrow(axis, 0, 1).repeat_interleave(batch, dim=axis)
+        out[t.name] = value
+    return out
+
+
+def exported_function(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], batch: int | None,
+                      fp16: bool) -> torch.export.ExportedProgram:
+    """One function's program: the graph's dynamic shapes, the batch fixed where `batch` is given."""
+    from coreai_opt.casting.casting import cast_fp32_to_fp16
+
+    shapes = torch_dynamic_shapes(spec, spec.inputs)
+    if batch is not None:
+        example = static_batch(spec, example, batch)
+        shapes = {name: ({i: d for i, d in dims.items() if d.__name__ != "batch"} or None) if dims else None
+                  for name, dims in shapes.items()}
+    with torch.no_grad():
+        program = torch.export.export(module, trace_args(spec, example), dynamic_shapes=shapes, strict=False)
+    program = program.run_decompositions(decompositions())
+    return cast_fp32_to_fp16(program) if fp16 else program
+
+
+def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], fp16: bool = False):
+    """The graph as a Core AI program (`coreai.authoring.AIProgram`), one function per batch size
+    where the batch is dynamic, else one `main`. Release mode: the asset records op ids, not the
+    stack traces (and source paths) of the machine that exported it."""
+    from coreai_torch import TorchConverter
+
+    converter = TorchConverter(mode=TorchConverter.Mode.RELEASE)
+    for batch in batch_sizes(spec):
+        converter.add_exported_program(exported_function(spec, module, example, batch, fp16),
+                                       input_names=[t.name for t in spec.inputs],
+                                       output_names=[t.name for t in spec.outputs],
+                                       state_names=[s.name for s in spec.states],
+                                       entrypoint_name=function_name(batch))
+    return converter.to_coreai()
+
+
+class _SkippedWeights(logging.Handler):
+    """coreai-opt logs, and skips, each weight it cannot compress (a channel count its LUT
+    groups do not divide): counted so that the manifest says how many stayed float."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.skipped: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Skipped this op" in message or "Cannot perform" in message:
+            self.skipped.append(message.splitlines()[0])
+
+
+def compress(program, recipe: str):
+    """(compressed program, {"tool", "skipped"}) through coreai-opt's weight passes."""
+    from coreai_opt.coreai_utils import CompressionGranularity, DType, palettize_weights, quantize_weights
+
+    handler = _SkippedWeights()
+    log = logging.getLogger("coreai_opt")
+    log.addHandler(handler)
+    try:
+        if recipe == "w8":
+            program = quantize_weights(coreai_program=program, dtype=DType.INT8,
+                                       granularity=CompressionGranularity.PER_CHANNEL)
+        elif recipe == "w4":
+            program = quantize_weights(coreai_program=program, dtype=DType.INT4,
+                                       granularity=CompressionGranularity.PER_BLOCK, block_size=GROUP_SIZE)
+        elif recipe == "palette4":
+            # In-process k-means: coreai-opt's worker pool deadlocks after torch has started its threads.
+            program = palettize_weights(coreai_program=program, lut_dtype=None, n_bits=4,
+                                        granularity=CompressionGranularity.PER_GROUPED_CHANNEL,
+                                        group_size=PALETTE_GROUP_SIZE, num_kmeans_workers=1)
+        else:
+            raise UserError(f"recipe '{recipe}' is not a Core AI weight compression; choose w8, w4 or palette4")
+    finally:
+        log.removeHandler(handler)
+    return program, {"tool": "coreai-opt", "skipped_weights": len(handler.skipped)}
+
+
+def op_histogram(program) -> dict[str, int]:
+    """Core AI ops by count, over every function of the program's IR."""
+    return dict(sorted(Counter(re.findall(r'"?(coreai\.[a-z_.0-9]+)"?\(', str(program._module))).items()))
+
+
+def _float_bytes(module: nn.Module, fp16: bool) -> int:
+    return sum(t.numel() * (2 if fp16 else 4) for t in module.state_dict().values() if t.is_floating_point())
+
+
+@register_exporter("coreai", SUPPORT)
+class CoreAIExporter(BaseExporter):
+    name = "coreai"
+    title = "Core AI"
+    dependency = "coreai_torch"
+    suffix = SUFFIX
+    install_hint = INSTALL
+
+    def quantized_layers(self, recipe: str) -> tuple[type, ...]:
+        return ()  # the weight passes compress any large enough weight
+
+    def check_options(self, opts) -> None:
+        ok, why = platform_supported()
+        if not ok:
+            raise UserError(f"format 'coreai' cannot convert here: {why}")
+        layers = [item.strip() for item in (opts.keep_float or "").split(",")
+                  if item.strip() and not item.strip().startswith("graph:")]
+        if layers:
+                raise UserError(f"--keep-float {','.join(layers)}: coreai-opt's weight passes compress a whole graph, "
+                                "so coreai keeps whole graphs float only (--keep-float graph:NAME)")
+
+    def export(self, job: GraphJob) -> list[Entry]:
+        spec, recipe = job.spec, job.recipe
+        entry = Entry(spec.name, self.name)
+        path = job.out / self.name / f"{spec.name}{SUFFIX}"
+        module = build_module(spec, job.model)
+        fp16 = recipe == "fp16"
+        with third_party_output():
+            program = convert(spec, module, job.examples[0], fp16=fp16)
+            if not is_float(recipe):
+                program, info = compress(program, recipe)
+                entry.extra["quantization"] = info
+            program.save_asset(path)
+        entry.extra["ops"] = ops = op_histogram(program)
+        del program
+        if not is_float(recipe) and not any(ops.get(op) for op in COMPRESSION_OPS):
+            raise cannot_quantize(spec, self.name, recipe, "coreai-opt compressed no weight (every weight is under "
+                                  "1024 elements or feeds no matmul/conv/gather)")
+        if not is_float(recipe):
+            entry.extra["quantization"]["compressed_weights"] = sum(ops.get(op, 0) for op in COMPRESSION_OPS)
+        if job.check:
+            entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, job.model)),
+                                      CoreAIProgram(spec, path), job.examples)
+        else:
+            entry.parity = dict(SKIPPED)
+        entry.extra.update({"io": spec.manifest_io(), "io_dtype": "float16" if fp16 else "float32",
+                            "functions": [function_name(b) for b in batch_sizes(spec)],
+                            "compute_precision": "fp16" if fp16 else "fp32", "minimum_os": MINIMUM_OS,
+                            "asset": asset_info(path), "verified_by": VERIFIED_BY})
+        judge(entry, recipe, fp16_compute=fp16)
+        entry = finish(entry, path, job.out)
+        if not is_float(recipe):
+            check_smaller(entry, _float_bytes(module, fp16=False))
+        return [entry]

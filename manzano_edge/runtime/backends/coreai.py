@@ -1,0 +1,144 @@
+"""Core AI: runs the bundle's `coreai/` .aimodel assets. On macOS 27 the OS framework loads them;
+on Linux x86_64 (glibc 2.34+) and macOS 26 arm64, the runtime bundled in the `coreai-core` wheel
+does, so a Core AI graph is checked by executing it, not by emulation. The bundled runtime is
+not a device measurement: its latency says nothing about an iPhone's.
+
+A graph whose batch is dynamic ships one static function per batch size (`batch_1`, `batch_2`):
+coreai-torch folds the reshape that merges a dynamic batch into the attention heads and the
+model then fails to run. Every other graph has one function, `main`, with dynamic shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manzano_edge.errors import UserError
+from manzano_edge.runtime.backends.base import Backend, register_backend
+from manzano_edge.spec.graphs import DTYPES, GraphSpec
+
+MAIN_FUNCTION = "main"
+BATCH_DIM = "batch"
+# Where a coreai-core wheel exists, and so where .aimodel assets convert and run.
+PLATFORMS = "Linux x86_64 with glibc 2.34+, or macOS 26+ on Apple silicon"
+INSTALL = "pip install 'manzano-edge[coreai]'"
+VERIFIED_BY = "coreai-core runtime (the wheel's own build off macOS 27: not a device measurement)"
+
+
+def platform_supported() -> tuple[bool, str]:
+    system, machine = platform.system(), platform.machine()
+    if system == "Linux" and machine == "x86_64":
+        libc, version = platform.libc_ver()
+        if libc == "glibc" and tuple(int(p) for p in version.split(".")[:2]) < (2, 34):
+            return False, f"Core AI needs {PLATFORMS}; this is glibc {version}"
+        return True, ""
+    if system == "Darwin" and machine == "arm64":
+        major = int(platform.mac_ver()[0].split(".")[0] or 0)
+        return (True, "") if major >= 26 else (False, f"Core AI needs {PLATFORMS}; this is macOS {major}")
+    return False, f"Core AI needs {PLATFORMS}; this is {system} {machine}"
+
+
+def runnable() -> tuple[bool, str]:
+    ok, why = platform_supported()
+    if not ok:
+        return ok, why
+    import importlib.util
+
+    if importlib.util.find_spec("coreai") is None:
+        return False, f"coreai-core is not installed ({INSTALL})"
+    return True, ""
+
+
+def function_name(batch: int | None) -> str:
+    return MAIN_FUNCTION if batch is None else f"{BATCH_DIM}_{batch}"
+
+
+def batch_sizes(spec: GraphSpec) -> list[int | None]:
+    """The functions a graph's asset has: one per batch size where the batch is dynamic."""
+    dim = spec.dims.get(BATCH_DIM)
+    return [None] if dim is None else list(range(dim.min, dim.max + 1))
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return np.dtype("float16" if name in ("float16", "fp16", "f16") else name)
+
+
+class CoreAIProgram:
+    """One .aimodel behind its graph's I/O: inputs cast to the dtypes the function declares (an
+    fp16 asset takes fp16), outputs back to the graph's dtypes, the KV cache in Core AI state
+    arrays that persist across `run` calls until `reset`."""
+
+    def __init__(self, spec: GraphSpec, path: Path) -> None:
+        ok, why = runnable()
+        if not ok:
+            raise UserError(f"the coreai backend cannot run here: {why}")
+        from coreai.authoring import AIModelAsset
+
+        self.spec = spec
+        self._loop = asyncio.new_event_loop()
+        self._stack = contextlib.AsyncExitStack()
+        asset = AIModelAsset.load(Path(path))
+        # On Linux `executable()` lowers the asset for the bundled runtime in a temporary
+        # directory that lives as long as the context; on macOS 27 it loads it in the OS framework.
+        self.model = self._loop.run_until_complete(self._stack.enter_async_context(asset.executable()))
+        self.functions = {name: self.model.load_function(name) for name in self.model.function_names}
+        self.reset()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._stack.aclose())
+            self._loop.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def reset(self) -> None:
+        from coreai.runtime import NDArray
+
+        self.states = {}
+        for name, fn in self.functions.items():
+            desc = fn.desc
+            self.states[name] = {s: NDArray(np.zeros(self._state_shape(s), _numpy_dtype(desc.state_descriptor(s).dtype)))
+                                 for s in desc.state_names}
+
+    def _state_shape(self, name: str) -> tuple[int, ...]:
+        return next(s.concrete({}) for s in self.spec.states if s.name == name)
+
+    def _function(self, inputs: dict[str, torch.Tensor]) -> str:
+        if BATCH_DIM not in self.spec.dims:
+            return MAIN_FUNCTION
+        first = next(t for t in self.spec.inputs if any(getattr(d, "name", None) == BATCH_DIM for d in t.shape))
+        axis = next(i for i, d in enumerate(first.shape) if getattr(d, "name", None) == BATCH_DIM)
+        return function_name(int(inputs[first.name].shape[axis]))
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from coreai.runtime import NDArray
+
+        name = self._function(inputs)
+        fn = self.functions[name]
+        desc = fn.desc
+        feed = {t.name: NDArray(np.ascontiguousarray(inputs[t.name].numpy(),
+                                                     dtype=_numpy_dtype(desc.input_descriptor(t.name).dtype)))
+                for t in self.spec.inputs}
+        out = self._loop.run_until_complete(fn(feed, state=self.states[name]))
+        return {t.name: torch.from_numpy(np.array(out[t.name].numpy())).to(DTYPES[t.dtype]) for t in self.spec.outputs}
+
+
+def asset_info(path: Path) -> dict:
+    """What an .aimodel directory records about itself (producer, date, asset version)."""
+    meta = Path(path) / "metadata.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | None = None) -> CoreAIProgram:
+    return CoreAIProgram(spec, path)
+
+
+COREAI = register_backend(Backend(name="coreai", format="coreai", verified_by=VERIFIED_BY, load=_load,
+                                  runnable_here=runnable))
