@@ -10,7 +10,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, (os.cp
 
 
 # Session fixtures that export bundles: the tests using one run in one worker, so each is exported once.
-SHARED_EXPORTS = ("bundle", "quant_bundle", "coreml_delegate_programs")
+SHARED_EXPORTS = ("bundle", "quant_bundle", "coreml_delegate_programs", "coreai_bundle")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -106,3 +106,18 @@ def quant_bundle(tiny, tmp_path_factory):
     et_manifest = export_bundle(model, tok, et_dir, ExportOptions(
         formats=["executorch"], recipe="w8a8", graphs=["code_features"], show_progress=False))
     return {"onnx": (onnx_dir, onnx_manifest), "executorch": (et_dir, et_manifest)}
+
+
+@pytest.fixture(scope="session")
+def coreai_bundle(tiny, tmp_path_factory):
+    """Every graph of the embedded model in Core AI (fp32), each checked at export by running it in
+    coreai-core's runtime; skipped, with the reason, where coreai-core has no wheel."""
+    from manzano_edge.export.bundle import ExportOptions, export_bundle
+    from manzano_edge.runtime.backends.coreai import runnable
+
+    ok, why = runnable()
+    if not ok:
+        pytest.skip(f"Core AI does not run here: {why}")
+    model, tok = tiny
+    out = tmp_path_factory.mktemp("coreai") / "tiny-coreai-fp32"
+    return out, export_bundle(model, tok, out, ExportOptions(formats=["coreai"], graphs=["all"], show_progress=False))

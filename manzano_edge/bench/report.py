@@ -167,6 +167,9 @@ def to_markdown(rep: dict) -> str:
                      f"| {e['text_to_image_ms']['median_ms']:.0f} | {r['memory']['peak_rss_mb']:.0f} | {_f(files, '.2f')} |")
     lines += _latency_table(ok) + _partition_lines(ok) + _compute_plan_lines(ok)
     lines += _comparison_lines(rep["comparisons"]) + _consistency_lines(ok)
+    runtime_notes = dict.fromkeys(r["runtime_note"] for r in ok if r.get("runtime_note"))
+    if runtime_notes:
+        lines += ["", "## Runtime notes", ""] + [f"- {note}" for note in runtime_notes]
     skipped = [r for r in rep["results"] if r["status"] != "ok"]
     if skipped:
         lines += ["", "## Not measured", ""] + [f"- {r['label']}: {r['status']}: {r['reason']}" for r in skipped]

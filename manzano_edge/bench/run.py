@@ -388,6 +388,7 @@ def _run(bundles: list[Bundle], opts: BenchOptions, tmp: Path) -> dict:
                    "partitions": partitions(bundle, job["backend"]), **result}
             if row["status"] == "ok":
                 add_roofline(row, refs[job["reference_key"]], roof, flops)
+                row["runtime_note"] = get_backend(job["backend"]).runtime_note
             else:
                 _log(opts, f"    {row['status']}: {row['reason']}")
             rows.append(row)

@@ -62,9 +62,8 @@ from manzano_edge.spec.graphs import GraphSpec, graph_specs
 
 MANIFEST = MANIFEST_FILE
 SCHEMA = "manzano-edge/bundle@1"
-TOOLS = ("torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript", "coreai-torch", "coreai-opt",
-         "coreai-core", "numpy",
-         "manzano-edge")
+TOOLS = ("torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime", "onnxscript", "coreai-torch",
+         "coreai-opt", "coreai-core", "numpy", "manzano-edge")
 
 
 class ExportFailed(UserError):

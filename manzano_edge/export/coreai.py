@@ -130,11 +130,14 @@ class _SkippedWeights(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.skipped: list[str] = []
+        self.reasons: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "Skipped this op" in message or "Cannot perform" in message:
-            self.skipped.append(message.splitlines()[0])
+        message = record.getMessage().splitlines()[0]
+        if "Skipped this op" in message:
+            self.skipped.append(message)
+        elif message.startswith("Can't perform") or "Failed to" in message:
+            self.reasons.append(message)
 
 
 def compress(program, recipe: str):
@@ -143,6 +146,8 @@ def compress(program, recipe: str):
 
     handler = _SkippedWeights()
     log = logging.getLogger("coreai_opt")
+    level = log.level
+    log.setLevel(logging.WARNING)  # the quiet mode raises the root logger's level, which this inherits
     log.addHandler(handler)
     try:
         if recipe == "w8":
@@ -160,12 +165,15 @@ def compress(program, recipe: str):
             raise UserError(f"recipe '{recipe}' is not a Core AI weight compression; choose w8, w4 or palette4")
     finally:
         log.removeHandler(handler)
-    return program, {"tool": "coreai-opt", "skipped_weights": len(handler.skipped)}
+        log.setLevel(level)
+    return program, {"tool": "coreai-opt", "skipped_weights": len(handler.skipped),
+                     "skipped_because": sorted(set(handler.reasons))}
 
 
 def op_histogram(program) -> dict[str, int]:
     """Core AI ops by count, over every function of the program's IR."""
-    return dict(sorted(Counter(re.findall(r'"?(coreai\.[a-z_.0-9]+)"?\(', str(program._module))).items()))
+    ops = re.findall(r'(?:=|^)\s*"?(coreai\.[a-z_][a-z_.0-9]*)', str(program._module), flags=re.MULTILINE)
+    return dict(sorted(Counter(ops).items()))
 
 
 def _float_bytes(module: nn.Module, fp16: bool) -> int:
@@ -208,8 +216,10 @@ class CoreAIExporter(BaseExporter):
         entry.extra["ops"] = ops = op_histogram(program)
         del program
         if not is_float(recipe) and not any(ops.get(op) for op in COMPRESSION_OPS):
-            raise cannot_quantize(spec, self.name, recipe, "coreai-opt compressed no weight (every weight is under "
-                                  "1024 elements or feeds no matmul/conv/gather)")
+            why = entry.extra["quantization"]["skipped_because"]
+            raise cannot_quantize(spec, self.name, recipe, "coreai-opt compressed no weight (" + (
+                "; ".join(r.rstrip(".") for r in why) if why else
+                "every weight is under 1024 elements or feeds no matmul/conv/gather") + ")")
         if not is_float(recipe):
             entry.extra["quantization"]["compressed_weights"] = sum(ops.get(op, 0) for op in COMPRESSION_OPS)
         if job.check:

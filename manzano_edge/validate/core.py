@@ -375,6 +375,9 @@ def validate(bundle_path: str | Path, reference: str | None, th: Thresholds, st:
     for fmt in formats:
         if any(r["emulated"] and r["format"] == fmt for r in rows):
             notes += EXPORTERS[fmt].emulation_notes(recipe, exported_from)
+        backend = backend_for_format(fmt)
+        if backend and backend.runtime_note and any(not r["emulated"] and r["format"] == fmt for r in rows):
+            notes.append(backend.runtime_note)
     if any(m.get("reference_constant") for r in rows for m in r["metrics"].values() if isinstance(m, dict)):
         notes.append("Some reference outputs are constant on the validation inputs (e.g. a saturated VAE "
                      "decoder); their PSNR carries little information.")

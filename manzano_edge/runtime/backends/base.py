@@ -57,6 +57,7 @@ class Backend:
     runnable_here: Callable[[], tuple[bool, str]] = always_runnable  # (ok, why not)
     apply_threads: Callable[[int], dict] = torch_threads  # sets what the runtime lets us set; returns what holds
     compute_units: tuple[str, ...] = ()  # devices a run may be pinned to (each benchmarked separately)
+    runtime_note: str = ""  # what a report must say about numbers this runtime produced here
 
     def program(self, spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | None = None) -> GraphProgram:
         ok, why = self.runnable_here()

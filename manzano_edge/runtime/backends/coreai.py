@@ -140,5 +140,13 @@ def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | No
     return CoreAIProgram(spec, path)
 
 
+def runtime_note() -> str:
+    """coreai-core runs an asset in Apple's OS framework on macOS 27+, elsewhere in its own build."""
+    if platform.system() == "Darwin" and int(platform.mac_ver()[0].split(".")[0] or 0) >= 27:
+        return ""
+    return ("Core AI ran in the runtime bundled with the coreai-core wheel, not Apple's OS framework: its numbers "
+            "check the .aimodel's numerics; its latency is not a device measurement.")
+
+
 COREAI = register_backend(Backend(name="coreai", format="coreai", verified_by=VERIFIED_BY, load=_load,
-                                  runnable_here=runnable))
+                                  runnable_here=runnable, runtime_note=runtime_note()))
