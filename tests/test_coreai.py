@@ -139,7 +139,7 @@ def test_a_recipe_that_compresses_nothing_is_refused_with_the_reason(tiny, tmp_p
 
 def test_layer_overrides_and_unsupported_platforms_are_refused_in_one_line(tmp_path, monkeypatch):
     exporter = get_exporter("coreai")
-    with pytest.raises(UserError, match="--keep-float lm_head: .*whole graphs float only"):
+    with pytest.raises(UserError, match="--keep-float lm_head: .*layers float only under w8a8"):
         exporter.check_options(ExportOptions(formats=["coreai"], recipe="w4", keep_float="lm_head"))
     monkeypatch.setattr("platform.system", lambda: "Linux")
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
@@ -161,3 +161,18 @@ def test_validate_scores_core_ai_by_execution_and_says_it_is_no_device_measureme
     assert rows and all(r["passed"] and not r["emulated"] for r in rows)
     assert all(r["verified_by"].startswith("coreai-core runtime") for r in rows)
     assert any("not a device measurement" in note for note in report["notes"])
+
+
+@needs_coreai
+def test_w8a8_quantizes_layer_inputs_and_keeps_the_named_layers_float(tiny, tmp_path):
+    model, tok = tiny
+    counts = {}
+    for keep in (None, "mlp.fc1"):
+        manifest = export_bundle(model, tok, tmp_path / str(keep), ExportOptions(
+            formats=["coreai"], recipe="w8a8", graphs=["code_features"], keep_float=keep, calibration_samples=2,
+            show_progress=False))
+        entry = manifest["graphs"]["code_features"]["formats"]["coreai"]
+        assert entry["passed"] and entry["parity"]["psnr_db"] >= 35, entry["parity"]
+        counts[keep] = entry["recipe"]["details"]["activation_quant_ops"]
+    # The graph's two MLP layers each quantize their input; the kept one no longer does.
+    assert counts == {None: 2, "mlp.fc1": 1}

@@ -30,6 +30,7 @@ from manzano_edge.export.base import (
     register_exporter,
 )
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
+from manzano_edge.quant import coreai_ptq
 from manzano_edge.quant.recipes import GROUP_SIZE, PALETTE_GROUP_SIZE, Support, is_float
 from manzano_edge.quiet import third_party_output
 from manzano_edge.runtime.backends.coreai import (
@@ -55,14 +56,16 @@ SUPPORT = {
     "fp16": Support(True, "coreai-opt cast_fp32_to_fp16 before conversion: fp16 weights, activations, state and "
                           "float I/O"),
     "w8": Support(True, "coreai-opt quantize_weights int8 per-channel, symmetric (weight-only)"),
-    "w8a8": Support(False, "coreai-opt's calibrated Quantizer is not wired into this exporter yet; use w8 (weight-only "
-                           "int8) on coreai, or w8a8 on onnx/executorch/coreml"),
+    "w8a8": Support(True, "coreai-opt Quantizer on Linear/Conv2d: int8 per-channel weights, static int8 input "
+                          "activations calibrated in PyTorch"),
     "w4": Support(True, f"coreai-opt quantize_weights int4 per-block {GROUP_SIZE}, symmetric (weight-only)"),
     "palette4": Support(True, f"coreai-opt palettize_weights 4-bit k-means, one LUT per {PALETTE_GROUP_SIZE} output "
                               "channels (weight-only)"),
 }
 # The IR ops a compressed weight decompresses through: counted to prove a recipe compressed anything.
 COMPRESSION_OPS = ("coreai.blockwise_shift_scale", "coreai.lut_to_dense")
+ACTIVATION_QUANT_OP = "coreai.quantize"
+W8A8_MODES = ("static",)
 
 
 def decompositions() -> dict:
@@ -180,7 +183,7 @@ def _float_bytes(module: nn.Module, fp16: bool) -> int:
     return sum(t.numel() * (2 if fp16 else 4) for t in module.state_dict().values() if t.is_floating_point())
 
 
-@register_exporter("coreai", SUPPORT)
+@register_exporter("coreai", SUPPORT, W8A8_MODES)
 class CoreAIExporter(BaseExporter):
     name = "coreai"
     title = "Core AI"
@@ -189,7 +192,8 @@ class CoreAIExporter(BaseExporter):
     install_hint = INSTALL
 
     def quantized_layers(self, recipe: str) -> tuple[type, ...]:
-        return ()  # the weight passes compress any large enough weight
+        # w8a8 quantizes Linear/Conv2d; the weight passes compress any large enough weight.
+        return coreai_ptq.OP_TYPES if recipe == "w8a8" else ()
 
     def check_options(self, opts) -> None:
         ok, why = platform_supported()
@@ -197,9 +201,10 @@ class CoreAIExporter(BaseExporter):
             raise UserError(f"format 'coreai' cannot convert here: {why}")
         layers = [item.strip() for item in (opts.keep_float or "").split(",")
                   if item.strip() and not item.strip().startswith("graph:")]
-        if layers:
+        if layers and getattr(opts.recipe, "name", opts.recipe) != "w8a8":
                 raise UserError(f"--keep-float {','.join(layers)}: coreai-opt's weight passes compress a whole graph, "
-                                "so coreai keeps whole graphs float only (--keep-float graph:NAME)")
+                                "so coreai keeps layers float only under w8a8; keep whole graphs float with "
+                                "--keep-float graph:NAME")
 
     def export(self, job: GraphJob) -> list[Entry]:
         spec, recipe = job.spec, job.recipe
@@ -208,20 +213,30 @@ class CoreAIExporter(BaseExporter):
         module = build_module(spec, job.model)
         fp16 = recipe == "fp16"
         with third_party_output():
-            program = convert(spec, module, job.examples[0], fp16=fp16)
-            if not is_float(recipe):
+            converted = module
+            if recipe == "w8a8":
+                converted, entry.extra["quantization"] = coreai_ptq.w8a8(
+                    spec, module, job.examples[0], job.plan.calibration.get(spec.name),
+                    job.plan.keep_modules(spec, job.model))
+            program = convert(spec, converted, job.examples[0], fp16=fp16)
+            del converted
+            if recipe in ("w8", "w4", "palette4"):
                 program, info = compress(program, recipe)
                 entry.extra["quantization"] = info
             program.save_asset(path)
         entry.extra["ops"] = ops = op_histogram(program)
         del program
+        if recipe == "w8a8" and not ops.get(ACTIVATION_QUANT_OP):
+            raise cannot_quantize(spec, self.name, recipe, "the converted program has no quantize op, so it would "
+                                  "run float")
         if not is_float(recipe) and not any(ops.get(op) for op in COMPRESSION_OPS):
-            why = entry.extra["quantization"]["skipped_because"]
+            why = entry.extra["quantization"].get("skipped_because", [])
             raise cannot_quantize(spec, self.name, recipe, "coreai-opt compressed no weight (" + (
                 "; ".join(r.rstrip(".") for r in why) if why else
                 "every weight is under 1024 elements or feeds no matmul/conv/gather") + ")")
         if not is_float(recipe):
             entry.extra["quantization"]["compressed_weights"] = sum(ops.get(op, 0) for op in COMPRESSION_OPS)
+            entry.extra["quantization"]["activation_quant_ops"] = ops.get(ACTIVATION_QUANT_OP, 0)
         if job.check:
             entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, job.model)),
                                       CoreAIProgram(spec, path), job.examples)
