@@ -13,7 +13,6 @@ wheel), against eager PyTorch over prefill and decode steps like every other for
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 
 import torch
@@ -155,15 +154,15 @@ def compress(program, recipe: str):
     try:
         if recipe == "w8":
             program = quantize_weights(coreai_program=program, dtype=DType.INT8,
-                                       granularity=CompressionGranularity.PER_CHANNEL)
+                                       granularity=CompressionGranularity.PER_CHANNEL, in_place=True)
         elif recipe == "w4":
             program = quantize_weights(coreai_program=program, dtype=DType.INT4,
-                                       granularity=CompressionGranularity.PER_BLOCK, block_size=GROUP_SIZE)
+                                       granularity=CompressionGranularity.PER_BLOCK, block_size=GROUP_SIZE, in_place=True)
         elif recipe == "palette4":
             # In-process k-means: coreai-opt's worker pool deadlocks after torch has started its threads.
             program = palettize_weights(coreai_program=program, lut_dtype=None, n_bits=4,
                                         granularity=CompressionGranularity.PER_GROUPED_CHANNEL,
-                                        group_size=PALETTE_GROUP_SIZE, num_kmeans_workers=1)
+                                        group_size=PALETTE_GROUP_SIZE, num_kmeans_workers=1, in_place=True)
         else:
             raise UserError(f"recipe '{recipe}' is not a Core AI weight compression; choose w8, w4 or palette4")
     finally:
@@ -174,9 +173,18 @@ def compress(program, recipe: str):
 
 
 def op_histogram(program) -> dict[str, int]:
-    """Core AI ops by count, over every function of the program's IR."""
-    ops = re.findall(r'(?:=|^)\s*"?(coreai\.[a-z_][a-z_.0-9]*)', str(program._module), flags=re.MULTILINE)
-    return dict(sorted(Counter(ops).items()))
+    """Core AI ops by count, over every function: a walk of the IR (printing it would write out
+    every weight)."""
+    from coreai._compiler.ir import WalkResult
+
+    ops: Counter[str] = Counter()
+
+    def count(op) -> WalkResult:
+        ops[op.name] += 1
+        return WalkResult.ADVANCE
+
+    program._module._mlir_module.operation.walk(count)
+    return dict(sorted((name, n) for name, n in ops.items() if name.startswith("coreai.")))
 
 
 def _float_bytes(module: nn.Module, fp16: bool) -> int:
