@@ -68,7 +68,7 @@ def not_runnable(monkeypatch, *names):
 def test_the_preference_order_names_every_bundle_backend():
     from manzano_edge.runtime.backends import BACKENDS
 
-    assert BUNDLE_BACKEND_PREFERENCE == ("executorch", "ort", "coreml")
+    assert BUNDLE_BACKEND_PREFERENCE == ("executorch", "ort", "coreai", "coreml")
     assert set(BUNDLE_BACKEND_PREFERENCE) == {n for n, b in BACKENDS.items() if b.format}
 
 
@@ -130,7 +130,7 @@ def test_backend_defaults_to_none_and_help_says_what_none_means():
     args = parse(["caption", *MINIMAL["caption"]])
     assert args.backend is None and args.bundle is None
     text = subparsers()["generate"].format_help()
-    assert "executorch, ort, coreml" in " ".join(text.split())
+    assert "executorch, ort, coreai, coreml" in " ".join(text.split())
 
 
 # -- 2. --version -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ def test_every_format_states_every_recipe_and_how_it_is_checked():
         assert EXPORTERS[fmt].name == fmt
         # Every format either runs on a registered backend or is its runtime's stand-in elsewhere.
         assert backend_for_format(fmt) is not None
-    assert default_w8a8_modes() == {"coreml": "static", "onnx": "dynamic", "executorch": "dynamic"}
+    assert default_w8a8_modes() == {"coreml": "static", "onnx": "dynamic", "executorch": "dynamic", "coreai": "static"}
 
 
 def test_a_format_that_skips_a_recipe_or_reuses_a_name_is_refused():
