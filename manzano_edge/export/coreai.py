@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ from manzano_edge.quant import coreai_ptq
 from manzano_edge.quant.recipes import GROUP_SIZE, PALETTE_GROUP_SIZE, Support, is_float
 from manzano_edge.quiet import third_party_output
 from manzano_edge.runtime.backends.coreai import (
+    BATCH_DIM,
     INSTALL,
+    PLATFORMS,
     VERIFIED_BY,
     CoreAIProgram,
     asset_info,
@@ -86,7 +89,7 @@ def static_batch(spec: GraphSpec, example: dict[str, torch.Tensor], batch: int) 
     out = {}
     for t in spec.inputs:
         value = example[t.name]
-        axes = [i for i, d in enumerate(t.shape) if getattr(d, "name", None) == "batch"]
+        axes = [i for i, d in enumerate(t.shape) if getattr(d, "name", None) == BATCH_DIM]
         for axis in axes:
             value = value.narrow(axis, 0, 1).repeat_interleave(batch, dim=axis)
         out[t.name] = value
@@ -101,7 +104,7 @@ def exported_function(spec: GraphSpec, module: nn.Module, example: dict[str, tor
     shapes = torch_dynamic_shapes(spec, spec.inputs)
     if batch is not None:
         example = static_batch(spec, example, batch)
-        shapes = {name: ({i: d for i, d in dims.items() if d.__name__ != "batch"} or None) if dims else None
+        shapes = {name: ({i: d for i, d in dims.items() if d.__name__ != BATCH_DIM} or None) if dims else None
                   for name, dims in shapes.items()}
     with torch.no_grad():
         program = torch.export.export(module, trace_args(spec, example), dynamic_shapes=shapes, strict=False)
@@ -157,7 +160,8 @@ def compress(program, recipe: str):
                                        granularity=CompressionGranularity.PER_CHANNEL, in_place=True)
         elif recipe == "w4":
             program = quantize_weights(coreai_program=program, dtype=DType.INT4,
-                                       granularity=CompressionGranularity.PER_BLOCK, block_size=GROUP_SIZE, in_place=True)
+                                       granularity=CompressionGranularity.PER_BLOCK, block_size=GROUP_SIZE,
+                                       in_place=True)
         elif recipe == "palette4":
             # In-process k-means: coreai-opt's worker pool deadlocks after torch has started its threads.
             program = palettize_weights(coreai_program=program, lut_dtype=None, n_bits=4,
@@ -187,17 +191,13 @@ def op_histogram(program) -> dict[str, int]:
     return dict(sorted((name, n) for name, n in ops.items() if name.startswith("coreai.")))
 
 
-def _float_bytes(module: nn.Module, fp16: bool) -> int:
-    return sum(t.numel() * (2 if fp16 else 4) for t in module.state_dict().values() if t.is_floating_point())
-
-
 @register_exporter("coreai", SUPPORT, W8A8_MODES)
 class CoreAIExporter(BaseExporter):
     name = "coreai"
     title = "Core AI"
     dependency = "coreai_torch"
     suffix = SUFFIX
-    install_hint = INSTALL
+    install_hint = f"{INSTALL} (coreai-core has wheels for {PLATFORMS} only)"
 
     def quantized_layers(self, recipe: str) -> tuple[type, ...]:
         # w8a8 quantizes Linear/Conv2d; the weight passes compress any large enough weight.
@@ -210,9 +210,9 @@ class CoreAIExporter(BaseExporter):
         layers = [item.strip() for item in (opts.keep_float or "").split(",")
                   if item.strip() and not item.strip().startswith("graph:")]
         if layers and getattr(opts.recipe, "name", opts.recipe) != "w8a8":
-                raise UserError(f"--keep-float {','.join(layers)}: coreai-opt's weight passes compress a whole graph, "
-                                "so coreai keeps layers float only under w8a8; keep whole graphs float with "
-                                "--keep-float graph:NAME")
+            raise UserError(f"--keep-float {','.join(layers)}: coreai-opt's weight passes compress a whole graph, "
+                            "so coreai keeps layers float only under w8a8; keep whole graphs float with "
+                            "--keep-float graph:NAME")
 
     def export(self, job: GraphJob) -> list[Entry]:
         spec, recipe = job.spec, job.recipe
@@ -221,30 +221,7 @@ class CoreAIExporter(BaseExporter):
         module = build_module(spec, job.model)
         fp16 = recipe == "fp16"
         with third_party_output():
-            converted = module
-            if recipe == "w8a8":
-                converted, entry.extra["quantization"] = coreai_ptq.w8a8(
-                    spec, module, job.examples[0], job.plan.calibration.get(spec.name),
-                    job.plan.keep_modules(spec, job.model))
-            program = convert(spec, converted, job.examples[0], fp16=fp16)
-            del converted
-            if recipe in ("w8", "w4", "palette4"):
-                program, info = compress(program, recipe)
-                entry.extra["quantization"] = info
-            program.save_asset(path)
-        entry.extra["ops"] = ops = op_histogram(program)
-        del program
-        if recipe == "w8a8" and not ops.get(ACTIVATION_QUANT_OP):
-            raise cannot_quantize(spec, self.name, recipe, "the converted program has no quantize op, so it would "
-                                  "run float")
-        if not is_float(recipe) and not any(ops.get(op) for op in COMPRESSION_OPS):
-            why = entry.extra["quantization"].get("skipped_because", [])
-            raise cannot_quantize(spec, self.name, recipe, "coreai-opt compressed no weight (" + (
-                "; ".join(r.rstrip(".") for r in why) if why else
-                "every weight is under 1024 elements or feeds no matmul/conv/gather") + ")")
-        if not is_float(recipe):
-            entry.extra["quantization"]["compressed_weights"] = sum(ops.get(op, 0) for op in COMPRESSION_OPS)
-            entry.extra["quantization"]["activation_quant_ops"] = ops.get(ACTIVATION_QUANT_OP, 0)
+            self._write(job, module, path, entry)
         if job.check:
             entry.parity = run_parity(spec, TorchProgram(spec, build_module(spec, job.model)),
                                       CoreAIProgram(spec, path), job.examples)
@@ -257,5 +234,33 @@ class CoreAIExporter(BaseExporter):
         judge(entry, recipe, fp16_compute=fp16)
         entry = finish(entry, path, job.out)
         if not is_float(recipe):
-            check_smaller(entry, _float_bytes(module, fp16=False))
+            # Float weights at fp32: every recipe must come in under them, or it silently ran float.
+            check_smaller(entry, sum(t.numel() * 4 for t in module.state_dict().values() if t.is_floating_point()))
         return [entry]
+
+    def _write(self, job: GraphJob, module: nn.Module, path: Path, entry: Entry) -> None:
+        """Quantize (w8a8, before conversion), convert, compress (weight-only recipes, after) and save
+        the asset; refuse a quantized recipe whose program shows no quantization."""
+        spec, recipe = job.spec, job.recipe
+        converted = module
+        if recipe == "w8a8":
+            converted, entry.extra["quantization"] = coreai_ptq.w8a8(
+                spec, module, job.examples[0], job.plan.calibration.get(spec.name), job.plan.keep_modules(spec, job.model))
+        program = convert(spec, converted, job.examples[0], fp16=recipe == "fp16")
+        del converted
+        if recipe in ("w8", "w4", "palette4"):
+            program, entry.extra["quantization"] = compress(program, recipe)
+        program.save_asset(path)
+        entry.extra["ops"] = ops = op_histogram(program)
+        if is_float(recipe):
+            return
+        info = entry.extra["quantization"]
+        if recipe == "w8a8" and not ops.get(ACTIVATION_QUANT_OP):
+            raise cannot_quantize(spec, self.name, recipe, "the converted program has no quantize op, so it would "
+                                  "run float")
+        info["compressed_weights"] = sum(ops.get(op, 0) for op in COMPRESSION_OPS)
+        info["activation_quant_ops"] = ops.get(ACTIVATION_QUANT_OP, 0)
+        if not info["compressed_weights"]:
+            why = "; ".join(r.rstrip(".") for r in info.get("skipped_because", [])) or \
+                "every weight is under 1024 elements or feeds no matmul/conv/gather"
+            raise cannot_quantize(spec, self.name, recipe, f"coreai-opt compressed no weight ({why})")
