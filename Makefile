@@ -12,10 +12,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: it resolves to the CPU wheel on this machine, never the CUDA build.
 	$(PY) -m pip install -q --no-compile "torch==2.13.0"
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
 	# Core AI's runtime (coreai-core) has wheels for Linux x86_64 with glibc 2.34+ and macOS 26+ arm64
-	# only; elsewhere the install is skipped and the Core AI tests skip, saying why.
-	$(PY) -m pip install -q --no-compile -e ".[coreai]" || echo "make: manzano-edge[coreai] does not install on this platform; the Core AI tests will be skipped"
+	# only; elsewhere the package installs without it and the Core AI tests skip, saying why.
+	$(PY) -m pip install -q --no-compile -e ".[dev,coreai]" || { \
+		echo "make: manzano-edge[coreai] does not install on this platform; the Core AI tests will be skipped"; \
+		$(PY) -m pip install -q --no-compile -e ".[dev]"; }
 	# pip byte-compiles one file at a time, most of the install; compile the same files on every core.
 	# As under pip, a few files written for newer Pythons (torch's test helpers) do not compile and are
 	# never imported.
