@@ -14,7 +14,14 @@ from manzano_edge.errors import UserError
 from manzano_edge.export.base import GraphJob, get_exporter
 from manzano_edge.export.bundle import ExportOptions, export_bundle
 from manzano_edge.export.parity import PARITY_DB
-from manzano_edge.runtime.backends.coreai import PLATFORMS, CoreAIProgram, platform_supported, runnable
+from manzano_edge.runtime.backends.coreai import (
+    PLATFORMS,
+    SPECIALIZES,
+    CoreAIProgram,
+    platform_supported,
+    runnable,
+    specialization,
+)
 from manzano_edge.runtime.bundle import Bundle, BundleGraphs
 from manzano_edge.runtime.graphs import TorchGraphs
 from manzano_edge.runtime.pipeline import Pipeline, SamplingConfig
@@ -175,3 +182,10 @@ def test_w8a8_quantizes_layer_inputs_and_keeps_the_named_layers_float(tiny, tmp_
     # silent float program), the kept fc1 does not (two ops if the override were ignored).
     assert entry["recipe"]["details"]["activation_quant_ops"] == 1
     assert entry["recipe"]["details"]["compressed_weights"] == 1
+
+
+@pytest.mark.skipif(SPECIALIZES, reason="Apple's Core AI framework is here: compute units are real choices")
+def test_a_compute_unit_off_apples_framework_is_refused_in_one_line():
+    assert specialization(None) is None and specialization("ALL") is None  # Core AI's own placement
+    with pytest.raises(UserError, match="compute unit 'GPU' needs Apple's Core AI framework \\(macOS 27\\+\\)"):
+        specialization("GPU")

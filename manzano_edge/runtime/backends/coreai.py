@@ -1,7 +1,9 @@
 """Core AI: runs the bundle's `coreai/` .aimodel assets. On macOS 27 the OS framework loads them;
 on Linux x86_64 (glibc 2.34+) and macOS 26 arm64, the runtime bundled in the `coreai-core` wheel
 does, so a Core AI graph is checked by executing it, not by emulation. The bundled runtime is
-not a device measurement: its latency says nothing about an iPhone's.
+not a device measurement: its latency says nothing about an iPhone's. Only the OS framework
+specializes an asset for a preferred compute unit (CPU, GPU, Neural Engine), so `bench` has one
+row per compute unit on macOS 27 and one row elsewhere.
 
 A graph whose batch is dynamic ships one static function per batch size (`batch_1`, `batch_2`):
 coreai-torch folds the reshape that merges a dynamic batch into the attention heads and the
@@ -38,9 +40,35 @@ def platform_supported() -> tuple[bool, str]:
             return False, f"Core AI needs {PLATFORMS}; this is glibc {version}"
         return True, ""
     if system == "Darwin" and machine == "arm64":
-        major = int(platform.mac_ver()[0].split(".")[0] or 0)
+        major = _macos_major()
         return (True, "") if major >= 26 else (False, f"Core AI needs {PLATFORMS}; this is macOS {major}")
     return False, f"Core AI needs {PLATFORMS}; this is {system} {machine}"
+
+
+def _macos_major() -> int:
+    return int(platform.mac_ver()[0].split(".")[0] or 0) if platform.system() == "Darwin" else 0
+
+
+# Compute units an app can prefer (`SpecializationOptions`): only Apple's OS framework (macOS 27+)
+# specializes; the runtime bundled in the wheel runs on the CPU it is on.
+SPECIALIZES = _macos_major() >= 27
+COMPUTE_UNITS = ("CPU", "GPU", "NEURAL_ENGINE") if SPECIALIZES else ()
+DEFAULT_UNIT = "ALL"  # no preference: Core AI's own placement
+
+
+def specialization(compute_units: str | None):
+    """`SpecializationOptions` preferring `compute_units`, or None for Core AI's default placement."""
+    if compute_units in (None, DEFAULT_UNIT):
+        return None
+    if not SPECIALIZES:
+        raise UserError(f"Core AI compute unit '{compute_units}' needs Apple's Core AI framework (macOS 27+); "
+                        f"this runtime runs on the CPU it is on, so leave the compute unit out")
+    if compute_units not in COMPUTE_UNITS:
+        raise UserError(f"unknown Core AI compute unit '{compute_units}'; choose from {', '.join(COMPUTE_UNITS)}")
+    from coreai.runtime import ComputeUnitKind, SpecializationOptions
+
+    kind = {"CPU": ComputeUnitKind.cpu, "GPU": ComputeUnitKind.gpu, "NEURAL_ENGINE": ComputeUnitKind.neural_engine}
+    return SpecializationOptions.from_preferred_compute_unit_kind(kind[compute_units]())
 
 
 def runnable() -> tuple[bool, str]:
@@ -73,10 +101,11 @@ class CoreAIProgram:
     fp16 asset takes fp16), outputs back to the graph's dtypes, the KV cache in Core AI state
     arrays that persist across `run` calls until `reset`."""
 
-    def __init__(self, spec: GraphSpec, path: Path) -> None:
+    def __init__(self, spec: GraphSpec, path: Path, compute_units: str | None = None) -> None:
         ok, why = runnable()
         if not ok:
             raise UserError(f"the coreai backend cannot run here: {why}")
+        options = specialization(compute_units)
         from coreai.authoring import AIModelAsset
 
         self.spec = spec
@@ -85,7 +114,7 @@ class CoreAIProgram:
         asset = AIModelAsset.load(Path(path))
         # On Linux `executable()` lowers the asset for the bundled runtime in a temporary
         # directory that lives as long as the context; on macOS 27 it loads it in the OS framework.
-        self.model = self._loop.run_until_complete(self._stack.enter_async_context(asset.executable()))
+        self.model = self._loop.run_until_complete(self._stack.enter_async_context(asset.executable(options)))
         self.functions = {name: self.model.load_function(name) for name in self.model.function_names}
         self.reset()
 
@@ -137,16 +166,16 @@ def asset_info(path: Path) -> dict:
 
 
 def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | None = None) -> CoreAIProgram:
-    return CoreAIProgram(spec, path)
+    return CoreAIProgram(spec, path, compute_units)
 
 
 def runtime_note() -> str:
     """coreai-core runs an asset in Apple's OS framework on macOS 27+, elsewhere in its own build."""
-    if platform.system() == "Darwin" and int(platform.mac_ver()[0].split(".")[0] or 0) >= 27:
+    if SPECIALIZES:
         return ""
     return ("Core AI ran in the runtime bundled with the coreai-core wheel, not Apple's OS framework: its numbers "
             "check the .aimodel's numerics; its latency is not a device measurement.")
 
 
 COREAI = register_backend(Backend(name="coreai", format="coreai", verified_by=VERIFIED_BY, load=_load,
-                                  runnable_here=runnable, runtime_note=runtime_note()))
+                                  runnable_here=runnable, runtime_note=runtime_note(), compute_units=COMPUTE_UNITS))
