@@ -66,6 +66,9 @@ TOOLS = ("torch", "executorch", "torchao", "coremltools", "onnx", "onnxruntime",
          "coreai-opt", "coreai-core", "numpy", "manzano-edge")
 
 
+LARGE_MODEL_BYTES = 100 * 2**20  # weights above this (the small preset and up) are collected after every graph
+
+
 class ExportFailed(UserError):
     exit_code = 1
 
@@ -140,6 +143,11 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
             print(f"export: {describe_automatic(plan)}", file=sys.stderr)
         entries: list[Entry] = []
         jobs: dict[str, dict[str, GraphJob]] = {fmt: {} for fmt in opts.formats}
+        # A conversion's FX graphs hold reference cycles over copies of the weights: on a large model
+        # they must be freed before the next graph's conversion (docs/results/export-costs.md). A full
+        # collection walks the whole heap (about 1 s with the converters loaded), so a small model,
+        # whose copies are a few MB, leaves it to Python's own collector.
+        large = sum(p.numel() * p.element_size() for p in model.parameters()) > LARGE_MODEL_BYTES
         tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
         bar = tqdm(tasks, desc="export", unit="graph", disable=not opts.show_progress, dynamic_ncols=True)
         for fmt, name in bar:
@@ -153,7 +161,8 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
                 e.seconds = round(time.time() - t0, 2)
                 e.exporter = fmt
             entries.extend(new)
-            gc.collect()
+            if large:
+                gc.collect()
         runners = _finish_formats(tmp, opts, jobs, entries, tokenizer_json)
         manifest = build_manifest(model, opts, entries, plan)
         if runners:
