@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import platform
 from pathlib import Path
@@ -62,7 +63,7 @@ def specialization(compute_units: str | None):
         return None
     if not SPECIALIZES:
         raise UserError(f"Core AI compute unit '{compute_units}' needs Apple's Core AI framework (macOS 27+); "
-                        f"this runtime runs on the CPU it is on, so leave the compute unit out")
+                        "this runtime runs on the CPU it is on, so leave the compute unit out")
     if compute_units not in COMPUTE_UNITS:
         raise UserError(f"unknown Core AI compute unit '{compute_units}'; choose from {', '.join(COMPUTE_UNITS)}")
     from coreai.runtime import ComputeUnitKind, SpecializationOptions
@@ -75,8 +76,6 @@ def runnable() -> tuple[bool, str]:
     ok, why = platform_supported()
     if not ok:
         return ok, why
-    import importlib.util
-
     if importlib.util.find_spec("coreai") is None:
         return False, f"coreai-core is not installed ({INSTALL})"
     return True, ""
