@@ -40,6 +40,7 @@ from manzano_edge.runtime.backends.coreai import (
     VERIFIED_BY,
     CoreAIProgram,
     asset_info,
+    batch_axes,
     batch_sizes,
     function_name,
     platform_supported,
@@ -86,14 +87,9 @@ def _remainder(x: torch.Tensor, other) -> torch.Tensor:
 
 def static_batch(spec: GraphSpec, example: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
     """The example at batch size `batch` (its first row repeated)."""
-    out = {}
-    for t in spec.inputs:
-        value = example[t.name]
-        axes = [i for i, d in enumerate(t.shape) if getattr(d, "name", None) == BATCH_DIM]
-        for axis in axes:
-            value = value.narrow(axis, 0, 1).repeat_interleave(batch, dim=axis)
-        out[t.name] = value
-    return out
+    axes = batch_axes(spec)
+    return {t.name: example[t.name].narrow(axes[t.name], 0, 1).repeat_interleave(batch, dim=axes[t.name])
+            if t.name in axes else example[t.name] for t in spec.inputs}
 
 
 def exported_function(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], batch: int | None,

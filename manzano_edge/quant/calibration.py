@@ -22,9 +22,24 @@ from manzano_edge.errors import UserError
 from manzano_edge.models.manzano import Manzano
 from manzano_edge.spec.examples import real_examples
 from manzano_edge.spec.graphs import GraphSpec, graph_specs
+from manzano_edge.spec.modules import reset_states
 
 CALIBRATION_SEED = 10_000  # parity/validation use seed 7 and held-out streams
 Sequences = list[list[dict[str, torch.Tensor]]]
+
+
+def calibrate(module: torch.nn.Module, spec: GraphSpec, sequences: Sequences) -> int:
+    """Feed every sequence through an observed module in order, its KV-cache states zeroed before
+    each sequence and after the last; returns the steps run."""
+    steps = 0
+    with torch.no_grad():
+        for sequence in sequences:
+            reset_states(module, spec)
+            for step in sequence:
+                module(*(step[t.name] for t in spec.inputs))
+                steps += 1
+        reset_states(module, spec)
+    return steps
 
 
 def generated(model: Manzano, codec: TextCodec, samples: int, decode_steps: int = 8) -> dict[str, Sequences]:

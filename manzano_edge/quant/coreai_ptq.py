@@ -3,7 +3,7 @@ int8 per-tensor input activations on Linear and Conv2d (the layers the other for
 quantizes), calibrated in PyTorch on the plan's samples, then finalized for Core AI.
 
 Layer outputs stay float: also quantizing them costs the decoder most of its accuracy
-(docs/results/coreai-tiny.md), and the next layer quantizes its own input anyway."""
+(docs/toolchain-notes.md, gotcha 14), and the next layer quantizes its own input anyway."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.quant.calibration import Sequences
+from manzano_edge.quant.calibration import Sequences, calibrate
 from manzano_edge.spec.graphs import GraphSpec
-from manzano_edge.spec.modules import reset_states
 from manzano_edge.spec.tracing import torch_dynamic_shapes, trace_args
 
 OP_TYPES = (nn.Linear, nn.Conv2d)
@@ -42,14 +41,8 @@ def w8a8(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], c
                         "(--calibration-samples >= 1)")
     quantizer = Quantizer(module, quantizer_config(list(keep_float or ())))
     prepared = quantizer.prepare(trace_args(spec, example), dynamic_shapes=torch_dynamic_shapes(spec, spec.inputs))
-    steps = 0
-    with torch.no_grad(), quantizer.calibration_mode(prepared):
-        for sequence in calibration:
-            reset_states(prepared, spec)
-            for step in sequence:
-                prepared(*(step[t.name] for t in spec.inputs))
-                steps += 1
-    reset_states(prepared, spec)
+    with quantizer.calibration_mode(prepared):
+        steps = calibrate(prepared, spec, calibration)
     final = quantizer.finalize(prepared, backend=ExportBackend.CoreAI)
     info = {"tool": "coreai-opt Quantizer (graph mode)", "mode": "static", "op_types": ["linear", "conv2d"],
             "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor, static (MinMax, "

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from manzano_edge.quant.calibration import Sequences
+from manzano_edge.quant.calibration import Sequences, calibrate
 from manzano_edge.spec.graphs import GraphSpec
-from manzano_edge.spec.modules import reset_states
 from manzano_edge.spec.tracing import export_program, torch_dynamic_shapes, trace_args
 
 
@@ -22,15 +21,9 @@ def quantize_pt2e(spec: GraphSpec, module: nn.Module, example: dict[str, torch.T
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm = prepare_pt2e(export_program(spec, module, example).module(), quantizer)
-    steps = 0
     # Weight observers only see weights during a forward pass: dynamic modes need one too.
+    steps = calibrate(gm, spec, calibration or [[example]])
     with torch.no_grad():
-        for seq in calibration or [[example]]:
-            reset_states(gm, spec)
-            for step in seq:
-                gm(*(step[t.name] for t in spec.inputs))
-                steps += 1
-        reset_states(gm, spec)
         gm = convert_pt2e(gm)
         inputs, _ = spec.io()
         program = torch.export.export(gm, trace_args(spec, example, False),

@@ -91,6 +91,11 @@ def batch_sizes(spec: GraphSpec) -> list[int | None]:
     return [None] if dim is None else list(range(dim.min, dim.max + 1))
 
 
+def batch_axes(spec: GraphSpec) -> dict[str, int]:
+    """Input name -> the axis of its dynamic batch dim, for the inputs that have one."""
+    return {t.name: i for t in spec.inputs for i, d in enumerate(t.shape) if getattr(d, "name", None) == BATCH_DIM}
+
+
 def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype("float16" if name in ("float16", "fp16", "f16") else name)
 
@@ -139,11 +144,11 @@ class CoreAIProgram:
         return next(s.concrete({}) for s in self.spec.states if s.name == name)
 
     def _function(self, inputs: dict[str, torch.Tensor]) -> str:
-        if BATCH_DIM not in self.spec.dims:
+        axes = batch_axes(self.spec)
+        if not axes:
             return MAIN_FUNCTION
-        first = next(t for t in self.spec.inputs if any(getattr(d, "name", None) == BATCH_DIM for d in t.shape))
-        axis = next(i for i, d in enumerate(first.shape) if getattr(d, "name", None) == BATCH_DIM)
-        return function_name(int(inputs[first.name].shape[axis]))
+        name, axis = next(iter(axes.items()))
+        return function_name(int(inputs[name].shape[axis]))
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from coreai.runtime import NDArray
