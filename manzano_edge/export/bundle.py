@@ -145,8 +145,8 @@ def export_bundle(model: Manzano, tokenizer_json: str, out: str | Path, opts: Ex
         jobs: dict[str, dict[str, GraphJob]] = {fmt: {} for fmt in opts.formats}
         # A conversion's FX graphs hold reference cycles over copies of the weights: on a large model
         # they must be freed before the next graph's conversion (docs/results/export-costs.md). A full
-        # collection walks the whole heap (about 1 s with the converters loaded), so a small model,
-        # whose copies are a few MB, leaves it to Python's own collector.
+        # collection walks the whole heap, converters included (CHANGELOG, "Test suite"), so a small
+        # model, whose copies are a few MB, leaves it to Python's own collector.
         large = sum(p.numel() * p.element_size() for p in model.parameters()) > LARGE_MODEL_BYTES
         tasks = [(fmt, g) for fmt in opts.formats for g in graphs]
         bar = tqdm(tasks, desc="export", unit="graph", disable=not opts.show_progress, dynamic_ncols=True)
