@@ -9,8 +9,9 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, (os.cpu_count() or 1) // WORKERS)))))
 
 
-# Session fixtures that export bundles: the tests using one run in one worker, so each is exported once.
-SHARED_EXPORTS = ("bundle", "quant_bundle", "coreml_delegate_programs", "coreai_bundle")
+# Fixtures that export bundles (session-wide, or a module's): the tests using one run in one worker, so
+# each is exported once.
+SHARED_EXPORTS = ("bundle", "quant_bundle", "coreml_delegate_programs", "coreai_bundle", "coreml_w8a8_decoder")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -132,11 +132,12 @@ def understanding_probe(model: Manzano, n_train: int, n_test: int, rng: np.rando
 
 
 def code_probe(model: Manzano, n_controlled: int = 200, n_train: int = 4000, n_test: int = 800,
-               seed: int = 7) -> dict:
+               seed: int = 7, steps: int = 3000) -> dict:
+    """The three measurements; `steps`: Adam steps of each MLP probe."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = model.eval().float()
     return {"fsq_levels": model.cfg.vision.fsq_levels, "controlled": controlled_shape_swap(model, n_controlled, rng),
-            "probe": shape_probe(model, n_train, n_test, rng),
-            "understanding_probe": understanding_probe(model, n_train, n_test, rng)}
+            "probe": shape_probe(model, n_train, n_test, rng, steps),
+            "understanding_probe": understanding_probe(model, n_train, n_test, rng, steps), "probe_steps": steps}
 

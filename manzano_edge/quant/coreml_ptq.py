@@ -51,6 +51,16 @@ _OP_TYPE_NAMES = {f"{t.__module__}.{t.__qualname__}" for t in OP_TYPES}
 # linear_act matches the MLP's gate_proj + SiLU: its output observer sits after the SiLU, the
 # pattern Core ML fuses.
 _ANNOTATORS = ("conv_act", "conv", "linear_act", "linear")
+# The conv annotators trace 81 patterns (conv 1-3D x activations) the first time they run in a process:
+# a graph without a convolution skips them.
+_CONV_OPS = ("conv1d", "conv2d", "conv3d", "convolution")
+
+
+def _runs_on(annotator: str, model: torch.fx.GraphModule) -> bool:
+    if not annotator.startswith("conv"):
+        return True
+    return any(n.op == "call_function" and getattr(n.target, "__name__", "").split(".")[0] in _CONV_OPS
+               for n in model.graph.nodes)
 
 
 def keep_graph_outputs_float(model: torch.fx.GraphModule) -> list[str]:
@@ -148,7 +158,7 @@ def _quantizer(keep_float: frozenset[str] = frozenset()):
             config = AnnotationConfig.from_quantization_config(self._config.global_config)
             annotators = _AnnotationPatternRegistry.get_annotators()
             accept = weighted_op_filter(keep_float)
-            for name in _ANNOTATORS:
+            for name in (n for n in _ANNOTATORS if _runs_on(n, model)):
                 annotators[name](model, config, accept)
             # The runtime feeds and reads float: quantizing a graph's inputs and outputs only adds error.
             keep_graph_inputs_float(model)
