@@ -1,5 +1,6 @@
 """Export of the embedded tiny model to all three formats, done once per session."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -239,6 +240,46 @@ def test_coreml_files_carry_metadata_and_io_descriptions(bundle):
             assert feature.shortDescription == specs[name].docs[feature.name], (name, feature.name)
 
 
+def test_coreml_llm_decoder_follows_apples_convention(bundle):
+    """coreml-llm/decoder.mlpackage: one multifunction model in the I/O swift-transformers' LanguageModel
+    drives, its weights stored once, each function checked by emulation (nothing runs Core ML here)."""
+    import coremltools as ct
+
+    from manzano_edge.export import coreml_llm
+    from manzano_edge.spec.graphs import Convention
+
+    out, manifest = bundle
+    record = manifest["runners"][coreml_llm.RUNNER]
+    (entry,) = record["files"]
+    path = out / entry["file"]
+    assert path_digest(path) == (entry["sha256"], entry["bytes"])
+    spec = graph_specs(load_checkpoint(None)[0].cfg)["decoder"]
+    variants = {name: spec.variants[c] for name, c in coreml_llm.FUNCTIONS.items()}
+    assert coreml_llm.structure_problems(path, variants) == []
+    io = record["functions"]
+    assert [t["name"] for t in io["main"]["io"]["inputs"]] == ["inputIds", "causalMask"]
+    assert [t["name"] for t in io["inputs_embeds"]["io"]["inputs"]] == ["inputsEmbeds", "causalMask"]
+    assert [(t["name"], t["dtype"]) for t in io["main"]["io"]["states"]] == [("keyCache", "float16"),
+                                                                             ("valueCache", "float16")]
+    assert io["main"]["io"]["outputs"][0]["shape"] == [1, "seq", 1512]  # every position: swift-transformers reads T - 1
+    # Both functions share one copy of the weights: well under the two single-function packages.
+    assert entry["bytes"] < 0.6 * record["separate_functions_bytes"], record
+    for name, function in io.items():
+        p = function["parity"]
+        assert p["emulated"] and p["greedy_match"] == 1.0 and p["min_step_psnr_db"] >= 40, (name, p)
+    assert record["status"] == "emulated" and record["predict_skipped"].startswith("Core ML predict needs macOS")
+    described = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description
+    assert described.defaultFunctionName == "main" and described.metadata.author == "manzano-edge"
+    for function in described.functions:
+        for feature in (*function.input, *function.output, *function.state):
+            assert feature.shortDescription == coreml_llm.DOCS[feature.name], (function.name, feature.name)
+    # A file that drifted from the convention is named, function by function.
+    drifted = {**variants, "main": dataclasses.replace(variants["main"], inputs=(
+        dataclasses.replace(variants["main"].inputs[0], name="input_ids"), *variants["main"].inputs[1:]))}
+    assert coreml_llm.structure_problems(path, drifted) == ["main: input input_ids missing"]
+    assert Convention.APPLE_LLM in spec.variants
+
+
 def test_coreml_target_is_checked_before_any_conversion():
     with pytest.raises(UserError, match="unknown Core ML target 'iOS17'.*states, which need iOS 18"):
         coreml.CoreMLExporter().check_options(ExportOptions(formats=["coreml"], coreml_target="iOS17"))
@@ -403,6 +444,13 @@ def test_coreml_predict_matches_eager_on_macos(bundle, tiny):
     for name, graph in manifest["graphs"].items():
         p = graph["formats"]["coreml"]["parity"]["predict"]
         assert p["psnr_db"] is None or p["psnr_db"] >= 40, (name, p)
+
+
+@pytest.mark.skipif(not _predict_reason()[0], reason=f"Core ML predict unavailable: {_predict_reason()[1]}")
+def test_coreml_llm_decoder_predicts_like_eager_on_macos(bundle):
+    """On macOS the export also ran the Core ML LLM decoder's inputs_embeds function through `predict`."""
+    p = bundle[1]["runners"]["coreml-llm"]["functions"]["inputs_embeds"]["predict_parity"]
+    assert p["greedy_match"] == 1.0 and p["min_step_psnr_db"] >= 40, p
 
 
 @pytest.mark.skipif(not _predict_reason()[0], reason=f"CoreMLBackend for ExecuTorch needs Apple hardware: "

@@ -260,6 +260,8 @@ def test_coreml_w8a8_calibrates_in_pytorch_and_quantizes_activations(tiny, corem
     assert f["bytes"] < f["float_bytes"] / 1.6, (f["bytes"], f["float_bytes"])  # int8 vs Core ML's fp16 weights
     assert f["parity"]["emulated"] and f["parity"]["greedy_match"] == 1.0, f["parity"]
     assert manifest["quantization"]["w8a8_mode"] == {"coreml": "static"}
+    # Apple's convention takes token ids, which w8a8's calibration (on embeddings) does not cover: said, not faked.
+    assert "weight-only recipe" in manifest["runners"]["coreml-llm"]["not_written"]
 
 
 def test_coreml_w8a8_decoder_tracks_float_within_the_validate_bar(coreml_w8a8_decoder):

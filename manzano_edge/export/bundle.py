@@ -5,6 +5,7 @@ OUT/
                           the stock runners' files (`runners`) and the app-side pipeline (`pipeline`)
   config.json, tokenizer.json, generation_config.json, preprocessor_config.json
   coreml/<graph>.mlpackage
+  coreml-llm/decoder.mlpackage    the decoder in Apple's Core ML LLM convention (export/coreml_llm.py)
   onnx/<graph>.onnx
   onnx-genai/                     onnxruntime-genai's folder (export/onnx_genai.py)
   executorch/<graph>.pte          XNNPACK

@@ -23,14 +23,23 @@ import torch
 from torch import nn
 
 from manzano_edge.errors import UserError
-from manzano_edge.export.base import BaseExporter, Entry, GraphJob, cannot_quantize, check_smaller, finish, register_exporter
+from manzano_edge.export.base import (
+    BaseExporter,
+    Entry,
+    GraphJob,
+    RunnerProgram,
+    cannot_quantize,
+    check_smaller,
+    finish,
+    register_exporter,
+)
 from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.quant import calibration as calib
 from manzano_edge.quant import coreml_ptq
 from manzano_edge.quant.recipes import GROUP_SIZE, PALETTE_GROUP_SIZE, Support, is_float
 from manzano_edge.runtime.backends.coreml import CoreMLProgram, EmulatedProgram, predict_available
 from manzano_edge.runtime.backends.torch import TorchProgram
-from manzano_edge.spec.graphs import Dim, GraphSpec
+from manzano_edge.spec.graphs import Dim, GraphSpec, GraphVariant
 from manzano_edge.spec.modules import build_module
 from manzano_edge.spec.tracing import export_program
 
@@ -70,7 +79,7 @@ def convert(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor]
     return convert_program(spec, export_program(spec, module, example), fp16, target)
 
 
-def convert_program(spec: GraphSpec, program: torch.export.ExportedProgram, fp16: bool = True,
+def convert_program(spec: GraphSpec | GraphVariant, program: torch.export.ExportedProgram, fp16: bool = True,
                     target: str = DEFAULT_TARGET):
     ct = _ct()
     # Symbolic-shape broadcasting is logged as a warning per op; it is expected with flexible shapes.
@@ -380,6 +389,18 @@ class CoreMLExporter(BaseExporter):
         # Core ML stores float weights as fp16: int8 must come in well under that.
         check_smaller(entry, sum(t.numel() * 2 for t in module.state_dict().values() if t.is_floating_point()))
         return entry
+
+    def finish_bundle(self, out: Path, jobs: dict[str, GraphJob], entries: list[Entry], tokenizer_json: str) -> dict:
+        from manzano_edge.export import coreml_llm  # it converts through this module
+
+        if coreml_llm.GRAPH not in jobs:
+            return {coreml_llm.RUNNER: {"folder": None, "not_written": "it needs the decoder graph: add it to --graphs"}}
+        return {coreml_llm.RUNNER: coreml_llm.write_file(out, jobs[coreml_llm.GRAPH], tokenizer_json)}
+
+    def runner_programs(self, bundle, spec: GraphSpec) -> list[RunnerProgram]:
+        from manzano_edge.export import coreml_llm
+
+        return coreml_llm.runner_programs(bundle, spec)
 
     def emulated_program(self, bundle, spec, model, codec, entry) -> EmulatedProgram:
         """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute; for

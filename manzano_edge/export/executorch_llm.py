@@ -20,13 +20,11 @@ from torch import nn
 
 from manzano_edge.data.text import runner_tokenizer
 from manzano_edge.export.base import Entry, GraphJob, RunnerProgram
-from manzano_edge.export.parity import judge, run_parity
+from manzano_edge.export.parity import judge, run_parity, token_steps_parity
 from manzano_edge.fsutil import path_digest
-from manzano_edge.metrics import compare
 from manzano_edge.quant.recipes import GROUP_SIZE, is_float
 from manzano_edge.runtime.backends.executorch import RunnerMethodProgram, runtime
 from manzano_edge.runtime.backends.torch import TorchProgram
-from manzano_edge.spec.decoding import causal_mask
 from manzano_edge.spec.graphs import Convention, GraphSpec, GraphVariant
 from manzano_edge.spec.modules import build_module
 from manzano_edge.spec.tracing import variant_dynamic_shapes
@@ -160,23 +158,10 @@ def check(specs: dict[str, GraphSpec], model, jobs: dict[str, GraphJob], path: P
 
 
 def token_step_parity(spec: GraphSpec, model, path: Path, tokens: torch.Tensor, steps: int = 8) -> dict:
-    """`forward` (token ids + input_pos) against the reference decoder on the same tokens' embeddings:
-    a prefill of `tokens`, then `steps` greedy decode steps."""
-    reference = TorchProgram(spec, build_module(spec, model))
-    reference.reset()
+    """`forward` (token ids + input_pos) against the reference decoder on the same tokens' embeddings."""
     method = runtime().load_program(path).load_method("forward")
-    ids, past, results, same = tokens.long(), 0, [], 0
-    for _ in range(steps + 1):
-        t = ids.shape[1]
-        want = reference.run({"inputs_embeds": model.decoder.embed_tokens(ids),
-                              "causal_mask": causal_mask(past, t)})["logits"]
-        got = method.execute([ids, torch.tensor([past])])[0]
-        results.append(compare(want, got)["psnr_db"])
-        same += int(torch.equal(want.argmax(-1), got.argmax(-1)))
-        past += t
-        ids = want.argmax(-1).view(1, 1)
-    return {"psnr_db": min(results), "min_step_psnr_db": min(results), "decode_steps": steps,
-            "greedy_match": same / (steps + 1), "examples": steps + 1}
+    return token_steps_parity(spec, model, tokens, lambda ids, past: method.execute([ids, torch.tensor([past])])[0],
+                              steps)
 
 
 def write_program(out: Path, tokenizer_json: str, jobs: dict[str, GraphJob]) -> dict:

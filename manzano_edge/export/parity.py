@@ -5,13 +5,18 @@ near-exact, quantized ones a sanity bar that silently-wrong lowering misses by f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from manzano_edge.export.base import Entry
 from manzano_edge.metrics import compare
 from manzano_edge.quant.recipes import is_float
 from manzano_edge.runtime.backends import GraphProgram
+from manzano_edge.runtime.backends.torch import TorchProgram
+from manzano_edge.spec.decoding import causal_mask
 from manzano_edge.spec.graphs import GraphSpec
+from manzano_edge.spec.modules import build_module
 
 PARITY_DB = {"fp32": 60.0, "fp16": 40.0}
 QUANT_SANITY_DB = 20.0  # quantized graphs: catches silently-wrong lowering; `validate` applies the real bars
@@ -76,3 +81,23 @@ def judge(entry: Entry, recipe: str, fp16_compute: bool) -> None:
     entry.parity["bar_db"] = db_bar
     worst = min([x for x in (p.get("psnr_db"), p.get("min_step_psnr_db")) if x is not None], default=None)
     entry.passed = (worst is None or worst >= db_bar) and (p.get("id_agreement") is None or p["id_agreement"] >= id_bar)
+
+
+def token_steps_parity(spec: GraphSpec, model, tokens: torch.Tensor,
+                       step: Callable[[torch.Tensor, int], torch.Tensor], steps: int = 8) -> dict:
+    """A token-ids step (`step(ids [1, T], past) -> last-position logits`) against the reference
+    decoder on the same tokens' embeddings: a prefill of `tokens`, then `steps` greedy decode steps."""
+    reference = TorchProgram(spec, build_module(spec, model))
+    reference.reset()
+    ids, past, results, same = tokens.long(), 0, [], 0
+    for _ in range(steps + 1):
+        t = ids.shape[1]
+        want = reference.run({"inputs_embeds": model.decoder.embed_tokens(ids),
+                              "causal_mask": causal_mask(past, t)})["logits"]
+        got = step(ids, past).float()
+        results.append(compare(want, got)["psnr_db"])
+        same += int(torch.equal(want.argmax(-1), got.argmax(-1)))
+        past += t
+        ids = want.argmax(-1).view(1, 1)
+    return {"psnr_db": min(results), "min_step_psnr_db": min(results), "decode_steps": steps,
+            "greedy_match": same / (steps + 1), "examples": steps + 1}

@@ -109,6 +109,12 @@ class Convention:
     # runner, `forward` (token ids + `input_pos`); the KV cache is the program's state.
     STOCK_LLM_RUNNER = "stock_llm_runner"
     STOCK_TEXT_RUNNER = "stock_text_runner"
+    # Apple's Core ML LLM convention (swift-transformers' `LanguageModel`, Apple's "On Device Llama 3.1
+    # with Core ML"): `inputIds` int32 [1, T] (APPLE_LLM) or `inputsEmbeds` fp16 [1, T, D]
+    # (APPLE_LLM_EMBEDS), an fp16 additive `causalMask` [1, 1, T, E], the cache in the fp16 states
+    # `keyCache` / `valueCache`, and fp16 `logits` [1, T, V] of every new position.
+    APPLE_LLM = "apple_llm"
+    APPLE_LLM_EMBEDS = "apple_llm_embeds"
 
 
 @dataclass
@@ -120,11 +126,13 @@ class GraphVariant:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     build: Callable[[Manzano], nn.Module]
+    states: tuple[TensorSpec, ...] = ()  # a runtime's own state (the program state of the stock runners is not declared)
 
     def manifest_io(self, dims: dict[str, Dim]) -> dict:
         used = {d.name for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, Dim)}
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
-                "states": [], "dynamic_dims": {n: {"min": d.min, "max": d.max} for n, d in dims.items() if n in used}}
+                "states": [t.to_json() for t in self.states],
+                "dynamic_dims": {n: {"min": d.min, "max": d.max} for n, d in dims.items() if n in used}}
 
 
 class GraphKind:
@@ -247,6 +255,15 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
         Convention.STOCK_TEXT_RUNNER: GraphVariant("forward", inputs=(TensorSpec("tokens", (1, seq), "int64"), position),
                                                    outputs=last_logits,
                                                    build=lambda m: modules.PositionedKVDecoder(m.decoder, takes_tokens=True))}
+    apple_mask = TensorSpec("causalMask", (1, 1, seq, end), "float16", allow_inf=True)
+    apple_io = {"outputs": (TensorSpec("logits", (1, seq, cfg.vocab_size), "float16"),),
+                "states": (TensorSpec("keyCache", cache, "float16"), TensorSpec("valueCache", cache, "float16"))}
+    decoder_variants[Convention.APPLE_LLM] = GraphVariant(
+        "decoder", inputs=(TensorSpec("inputIds", (1, seq), "int32"), apple_mask), **apple_io,
+        build=lambda m: modules.AppleLLMDecoder(m.decoder, takes_tokens=True))
+    decoder_variants[Convention.APPLE_LLM_EMBEDS] = GraphVariant(
+        "decoder", inputs=(TensorSpec("inputsEmbeds", (1, seq, width), "float16"), apple_mask), **apple_io,
+        build=lambda m: modules.AppleLLMDecoder(m.decoder, takes_tokens=False))
     specs = [
         GraphSpec("tokenizer", "tokenizer", GraphKind.IMAGE_TOKENIZER,
                   inputs=(TensorSpec("pixels", (1, 3, hw, hw)),),

@@ -74,34 +74,64 @@ class StatefulDecoder(nn.Module):
     """
 
     def __init__(self, decoder: LlamaDecoder, batch_size: int = 1, max_len: int | None = None,
-                 last_logits: bool = False) -> None:
+                 last_logits: bool = False, cache_names: tuple[str, str] = ("k_cache", "v_cache")) -> None:
         super().__init__()
         self.decoder = decoder
         self.last_logits = last_logits
         cfg = decoder.cfg
         self.max_len = max_len or cfg.max_position_embeddings
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, self.max_len, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        self.cache_names = cache_names
+        for name in cache_names:
+            self.register_buffer(name, torch.zeros(shape), persistent=False)
 
     def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        for name in self.cache_names:
+            getattr(self, name).zero_()
 
     def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         t, end = inputs_embeds.shape[1], causal_mask.shape[-1]
         start = end - t
+        k_cache, v_cache = (getattr(self, name) for name in self.cache_names)
 
         def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # Slice (not select) the layer axis: a write through `cache[layer]` functionalises into
             # select_scatter, which ExecuTorch lowers to a `where` over the whole cache of every
             # layer (it took half of a decode step on the portable kernels).
-            self.k_cache[layer:layer + 1, :, :, start:end] = k.unsqueeze(0)
-            self.v_cache[layer:layer + 1, :, :, start:end] = v.unsqueeze(0)
-            return self.k_cache[layer, :, :, :end], self.v_cache[layer, :, :, :end]
+            k_cache[layer:layer + 1, :, :, start:end] = k.unsqueeze(0)
+            v_cache[layer:layer + 1, :, :, start:end] = v.unsqueeze(0)
+            return k_cache[layer, :, :, :end], v_cache[layer, :, :, :end]
 
         return self.decoder(inputs_embeds=inputs_embeds, start=start, mask=causal_mask, kv_writer=write,
                             last_only=self.last_logits)
+
+
+class AppleLLMDecoder(StatefulDecoder):
+    """`StatefulDecoder`'s step in Apple's Core ML LLM convention (`Convention.APPLE_LLM`): token ids
+    (`takes_tokens`) or embeddings and an additive mask in, the logits of every new position out
+    (swift-transformers reads row T - 1), the cache in the buffers `keyCache` / `valueCache`."""
+
+    def __init__(self, decoder: LlamaDecoder, takes_tokens: bool) -> None:
+        super().__init__(decoder, cache_names=("keyCache", "valueCache"))
+        self.takes_tokens = takes_tokens
+
+    def forward(self, x: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.decoder.embed_tokens(x) if self.takes_tokens else x, causal_mask)
+
+
+class LastPositionLogits(nn.Module):
+    """A step that returns every new position's logits, behind the graph's own I/O: inputs cast to
+    the step's dtypes (`dtypes`, by position), the last position's logits out."""
+
+    def __init__(self, step: nn.Module, dtypes: tuple[torch.dtype, ...]) -> None:
+        super().__init__()
+        self.step, self.dtypes = step, dtypes
+
+    def reset(self) -> None:
+        self.step.reset()
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.step(*(x.to(dtype) for x, dtype in zip(inputs, self.dtypes)))[:, -1:]
 
 
 def load_executorch_cache_ops() -> None:

@@ -63,5 +63,5 @@ def variant_example(spec: GraphSpec, variant: GraphVariant) -> tuple[torch.Tenso
         elif t.dtype.startswith("int"):
             args.append(torch.ones(shape, dtype=DTYPES[t.dtype]))
         else:
-            args.append(torch.randn(shape))
+            args.append(torch.randn(shape).to(DTYPES[t.dtype]))
     return tuple(args)

@@ -88,6 +88,29 @@ class CoreMLProgram:
         return {t.name: torch.from_numpy(np.asarray(out[t.name])) for t in self.spec.outputs}
 
 
+class AppleLLMProgram(CoreMLProgram):
+    """macOS only: a function of the `coreml-llm` decoder (Apple's LLM convention) behind the decoder
+    graph's own I/O: camelCase fp16 inputs, the last of the T logits rows out."""
+
+    NAMES = {"inputs_embeds": "inputsEmbeds", "causal_mask": "causalMask"}
+
+    def __init__(self, spec: GraphSpec, path: Path, function: str, compute_units: str = "ALL") -> None:
+        ok, why = predict_available()
+        if not ok:
+            raise UserError(f"the coreml backend cannot run here: {why}; use --backend ort or executorch")
+        import coremltools as ct
+
+        self.spec = spec
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units),
+                                       function_name=function)
+        self.reset()
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feed = {self.NAMES[t.name]: inputs[t.name].numpy().astype(np.float16) for t in self.spec.inputs}
+        logits = np.asarray(self.model.predict(feed, state=self.state)["logits"])
+        return {"logits": torch.from_numpy(logits[:, -1:].astype(np.float32))}
+
+
 def _load(spec: GraphSpec, path: Path, threads: int = 0, compute_units: str | None = None) -> CoreMLProgram:
     return CoreMLProgram(spec, path, compute_units=compute_units or "ALL")
 
