@@ -126,7 +126,8 @@ class GraphVariant:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     build: Callable[[Manzano], nn.Module]
-    states: tuple[TensorSpec, ...] = ()  # a runtime's own state (the program state of the stock runners is not declared)
+    # States the file declares (Core ML's); the stock runners keep theirs inside the program, out of its I/O.
+    states: tuple[TensorSpec, ...] = ()
 
     def manifest_io(self, dims: dict[str, Dim]) -> dict:
         used = {d.name for t in (*self.inputs, *self.outputs) for d in t.shape if isinstance(d, Dim)}
