@@ -60,7 +60,8 @@ def unsupported(recipe: str) -> str | None:
 
 def _convert_function(job: GraphJob, variant: GraphVariant, recipe: str):
     """One function as a single-function mlprogram: converted at fp16 compute (Core ML states are fp16),
-    compressed by the recipe, its inputs renamed to the convention's names."""
+    compressed by the recipe, its inputs renamed to the convention's names. Returns it, with its
+    emulation (the converted module with the stored weights, fp16) and how many tensors that replaced."""
     ct = coreml._ct()
     spec, model = job.spec, job.model
     module = variant.build(model).eval()
@@ -70,12 +71,14 @@ def _convert_function(job: GraphJob, variant: GraphVariant, recipe: str):
     mlmodel = coreml.convert_program(variant, program, fp16=True, target=job.opts.coreml_target)
     if not is_float(recipe):
         mlmodel = coreml.compress(mlmodel, recipe, job.plan.keep_modules(spec, model) if job.plan else [])
-    weights = coreml.stored_weights(mlmodel)
+    emulated, replaced, total = coreml.emulated_module(module, coreml.stored_weights(mlmodel), fp16=True)
+    if replaced == 0:
+        raise RuntimeError("the Core ML LLM decoder's stored weights match none of the decoder's")
     proto = mlmodel.get_spec()
     for feature, want in zip(list(proto.description.input), variant.inputs):
         if feature.name != want.name:  # torch.export names inputs after the forward's (snake-case) arguments
             ct.utils.rename_feature(proto, feature.name, want.name)
-    return ct.models.MLModel(proto, weights_dir=mlmodel.weights_dir, skip_model_load=True), weights
+    return ct.models.MLModel(proto, weights_dir=mlmodel.weights_dir, skip_model_load=True), emulated, f"{replaced}/{total}"
 
 
 def _describe(path: Path, spec: GraphSpec, model_name: str, recipe: str, target: str) -> None:
@@ -132,13 +135,6 @@ def structure_problems(path: Path, variants: dict[str, GraphVariant]) -> list[st
     return problems
 
 
-def _emulated_step(job: GraphJob, variant: GraphVariant, weights: dict) -> tuple[torch.nn.Module, str]:
-    module, replaced, total = coreml.emulated_module(variant.build(job.model).eval(), weights, fp16=True)
-    if replaced == 0:
-        raise RuntimeError("the Core ML LLM decoder's stored weights match none of the decoder's")
-    return module, f"{replaced}/{total}"
-
-
 def _parity(job: GraphJob, steps: dict[str, torch.nn.Module], tokens: torch.Tensor) -> dict[str, dict]:
     """Each function by emulation: `inputs_embeds` on the export's examples through the graph's own
     I/O, `main` on `tokens` (a prefill, then greedy decode steps)."""
@@ -172,11 +168,10 @@ def write_file(out: Path, job: GraphJob, tokenizer_json: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         descriptor = ct.utils.MultiFunctionDescriptor()
         for name, variant in variants.items():
-            mlmodel, weights = _convert_function(job, variant, recipe)
+            mlmodel, steps[name], emulated = _convert_function(job, variant, recipe)
             single = Path(tmp) / f"{name}.mlpackage"
             mlmodel.save(str(single))
             single_bytes += path_digest(single)[1]
-            steps[name], emulated = _emulated_step(job, variant, weights)
             descriptor.add_function(str(single), src_function_name="main", target_function_name=name)
         descriptor.default_function_name = DEFAULT_FUNCTION
         if path.exists():
@@ -211,7 +206,7 @@ def write_file(out: Path, job: GraphJob, tokenizer_json: str) -> dict:
             failed.append(f"{name} ({parity.get('min_step_psnr_db')} dB, greedy match {parity.get('greedy_match')})")
     if ok:
         predicted = run_parity(job.spec, TorchProgram(job.spec, build_module(job.spec, job.model)),
-                               AppleLLMProgram(job.spec, path, "inputs_embeds"), job.examples)
+                               AppleLLMProgram(job.spec, path, function="inputs_embeds"), job.examples)
         record["functions"]["inputs_embeds"]["predict_parity"] = predicted
         record["verified_by"] = "coremltools predict (inputs_embeds); emulation (main)"
         probe = Entry(GRAPH, FOLDER, parity=predicted)
@@ -230,5 +225,5 @@ def runner_programs(bundle, spec: GraphSpec) -> list[RunnerProgram]:
         return []
     (entry,) = record["files"]
     path = bundle.verified_file(entry["file"], entry["sha256"])
-    return [RunnerProgram(f"{FOLDER}:inputs_embeds", spec, AppleLLMProgram(spec, path, "inputs_embeds"),
+    return [RunnerProgram(f"{FOLDER}:inputs_embeds", spec, AppleLLMProgram(spec, path, function="inputs_embeds"),
                           record["recipe"], entry["bytes"])]

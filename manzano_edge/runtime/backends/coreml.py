@@ -47,7 +47,8 @@ class CoreMLProgram:
 
     COMPUTE_UNITS = COMPUTE_UNITS
 
-    def __init__(self, spec: GraphSpec, path: Path, compute_units: str = "ALL") -> None:
+    def __init__(self, spec: GraphSpec, path: Path, compute_units: str = "ALL", function: str | None = None) -> None:
+        """`function`: which function of a multifunction model (None: its default)."""
         ok, why = predict_available()
         if not ok:
             raise UserError(f"the coreml backend cannot run here: {why}; use --backend ort or executorch")
@@ -56,7 +57,8 @@ class CoreMLProgram:
         import coremltools as ct
 
         self.spec = spec
-        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units),
+                                       **({"function_name": function} if function else {}))
         self.reset()
 
     def reset(self) -> None:
@@ -93,17 +95,6 @@ class AppleLLMProgram(CoreMLProgram):
     graph's own I/O: camelCase fp16 inputs, the last of the T logits rows out."""
 
     NAMES = {"inputs_embeds": "inputsEmbeds", "causal_mask": "causalMask"}
-
-    def __init__(self, spec: GraphSpec, path: Path, function: str, compute_units: str = "ALL") -> None:
-        ok, why = predict_available()
-        if not ok:
-            raise UserError(f"the coreml backend cannot run here: {why}; use --backend ort or executorch")
-        import coremltools as ct
-
-        self.spec = spec
-        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units),
-                                       function_name=function)
-        self.reset()
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feed = {self.NAMES[t.name]: inputs[t.name].numpy().astype(np.float16) for t in self.spec.inputs}
