@@ -157,6 +157,59 @@ def test_coreml_structure(bundle):
     assert coreml.verify_structure(graph_specs(load_checkpoint(None)[0].cfg)["decoder"], info) == []
 
 
+def test_coreml_tokenizer_takes_an_rgb_image(bundle):
+    """Apps hand Core ML a CVPixelBuffer: the tokenizer's pixels are an RGB ImageType whose scale and
+    bias are the pipeline's x / 127.5 - 1, and the manifest says so (with Core ML's fp16 dtypes)."""
+    out, manifest = bundle
+    entry = manifest["graphs"]["tokenizer"]["formats"]["coreml"]
+    spec = graph_specs(load_checkpoint(None)[0].cfg)["tokenizer"]
+    info = coreml.structure(out / entry["file"])
+    assert info["images"] == {"pixels": "RGB"} and info["inputs"]["pixels"] == [1, 3, 144, 144]
+    assert coreml.verify_structure(spec, info) == []
+    assert coreml.image_encoding_problems(spec, coreml.load_with_program(out / entry["file"])._mil_program) == []
+    (pixels,) = entry["io"]["inputs"]
+    assert (pixels["coreml_type"], pixels["dtype"], pixels["color_layout"]) == ("image", "uint8", "RGB")
+    assert entry["parity"]["psnr_db"] >= 60, entry["parity"]
+    states = manifest["graphs"]["decoder"]["formats"]["coreml"]["io"]["states"]
+    assert {s["dtype"] for s in states} == {"float16"}  # Core ML keeps state in fp16
+    # A tensor where the declaration says image (and the reverse) is a structure error.
+    assert coreml.verify_structure(spec, {**info, "images": {}}) == ["input pixels is not an image, declared an "
+                                                                      "RGB image"]
+    tensor_spec = dataclasses.replace(spec, inputs=(dataclasses.replace(spec.inputs[0], image=False),))
+    assert coreml.verify_structure(tensor_spec, info) == ["input pixels is an image, declared a tensor"]
+
+
+def test_an_image_input_with_another_encoding_is_caught(tiny):
+    """The check reads the scale and bias the converter wrote: a [0, 1] encoding fails it."""
+    import coremltools as ct
+
+    spec = graph_specs(tiny[0].cfg)["tokenizer"]
+    net = torch.nn.Conv2d(3, 4, 3).eval()
+    program = torch.export.export(net, (torch.zeros(1, 3, 144, 144),)).run_decompositions({})
+    wrong = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       inputs=[ct.ImageType(name="pixels", shape=(1, 3, 144, 144), scale=1 / 255,
+                                            color_layout=ct.colorlayout.RGB)])
+    (problem,) = coreml.image_encoding_problems(spec, wrong._mil_program)
+    assert problem.startswith("input pixels does not go through the pixel encoding x / 127.5 - 1"), problem
+
+
+def test_core_ml_emulation_feeds_images_as_8_bit(tiny):
+    """Core ML's image input carries 8-bit values, so the emulation rounds pixels to them as predict would."""
+    from manzano_edge.data.images import pixels_from_uint8
+    from manzano_edge.runtime.backends.coreml import EmulatedProgram
+
+    class Echo(torch.nn.Module):
+        def forward(self, pixels):
+            return pixels[:, 0, :9, :1].reshape(1, 9, 1).expand(1, 9, 256), torch.zeros(1, 9, dtype=torch.int32)
+
+    spec = graph_specs(tiny[0].cfg)["tokenizer"]
+    u = torch.randint(0, 256, (1, 3, 144, 144), dtype=torch.uint8)
+    off_grid = pixels_from_uint8(u) + 0.3 / 127.5
+    seen = EmulatedProgram(spec, Echo(), fp16=False, image_inputs=["pixels"]).run({"pixels": off_grid})["image_embeds"]
+    assert torch.equal(seen[0, :, 0], pixels_from_uint8(u)[0, 0, :9, 0])
+    assert not torch.equal(EmulatedProgram(spec, Echo(), fp16=False).run({"pixels": off_grid})["image_embeds"], seen)
+
+
 def test_executorch_programs_are_delegated(bundle):
     _, manifest = bundle
     for name, graph in manifest["graphs"].items():

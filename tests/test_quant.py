@@ -17,6 +17,7 @@ from manzano_edge.export.parity import judge, run_parity
 from manzano_edge.quant import calibration, coreml_ptq, onnx_ptq
 from manzano_edge.quant.overrides import parse_keep_float, resolve_layers
 from manzano_edge.quant.recipes import SUPPORT, check_supported
+from manzano_edge.runtime.backends.ort import OrtProgram
 from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.spec.examples import real_examples
 from manzano_edge.spec.graphs import graph_specs
@@ -79,7 +80,7 @@ def test_static_qdq_on_all_op_types_is_caught(tiny, quant_bundle, tmp_path):
         model, TextCodec(tok, model.cfg.text)).per_graph["decoder"][0], float_path)
     cal = calibration.generated(model, TextCodec(tok, model.cfg.text), 2)["decoder"]
     bad = tmp_path / "all_ops.onnx"
-    quantize_static(str(float_path), str(bad), onnx_ptq._Reader(onnx_ptq.explicit_feeds(spec, float_path, cal)),
+    quantize_static(str(float_path), str(bad), onnx_ptq._Reader(onnx_ptq.calibration_feeds(OrtProgram(spec, float_path), cal)),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     entry = _ort_parity(tiny, bad)
@@ -345,3 +346,36 @@ def test_coreml_w8a8_tokenizer_ids_track_float(tiny, tmp_path):
     report = validate(tmp_path / "b", None, Thresholds(), Settings(end_to_end=False), show=False).report
     (row,) = [r for r in report["graphs"] if r["graph"] == "tokenizer"]
     assert row["metrics"]["image_ids"]["agreement"] >= 0.85, row["metrics"]
+
+
+def test_static_xnnpack_w8a8_writes_the_runner_program_with_torchaos_recipe(tiny, tmp_path, monkeypatch, capsys):
+    """ExecuTorch's LLM export quantizes a runners' program with dynamic activations (its `forward`
+    takes token ids, which no calibration covers): under --xnnpack-w8a8 static the program is written
+    with torchao 8da8w, and the manifest record and the summary say so."""
+    from manzano_edge.export import executorch_llm
+    from manzano_edge.export.base import GraphJob
+    from manzano_edge.export.bundle import print_summary
+    from manzano_edge.export.plan import QuantPlan
+    from manzano_edge.quant.overrides import KeepFloat
+
+    model, tok = tiny
+    built = {}
+
+    def build(specs, model, recipes, keep, path):  # the lowering is the dynamic w8a8 one; only the record is new
+        built.update(recipes)
+        path.write_bytes(b"program")
+        return {"metadata": {}, "how": {m: executorch_llm.RECIPES[recipes[g]] for m, (g, _) in executorch_llm.METHODS.items()}}
+
+    monkeypatch.setattr(executorch_llm, "build", build)
+    specs = graph_specs(model.cfg)
+    plan = QuantPlan("w8a8", KeepFloat(), {"executorch": "static"})
+    opts = ExportOptions(formats=["executorch"], recipe="w8a8", parity=False, show_progress=False)
+    jobs = {g: GraphJob(specs[g], model, [], tmp_path, "fp32" if g == "embed_tokens" else "w8a8", opts, plan)
+            for g in executorch_llm.GRAPHS}
+    record = executorch_llm.write_program(tmp_path, tok, jobs)
+    assert record["folder"] == executorch_llm.FOLDER and built == {"tokenizer": "w8a8", "embed_tokens": "fp32",
+                                                                   "decoder": "w8a8"}
+    assert record["w8a8_mode"] == "dynamic" and "8da8w" in record["how"]["text_decoder"]
+    assert record["note"] == executorch_llm.STATIC_NOTE
+    print_summary({"graphs": {}, "runners": {executorch_llm.RUNNER: record}})
+    assert executorch_llm.STATIC_NOTE in capsys.readouterr().out

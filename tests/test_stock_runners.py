@@ -132,16 +132,36 @@ def test_the_genai_folder_names_what_it_misses(tiny, tmp_path):
     model, tok = tiny
     folder = tmp_path / onnx_genai.FOLDER
     folder.mkdir()
-    some = [Entry("decoder", "onnx"), Entry("embed_tokens", "onnx")]
+    some = [Entry(g, fmt) for g in ("decoder", "embed_tokens") for fmt in ("onnx", onnx_genai.FOLDER)]
     record = onnx_genai.write_folder(tmp_path, model.cfg, tok, some)
     assert record == {"folder": None, "not_written": "it needs the graphs tokenizer: add them to --graphs"}
     assert not folder.exists()
-    # Static w8a8 exports the reference graphs but not their variants (they have no calibration of their own).
-    folder.mkdir()
-    record = onnx_genai.write_folder(tmp_path, model.cfg, tok, [*some, Entry("tokenizer", "onnx"),
-                                                                   Entry("tokenizer", onnx_genai.FOLDER)])
-    assert record["folder"] is None and "--w8a8-mode onnx=dynamic" in record["not_written"]
-    assert "(embed_tokens, decoder)" in record["not_written"]
+
+
+def test_static_w8a8_calibrates_the_genai_graphs_in_their_own_layout(tiny, pipe, tmp_path):
+    """Static w8a8 writes the folder too: each variant is calibrated by running the float variant
+    file over the calibration prompts (per-layer cache, integer mask), quantized as QDQ, and
+    onnxruntime-genai captions with it as the toolkit does."""
+    from manzano_edge.export.bundle import ExportOptions, export_bundle
+
+    model, tok = tiny
+    out = tmp_path / "static"
+    manifest = export_bundle(model, tok, out, ExportOptions(
+        formats=["onnx"], recipe="w8a8", w8a8_mode={"onnx": "static"}, graphs=["tokenizer", "embed_tokens", "decoder"],
+        keep_float="graph:embed_tokens", calibration_samples=2, show_progress=False))
+    assert manifest["runners"][onnx_genai.RUNNER]["folder"] == onnx_genai.FOLDER
+    for graph in ("tokenizer", "decoder"):
+        f = manifest["graphs"][graph]["formats"][onnx_genai.FOLDER]
+        q = f["recipe"]["details"]
+        assert q["mode"] == "static" and q["calibration_steps"] > 2, q
+        assert q["integer_ops"]["ops"].get("QuantizeLinear", 0) > 0 and f["status"] == "verified", (graph, f)
+    assert manifest["graphs"]["embed_tokens"]["formats"][onnx_genai.FOLDER]["recipe"]["name"] == "fp32"
+    assert manifest["graphs"]["decoder"]["formats"][onnx_genai.FOLDER]["parity"]["greedy_match"] == 1.0
+    # onnxruntime-genai loads the QDQ files and captions a scene as the float model does.
+    size = model.cfg.vision.image_size
+    image = scenes.render(scenes.sample_scene(np.random.default_rng(3)), size)
+    want = pipe.understand_ids(to_pixels(image, size), "describe the image.")
+    assert load_example("genai_app").GenaiApp(out).caption_ids(image, "describe the image.") == want
 
 
 # -- ExecuTorch's LLM runners ------------------------------------------------------------------------

@@ -10,6 +10,22 @@ from PIL import Image, UnidentifiedImageError
 
 from manzano_edge.errors import UserError
 
+# The graphs' pixels encode 8-bit RGB: x = u / PIXEL_HALF_RANGE - 1 maps [0, 255] onto [-1, 1]. Every
+# converter that takes 8-bit images (Core ML's ImageType, the LLM runners' uint8 image) uses this.
+PIXEL_HALF_RANGE = 127.5
+
+
+def pixels_from_uint8(u: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """8-bit RGB (any layout) -> float pixels in [-1, 1]."""
+    if not isinstance(u, torch.Tensor):
+        u = torch.from_numpy(np.array(u))  # a copy: PIL's arrays are read-only
+    return u.to(torch.float32) / PIXEL_HALF_RANGE - 1.0
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels -> the nearest 8-bit values (clamped to [-1, 1] first), same layout."""
+    return ((pixels.detach().float().clamp(-1, 1) + 1) * PIXEL_HALF_RANGE).round().to(torch.uint8)
+
 
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
@@ -37,13 +53,11 @@ def to_pixels(img: Image.Image, size: int) -> torch.Tensor:
     img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.LANCZOS)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return pixels_from_uint8(np.asarray(img)).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def to_image(pixels: torch.Tensor) -> Image.Image:
     """[3, H, W] or [1, 3, H, W] in [-1, 1] -> PIL RGB."""
     if pixels.dim() == 4:
         pixels = pixels[0]
-    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
+    return Image.fromarray(pixels_to_uint8(pixels).permute(1, 2, 0).numpy(), "RGB")

@@ -351,6 +351,7 @@ def print_summary(manifest: dict) -> None:
     for name, runner in manifest.get("runners", {}).items():
         where = f"{runner['folder']}/ ({runner.get('status', 'verified by its graphs above')})" if runner.get("folder") \
             else f"not written: {runner['not_written']}"
+        where += f"; {runner['note']}" if runner.get("note") else ""
         print(f"{name}: {where}")
     counts = status_counts(manifest)
     print(", ".join(f"{counts[s]} {s}" for s in (VERIFIED, EMULATED, LOWERED, NOT_CHECKED, FAILED) if counts.get(s)))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from manzano_edge.data.images import PIXEL_HALF_RANGE
 from manzano_edge.errors import UserError
 from manzano_edge.export.base import (
     BaseExporter,
@@ -87,7 +88,19 @@ def convert_program(spec: GraphSpec | GraphVariant, program: torch.export.Export
     return ct.convert(program.run_decompositions({}), convert_to="mlprogram",
                       minimum_deployment_target=getattr(ct.target, target),
                       compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+                      inputs=input_types(spec),
                       outputs=[ct.TensorType(name=t.name) for t in spec.outputs])
+
+
+def input_types(spec: GraphSpec | GraphVariant) -> list | None:
+    """An image input becomes an RGB `ImageType` (an app passes a CVPixelBuffer or CGImage) that
+    applies the pixel encoding in the model; None (the program's own inputs) when no input is an image."""
+    if not any(t.image for t in spec.inputs):
+        return None
+    ct = _ct()
+    return [ct.ImageType(name=t.name, shape=t.concrete({}), scale=1 / PIXEL_HALF_RANGE, bias=[-1.0] * 3,
+                         color_layout=ct.colorlayout.RGB) if t.image else ct.TensorType(name=t.name)
+            for t in spec.inputs]
 
 
 def describe(mlmodel, spec: GraphSpec, model_name: str, recipe: str, target: str) -> None:
@@ -164,19 +177,33 @@ def _main_ops(spec_proto) -> list:
 
 def structure(path: Path) -> dict:
     ct = _ct()
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
     proto = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     ops = Counter(op.type for op in _main_ops(proto))
 
     def shape_of(feature) -> list:
+        if feature.type.WhichOneof("Type") == "imageType":
+            image = feature.type.imageType
+            return [1, 3, image.height, image.width]
         arr = feature.type.multiArrayType
         ranges = list(arr.shapeRange.sizeRanges)
         if ranges:
             return [[r.lowerBound, r.upperBound] if r.lowerBound != r.upperBound else r.lowerBound for r in ranges]
         return list(arr.shape)
 
+    def dtype_of(array) -> str:
+        return ft.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()
+
+    features = (*proto.description.input, *proto.description.output)
     return {"inputs": {f.name: shape_of(f) for f in proto.description.input},
             "outputs": [f.name for f in proto.description.output],
             "states": {s.name: list(s.type.stateType.arrayType.shape) for s in proto.description.state},
+            "images": {f.name: ft.ImageFeatureType.ColorSpace.Name(f.type.imageType.colorSpace)
+                       for f in proto.description.input if f.type.WhichOneof("Type") == "imageType"},
+            "dtypes": {**{f.name: dtype_of(f.type.multiArrayType) for f in features
+                          if f.type.WhichOneof("Type") == "multiArrayType"},
+                       **{s.name: dtype_of(s.type.stateType.arrayType) for s in proto.description.state}},
             "ops": dict(ops), "op_count": sum(ops.values()),
             "spec_version": proto.specificationVersion}
 
@@ -189,6 +216,12 @@ def verify_structure(spec: GraphSpec, info: dict) -> list[str]:
         if got is None:
             problems.append(f"input {t.name} missing")
             continue
+        color = info["images"].get(t.name)
+        if t.image and color != "RGB":
+            problems.append(f"input {t.name} is {'a ' + color + ' image' if color else 'not an image'}, declared an "
+                            "RGB image")
+        elif not t.image and color:
+            problems.append(f"input {t.name} is an image, declared a tensor")
         for i, (want, have) in enumerate(zip(t.shape, got)):
             # Core ML may widen a flexible dim's lower bound to 1; the upper bound must match.
             if isinstance(want, Dim):
@@ -203,6 +236,34 @@ def verify_structure(spec: GraphSpec, info: dict) -> list[str]:
         if info["states"].get(s.name) != list(s.concrete({})):
             problems.append(f"state {s.name} is {info['states'].get(s.name)}, declared {list(s.concrete({}))}")
     return problems
+
+
+def image_encoding_problems(spec: GraphSpec, mil_program) -> list[str]:
+    """Each image input must feed the pixel encoding, x = u * (1 / 127.5) - 1, before anything else
+    reads it: the ImageType's scale and bias as the converter wrote them into the program."""
+    ops = list(mil_program.functions["main"].operations)
+    problems = []
+    for t in (t for t in spec.inputs if t.image):
+        readers = [op for op in ops if any(getattr(v, "name", None) == t.name for v in op.inputs.values())]
+        scale = readers[0] if len(readers) == 1 and readers[0].op_type == "mul" else None
+        bias = next((op for op in ops if scale is not None and op.op_type == "add" and op.x is scale.outputs[0]), None)
+        if scale is None or bias is None or not np.allclose(scale.y.val, 1 / PIXEL_HALF_RANGE) \
+                or not np.allclose(bias.y.val, -1.0):
+            problems.append(f"input {t.name} does not go through the pixel encoding x / {PIXEL_HALF_RANGE} - 1 "
+                            f"(read by {[op.op_type for op in readers]})")
+    return problems
+
+
+def coreml_io(spec: GraphSpec, info: dict) -> dict:
+    """The graph's I/O as the .mlpackage declares it: Core ML's dtypes (fp16 states and, in Apple's
+    convention, fp16 tensors) and image inputs, with the spec's symbolic shapes."""
+    io = spec.manifest_io()
+    for t in (*io["inputs"], *io["outputs"], *io["states"]):
+        t["dtype"] = info["dtypes"].get(t["name"], t["dtype"])
+        if t["name"] in info["images"]:
+            t.update({"dtype": "uint8", "coreml_type": "image", "color_layout": info["images"][t["name"]],
+                      "in_model": f"x = u / {PIXEL_HALF_RANGE} - 1"})
+    return io
 
 
 # -- weights as Core ML sees them --------------------------------------------------------------
@@ -269,9 +330,19 @@ def decompression_errors(module: nn.Module, weights: dict[str, np.ndarray], reci
     return {"checked": checked, "worst": worst, "bound": bound, "ok": checked > 0 and (bound is None or worst <= bound)}
 
 
-def _checked_structure(spec: GraphSpec, path: Path) -> dict:
+def load_with_program(path: Path):
+    """A saved .mlpackage without compiling it (Linux), with its MIL program read back."""
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
+    mlmodel = _ct().models.MLModel(str(path), skip_model_load=True)
+    proto = mlmodel.get_spec()
+    mlmodel._mil_program = load_mil(proto, proto.specificationVersion, mlmodel.weights_dir)
+    return mlmodel
+
+
+def _checked_structure(spec: GraphSpec, path: Path, mlmodel) -> dict:
     info = structure(path)
-    problems = verify_structure(spec, info)
+    problems = verify_structure(spec, info) + image_encoding_problems(spec, mlmodel._mil_program)
     if problems:
         raise RuntimeError("structure differs from the declaration: " + "; ".join(problems))
     return info
@@ -328,17 +399,17 @@ class CoreMLExporter(BaseExporter):
         describe(mlmodel, spec, model.cfg.name, recipe, target)
         entry.extra["deployment_target"] = target
         mlmodel.save(str(path))
-        info = _checked_structure(spec, path)
+        info = _checked_structure(spec, path, mlmodel)
         weights = stored_weights(mlmodel)
         compute_fp16 = fp16 or not is_float(recipe)
         emu, replaced, total = emulated_module(module, weights, fp16=compute_fp16)
         if job.check:
-            entry.parity = run_parity(spec, TorchProgram(spec, module), EmulatedProgram(spec, emu, compute_fp16),
-                                      job.examples)
+            entry.parity = run_parity(spec, TorchProgram(spec, module),
+                                      EmulatedProgram(spec, emu, compute_fp16, image_inputs=info["images"]), job.examples)
             entry.parity["emulated"] = True
         else:
             entry.parity = dict(SKIPPED)
-        entry.extra.update({"io": spec.manifest_io(), "ops": info["ops"],
+        entry.extra.update({"io": coreml_io(spec, info), "ops": info["ops"],
                             "op_count": info["op_count"], "states": info["states"],
                             "compute_precision": "fp16" if compute_fp16 else "fp32",
                             "weights_emulated": f"{replaced}/{total}",
@@ -365,7 +436,7 @@ class CoreMLExporter(BaseExporter):
         describe(mlmodel, spec, job.model.cfg.name, "w8a8", target)
         entry.extra["deployment_target"] = target
         mlmodel.save(str(path))
-        info_structure = _checked_structure(spec, path)
+        info_structure = _checked_structure(spec, path, mlmodel)
         info["activation_quant_ops"] = coreml_ptq.activation_quant_ops(info_structure["ops"])
         if info["activation_quant_ops"] == 0:
             raise cannot_quantize(spec, self.name, "w8a8", "the converted mlprogram has no quantize/dequantize op, "
@@ -375,9 +446,11 @@ class CoreMLExporter(BaseExporter):
                                       coreml_ptq.mlprogram_activation_scales(mlmodel._mil_program)):
             raise RuntimeError("the mlprogram's activation scales differ from the calibrated PyTorch graph's")
         entry.parity = dict(SKIPPED) if not job.check else {
-            **run_parity(spec, TorchProgram(spec, module), EmulatedProgram(spec, quantized, fp16=False), job.examples),
+            **run_parity(spec, TorchProgram(spec, module),
+                         EmulatedProgram(spec, quantized, fp16=False, image_inputs=info_structure["images"]),
+                         job.examples),
             "emulated": True}
-        entry.extra.update({"io": spec.manifest_io(), "ops": info_structure["ops"],
+        entry.extra.update({"io": coreml_io(spec, info_structure), "ops": info_structure["ops"],
                             "op_count": info_structure["op_count"], "states": info_structure["states"],
                             "compute_precision": "fp16", "quantization": info,
                             "verified_by": "emulation (the pt2e-quantized PyTorch graph: Core ML's weights and "
@@ -405,21 +478,17 @@ class CoreMLExporter(BaseExporter):
     def emulated_program(self, bundle, spec, model, codec, entry) -> EmulatedProgram:
         """The .mlpackage's stored weights (decompressed) in the PyTorch graph, fp16 compute; for
         w8a8, the pt2e-quantized graph rebuilt with the export's own calibration."""
-        from coremltools.converters.mil.frontend.milproto.load import load as load_mil
-
-        ct = _ct()
-        path = bundle.verified_file(entry["file"], entry["sha256"])
-        mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
+        mlmodel = load_with_program(bundle.verified_file(entry["file"], entry["sha256"]))
         proto = mlmodel.get_spec()
-        mlmodel._mil_program = load_mil(proto, proto.specificationVersion, mlmodel.weights_dir)
+        images = [f.name for f in proto.description.input if f.type.WhichOneof("Type") == "imageType"]
         if entry["recipe"]["name"] == "w8a8":
-            return _emulated_w8a8(bundle, spec, model, codec, entry, mlmodel._mil_program)
+            return _emulated_w8a8(bundle, spec, model, codec, entry, mlmodel._mil_program, images)
         module = build_module(spec, model)
         fp16 = entry.get("compute_precision", "fp16") == "fp16"
         emu, replaced, total = emulated_module(module, stored_weights(mlmodel), fp16=fp16)
         if replaced == 0:
             raise UserError(f"could not read the stored weights of {entry['file']} for emulation")
-        return EmulatedProgram(spec, emu, fp16)
+        return EmulatedProgram(spec, emu, fp16, image_inputs=images)
 
     def emulation_notes(self, recipe: str, exported_from: str | None) -> list[str]:
         """What a report must say about the graphs `emulated_program` stood in for."""
@@ -438,7 +507,8 @@ def _emulation_notes(recipe: str, exported_from: str | None) -> list[str]:
     return notes
 
 
-def _emulated_w8a8(bundle, spec: GraphSpec, model, codec, entry: dict, mil_program) -> EmulatedProgram:
+def _emulated_w8a8(bundle, spec: GraphSpec, model, codec, entry: dict, mil_program,
+                   images: list[str]) -> EmulatedProgram:
     """Activation scales are not stored as weights: rebuild the pt2e-quantized graph from the
     reference with the export's own seeded calibration, and use it only if its scales are the
     shipped program's."""
@@ -453,4 +523,4 @@ def _emulated_w8a8(bundle, spec: GraphSpec, model, codec, entry: dict, mil_progr
     if not coreml_ptq.same_scales(ours, shipped):
         raise UserError(f"cannot emulate {entry['file']}: its activation scales differ from a re-calibration of the "
                         "reference checkpoint; if it was exported from a QAT checkpoint, pass that with --exported-from")
-    return EmulatedProgram(spec, quantized, fp16=False)
+    return EmulatedProgram(spec, quantized, fp16=False, image_inputs=images)

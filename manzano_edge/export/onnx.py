@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,7 @@ class OnnxExporter(BaseExporter):
         spec = job.spec
         path = job.out / self.name / f"{spec.name}{SUFFIX}"
         entry = self._convert(job, lambda p: export(spec, build_module(spec, job.model, LAYOUT), job.examples[0], p),
-                              path, LAYOUT, lambda: OrtProgram(spec, path), spec)
+                              path, LAYOUT, partial(OrtProgram, spec), spec)
         if job.check and spec.kind == REFERENCE_INTERPRETER_KIND and is_float(job.recipe):
             ref = run_parity(spec, TorchProgram(spec, build_module(spec, job.model)), ReferenceProgram(spec, path),
                              job.examples)
@@ -118,7 +119,7 @@ class OnnxExporter(BaseExporter):
         entry.extra["opset"] = OPSET
         entries = [entry]
         variant = spec.variants.get(Convention.STOCK_VLM)
-        if variant is not None and job.w8a8_mode(self.name) != "static":
+        if variant is not None:
             entries.append(self._export_variant(job, variant))
         return entries
 
@@ -129,7 +130,7 @@ class OnnxExporter(BaseExporter):
         # A variant wraps the reference build's submodules under the same names, so --keep-float
         # layers resolve against the reference build.
         entry = self._convert(job, lambda p: export_variant(spec, variant, variant.build(job.model).eval(), p), path,
-                              StateLayout.STATEFUL, lambda: StockVlmProgram(spec, path), spec.float_outputs())
+                              StateLayout.STATEFUL, partial(StockVlmProgram, spec), spec.float_outputs())
         entry.fmt = onnx_genai.FOLDER
         entry.extra["io"] = variant.manifest_io(spec.variant_dims)
         entry.extra["opset"] = OPSET
@@ -137,9 +138,10 @@ class OnnxExporter(BaseExporter):
         return entry
 
     def _convert(self, job: GraphJob, write_float: Callable[[Path], Path], path: Path, layout: str,
-                 candidate: Callable[[], GraphProgram], checked: GraphSpec) -> Entry:
+                 program_at: Callable[[Path], GraphProgram], checked: GraphSpec) -> Entry:
         """Write the float file (quantized by the job's recipe when it is not float), check it against
-        the reference build on the job's examples, and return its manifest entry."""
+        the reference build on the job's examples, and return its manifest entry. `program_at` runs a
+        file of this layout behind the graph's own I/O: static calibration and parity go through it."""
         spec, recipe, plan = job.spec, job.recipe, job.plan
         entry = Entry(spec.name, self.name)
         if is_float(recipe):
@@ -149,7 +151,7 @@ class OnnxExporter(BaseExporter):
                 float_path = write_float(Path(tmp) / path.name)
                 mode = job.w8a8_mode(self.name) or "nbits"
                 info = onnx_ptq.quantize(spec, float_path, path, recipe, mode, plan.calibration.get(spec.name),
-                                         plan.keep_modules(spec, job.model, layout))
+                                         plan.keep_modules(spec, job.model, layout), program_at)
                 if not onnx_ptq.quantized_anything(info):
                     why = "MatMulNBits covers MatMul weights only" if mode == "nbits" else \
                         f"no {'/'.join(info['op_types'])} node with constant weights"
@@ -159,7 +161,7 @@ class OnnxExporter(BaseExporter):
         if not job.check:
             entry.parity = dict(SKIPPED)
         else:
-            entry.parity = run_parity(checked, TorchProgram(checked, build_module(spec, job.model)), candidate(),
+            entry.parity = run_parity(checked, TorchProgram(checked, build_module(spec, job.model)), program_at(path),
                                       job.examples)
         entry.extra["verified_by"] = "onnxruntime"
         judge(entry, recipe, fp16_compute=False)

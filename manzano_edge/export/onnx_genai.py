@@ -71,17 +71,12 @@ def genai_config(cfg: ModelConfig) -> dict:
 def write_folder(out: Path, cfg: ModelConfig, tokenizer_json: str, entries: list[Entry]) -> dict:
     """Write the runner's files next to the variant graphs and return the manifest's record of the folder."""
     folder = out / FOLDER
-    exported = {e.graph for e in entries if e.fmt == "onnx"}
     written = {e.graph for e in entries if e.fmt == FOLDER}
-    not_exported = [g for g in SECTIONS.values() if g not in exported]
-    skipped = [g for g in SECTIONS.values() if g in exported and g not in written]
-    if not_exported or skipped:
+    missing = [g for g in SECTIONS.values() if g not in written]
+    if missing:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-        why = (f"it needs the graphs {', '.join(not_exported)}: add them to --graphs" if not_exported else
-               f"static w8a8 calibrates the reference graphs' inputs only ({', '.join(skipped)}); export with "
-               "--w8a8-mode onnx=dynamic")
-        return {"folder": None, "not_written": why}
+        return {"folder": None, "not_written": f"it needs the graphs {', '.join(missing)}: add them to --graphs"}
     files = {CONFIG_FILE: json.dumps(genai_config(cfg), indent=2) + "\n",
              TOKENIZER_FILE: json.dumps(runner_tokenizer(tokenizer_json), ensure_ascii=False),
              TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config(cfg, tokenizer_json), indent=2) + "\n"}

@@ -1,9 +1,10 @@
 """ONNX recipes through onnxruntime.quantization (no hand-written quantizer).
 
 - w8a8 static:  quant_pre_process + quantize_static, QDQ, int8 per-channel symmetric weights,
-                uint8 activations calibrated (MinMax) on real inputs, restricted to
-                MatMul/Gemm/Conv: quantizing every op type (the mask add, softmax, norms, the
-                KV-cache I/O) ruins the decoder (TOOLCHAIN gotcha 2).
+                uint8 activations calibrated (MinMax) on real inputs, at the inputs of the
+                MatMul/Gemm/Conv nodes with weights only, their outputs float (as Core ML's and
+                Core AI's static recipes): quantizing every op type (the mask add, softmax, norms,
+                the KV-cache I/O) ruins the decoder (TOOLCHAIN gotcha 2).
 - w8a8 dynamic: quantize_dynamic, int8 per-channel weights, activations quantized per call
                 (DynamicQuantizeLinear + MatMulInteger / ConvInteger).
 - w8 / w4:      MatMulNBits (bits 8 / 4, block 32, symmetric), weight-only, float activations.
@@ -18,14 +19,19 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
+import torch
 
 from manzano_edge.errors import UserError
 from manzano_edge.quant.calibration import Sequences
 from manzano_edge.quant.recipes import GROUP_SIZE
+from manzano_edge.runtime.backends.ort import OrtProgram
 from manzano_edge.spec.graphs import GraphSpec
 
 STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
@@ -40,17 +46,25 @@ INTEGER_OPS = ("QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "
 
 
 # -- calibration feeds ----------------------------------------------------------------------------
-def explicit_feeds(spec: GraphSpec, float_path: Path, sequences: Sequences) -> list[dict[str, np.ndarray]]:
-    """Full ONNX feeds (KV-cache inputs included) for each calibration step: the float model is
-    run over each sequence so the decoder's cache inputs hold real values."""
-    from manzano_edge.runtime.backends.ort import OrtProgram
+class CalibrationProgram(Protocol):
+    """An onnxruntime file behind a graph's own I/O (`OrtProgram`, `StockVlmProgram`)."""
 
-    program = OrtProgram(spec, float_path)
+    def reset(self) -> None: ...
+
+    def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]: ...
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def calibration_feeds(program: CalibrationProgram, sequences: Sequences) -> list[dict[str, np.ndarray]]:
+    """The session feeds of every calibration step, in the layout of the float file `program` runs (the
+    reference's explicit cache, or a runner's per-layer one): `program` is run over each sequence, so
+    the cache inputs hold real values."""
     feeds = []
     for seq in sequences:
         program.reset()
         for step in seq:
-            feeds.append({**{t.name: step[t.name].numpy() for t in spec.inputs}, **dict(program.state)})
+            feeds.append(program.feed(step))
             program.run(step)
     return feeds
 
@@ -82,8 +96,11 @@ def nodes_in_modules(model: onnx.ModelProto, modules: list[str], op_types: tuple
 
 # -- the recipes -----------------------------------------------------------------------------------
 def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mode: str,
-             calibration: Sequences | None, keep_modules: list[str]) -> dict:
-    """Quantize `float_path` into `out_path`; returns what was done (for the manifest)."""
+             calibration: Sequences | None, keep_modules: list[str],
+             program_at: Callable[[Path], CalibrationProgram] | None = None) -> dict:
+    """Quantize `float_path` into `out_path`; returns what was done (for the manifest). `program_at`
+    runs a file behind the graph's own I/O (default: the reference layout's `OrtProgram`); static
+    calibration feeds the float file through it."""
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     float_path, out_path = Path(float_path).resolve(), Path(out_path).resolve()  # the quantizers run in a scratch cwd
     model = onnx.load(str(float_path))
@@ -92,7 +109,8 @@ def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mod
         _pre_process(float_path, pre)
         if recipe == "w8a8" and mode == "static":
             exclude = nodes_in_modules(model, keep_modules, tuple(STATIC_OP_TYPES))
-            _static(spec, float_path, pre, out_path, calibration, STATIC_OP_TYPES, exclude)
+            _static(spec, (program_at or partial(OrtProgram, spec))(float_path), pre, out_path, calibration,
+                    STATIC_OP_TYPES, exclude)
         elif recipe == "w8a8" and mode == "dynamic":
             exclude = nodes_in_modules(model, keep_modules, tuple(DYNAMIC_OP_TYPES))
             _dynamic(pre, out_path, exclude)
@@ -137,17 +155,27 @@ def _pre_process(src: Path, dst: Path) -> None:
         shutil.copy(src, dst)
 
 
-def _static(spec: GraphSpec, float_path: Path, pre: Path, out: Path, calibration: Sequences | None,
+def _static(spec: GraphSpec, program: CalibrationProgram, pre: Path, out: Path, calibration: Sequences | None,
             op_types: list[str], exclude: list[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not calibration:
         raise UserError(f"{spec.name}: static w8a8 needs calibration data (--calibration-samples >= 1)")
-    feeds = explicit_feeds(spec, float_path, calibration)
+    feeds = calibration_feeds(program, calibration)
     quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                    nodes_to_quantize=weighted_nodes(onnx.load(str(pre)), op_types),
                     nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE,
-                    extra_options={"WeightSymmetric": True})
+                    extra_options={"WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": op_types})
+
+
+def weighted_nodes(model: onnx.ModelProto, op_types: list[str]) -> list[str]:
+    """The `op_types` nodes whose second input is a stored weight: the layers. Attention's two
+    MatMuls multiply activations (queries by keys, probabilities by values); one uint8 scale per
+    tensor over softmax probabilities and scores cost the tiny decoder most of its dB."""
+    weights = {t.name for t in model.graph.initializer}
+    weights |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
 
 
 def _dynamic(pre: Path, out: Path, exclude: list[str]) -> None:

@@ -52,6 +52,9 @@ class TensorSpec:
     shape: tuple[int | Dim, ...]
     dtype: str = "float32"
     allow_inf: bool = False  # additive attention masks carry -inf by design (never NaN)
+    # An RGB image as float pixels (data.images: x = u / 127.5 - 1 of 8-bit u), which a format with an
+    # image type (Core ML's ImageType) takes as an image.
+    image: bool = False
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype,
@@ -267,7 +270,7 @@ def graph_specs(cfg: ModelConfig) -> dict[str, GraphSpec]:
         build=lambda m: modules.AppleLLMDecoder(m.decoder, takes_tokens=False))
     specs = [
         GraphSpec("tokenizer", "tokenizer", GraphKind.IMAGE_TOKENIZER,
-                  inputs=(TensorSpec("pixels", (1, 3, hw, hw)),),
+                  inputs=(TensorSpec("pixels", (1, 3, hw, hw), image=True),),
                   outputs=(TensorSpec("image_embeds", (1, n, width)), TensorSpec("image_ids", (1, n), "int32")),
                   build=modules.TokenizerGraph,
                   summary="hybrid vision tokenizer: understanding embeddings and generation codes of one image",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from manzano_edge.data.images import pixels_from_uint8
 from manzano_edge.errors import UserError
 from manzano_edge.models.decoder import LlamaDecoder
 from manzano_edge.models.manzano import Manzano
@@ -371,4 +372,4 @@ class ImageEmbeddings(nn.Module):
         self.tokenizer = model.tokenizer
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.embed_continuous(image.to(torch.float32) / 127.5 - 1.0)
+        return self.tokenizer.embed_continuous(pixels_from_uint8(image))

@@ -5,12 +5,15 @@ state for the KV cache, on macOS only. Elsewhere a Core ML graph is checked by `
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from manzano_edge.data.images import pixels_from_uint8, pixels_to_uint8
 from manzano_edge.errors import UserError
 from manzano_edge.runtime.backends.base import Backend, register_backend
 from manzano_edge.runtime.backends.torch import TorchProgram
@@ -20,13 +23,16 @@ COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 
 
 class EmulatedProgram(TorchProgram):
-    """Linux stand-in for Core ML: the reference graph with Core ML's weights and precision."""
+    """Linux stand-in for Core ML: the reference graph with Core ML's weights and precision. An
+    image input (Core ML's ImageType) carries 8-bit values: its pixels are rounded to them first."""
 
-    def __init__(self, spec: GraphSpec, module: nn.Module, fp16: bool) -> None:
+    def __init__(self, spec: GraphSpec, module: nn.Module, fp16: bool, image_inputs: Iterable[str] = ()) -> None:
         super().__init__(spec, module)
         self.fp16 = fp16
+        self.image_inputs = frozenset(image_inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = {k: pixels_from_uint8(pixels_to_uint8(v)) if k in self.image_inputs else v for k, v in inputs.items()}
         if self.fp16:
             inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
         return {k: v.float() if v.is_floating_point() else v for k, v in super().run(inputs).items()}
@@ -59,6 +65,8 @@ class CoreMLProgram:
         self.spec = spec
         self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units),
                                        **({"function_name": function} if function else {}))
+        described = self.model.get_spec().description.input
+        self.image_inputs = frozenset(f.name for f in described if f.type.WhichOneof("Type") == "imageType")
         self.reset()
 
     def reset(self) -> None:
@@ -84,8 +92,14 @@ class CoreMLProgram:
                 cost[device] = cost.get(device, 0.0) + (estimate.weight if estimate else 0.0)
         return {"ops_per_device": ops, "estimated_cost_share": cost}
 
+    def feed(self, name: str, value: torch.Tensor):
+        """An ImageType input takes a PIL image (predict converts it to the CVPixelBuffer Core ML reads)."""
+        if name in self.image_inputs:
+            return Image.fromarray(pixels_to_uint8(value)[0].permute(1, 2, 0).numpy(), "RGB")
+        return value.numpy()
+
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
+        feed = {t.name: self.feed(t.name, inputs[t.name]) for t in self.spec.inputs}
         out = self.model.predict(feed, state=self.state) if self.state is not None else self.model.predict(feed)
         return {t.name: torch.from_numpy(np.asarray(out[t.name])) for t in self.spec.outputs}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from manzano_edge.data.images import pixels_to_uint8
 from manzano_edge.errors import UserError
 from manzano_edge.runtime.backends.base import Backend, installed, register_backend, torch_threads
 from manzano_edge.spec.decoding import causal_mask
@@ -56,8 +57,7 @@ class RunnerMethodProgram:
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.spec.kind == GraphKind.IMAGE_TOKENIZER:
-            image = ((inputs["pixels"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            return {"image_embeds": self.method.execute([image])[0].clone()}
+            return {"image_embeds": self.method.execute([pixels_to_uint8(inputs["pixels"])])[0].clone()}
         if self.spec.kind == GraphKind.TOKEN_EMBEDDING:
             return {"embeds": self.method.execute([inputs["tokens"].long()])[0].clone()}
         mask = inputs["causal_mask"]

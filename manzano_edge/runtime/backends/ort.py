@@ -46,10 +46,12 @@ class OrtProgram:
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(None, feed)))
 
+    def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The session's inputs for one call: the graph's inputs and the cache carried so far."""
+        return {**{t.name: inputs[t.name].numpy() for t in self.spec.inputs}, **self.state}
+
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        feed = {t.name: inputs[t.name].numpy() for t in self.spec.inputs}
-        feed.update(self.state)
-        values = self.evaluate(feed)
+        values = self.evaluate(self.feed(inputs))
         for s in self.spec.states:
             self.state[s.name] = values.pop(f"{s.name}_out")
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()}
@@ -71,21 +73,27 @@ class StockVlmProgram:
     def reset(self) -> None:
         self.cache = {t.name: np.zeros(t.concrete({"past": 0}), np.float32) for t in self.past}
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def feed(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The runner file's inputs for one call of the graph's own I/O."""
         kind = self.spec.kind
         if kind == GraphKind.IMAGE_TOKENIZER:
-            out = self.session.evaluate({"pixel_values": inputs["pixels"].numpy()})
-            return {"image_embeds": torch.from_numpy(out["image_features"])[None]}
+            return {"pixel_values": inputs["pixels"].numpy()}
         if kind == GraphKind.TOKEN_EMBEDDING:
             width = self.variant.inputs[1].shape[-1]
-            out = self.session.evaluate({"input_ids": inputs["tokens"].long().numpy(),
-                                          "image_features": np.zeros((0, width), np.float32)})
-            return {"embeds": torch.from_numpy(out["inputs_embeds"])}
+            return {"input_ids": inputs["tokens"].long().numpy(), "image_features": np.zeros((0, width), np.float32)}
         mask = inputs["causal_mask"]
         if mask.shape[0] != 1 or not torch.equal(mask, causal_mask(mask.shape[-1] - mask.shape[-2], mask.shape[-2])):
             raise UserError(f"{self.spec.name}: the stock VLM decoder takes one unpadded row")
-        out = self.session.evaluate({"inputs_embeds": inputs["inputs_embeds"].numpy(),
-                                      "attention_mask": np.ones((1, mask.shape[-1]), np.int64), **self.cache})
+        return {"inputs_embeds": inputs["inputs_embeds"].numpy(),
+                "attention_mask": np.ones((1, mask.shape[-1]), np.int64), **self.cache}
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.session.evaluate(self.feed(inputs))
+        kind = self.spec.kind
+        if kind == GraphKind.IMAGE_TOKENIZER:
+            return {"image_embeds": torch.from_numpy(out["image_features"])[None]}
+        if kind == GraphKind.TOKEN_EMBEDDING:
+            return {"embeds": torch.from_numpy(out["inputs_embeds"])}
         for t in self.past:
             self.cache[t.name] = out[t.name.replace("past_key_values.", "present.")]
         return {"logits": torch.from_numpy(out["logits"])}
