@@ -67,17 +67,15 @@ def _ort_parity(tiny, path, spec_name="decoder"):
     return entry
 
 
-def test_static_qdq_on_all_op_types_is_caught(tiny, quant_bundle, tmp_path):
+def test_static_qdq_on_all_op_types_is_caught(tiny, bundle, tmp_path):
     """TOOLCHAIN gotcha 2: static QDQ over every op type (mask add, softmax, norms, cache I/O)
-    wrecks the decoder. Quantize it that way with ORT directly: the w8a8 bar must reject it,
-    while our restricted static recipe passes the export sanity bar."""
+    wrecks the decoder. Quantize the session bundle's float decoder that way with ORT directly:
+    the w8a8 bar must reject it, while our restricted static recipe passes the export sanity bar."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     model, tok = tiny
     spec = graph_specs(model.cfg)["decoder"]
-    float_path = tmp_path / "decoder.onnx"
-    onnx.export(spec, build_module(spec, model, "explicit"), real_examples(
-        model, TextCodec(tok, model.cfg.text)).per_graph["decoder"][0], float_path)
+    float_path = bundle[0] / "onnx" / "decoder.onnx"
     cal = calibration.generated(model, TextCodec(tok, model.cfg.text), 2)["decoder"]
     bad = tmp_path / "all_ops.onnx"
     quantize_static(str(float_path), str(bad), onnx_ptq._Reader(onnx_ptq.calibration_feeds(OrtProgram(spec, float_path), cal)),
@@ -91,6 +89,8 @@ def test_static_qdq_on_all_op_types_is_caught(tiny, quant_bundle, tmp_path):
     onnx_ptq.quantize(spec, float_path, good, "w8a8", "static", cal, [])
     restricted = _ort_parity(tiny, good)
     assert min(restricted.parity["psnr_db"], restricted.parity["min_step_psnr_db"]) > worst + 5, restricted.parity
+    judge(restricted, "w8a8", fp16_compute=False)
+    assert restricted.passed, restricted.parity
 
 
 def test_corrupted_quantization_fails_export(tiny, tmp_path, monkeypatch):
@@ -379,3 +379,19 @@ def test_static_xnnpack_w8a8_writes_the_runner_program_with_torchaos_recipe(tiny
     assert record["note"] == executorch_llm.STATIC_NOTE
     print_summary({"graphs": {}, "runners": {executorch_llm.RUNNER: record}})
     assert executorch_llm.STATIC_NOTE in capsys.readouterr().out
+
+
+def test_onnx_static_w8a8_quantizes_the_runner_layout_too(tiny, tmp_path):
+    """`--onnx-w8a8 static` writes each graph's onnxruntime-genai file as well, calibrated in its own
+    layout through the exporter (tests/test_stock_runners.py runs such files in onnxruntime-genai)."""
+    model, tok = tiny
+    manifest = export_bundle(model, tok, tmp_path / "o", ExportOptions(
+        formats=["onnx"], recipe="w8a8", w8a8_mode={"onnx": "static"}, graphs=["tokenizer"], calibration_samples=2,
+        show_progress=False))
+    formats = manifest["graphs"]["tokenizer"]["formats"]
+    assert set(formats) == {"onnx", "onnx-genai"}
+    for fmt, f in formats.items():
+        q = f["recipe"]["details"]
+        assert q["mode"] == "static" and q["calibration_steps"] > 2, (fmt, q)
+        assert q["integer_ops"]["ops"]["QuantizeLinear"] > 0 and f["status"] == "verified", (fmt, f)
+    assert manifest["runners"]["onnxruntime-genai"]["not_written"].startswith("it needs the graphs embed_tokens, decoder")

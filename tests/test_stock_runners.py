@@ -138,30 +138,42 @@ def test_the_genai_folder_names_what_it_misses(tiny, tmp_path):
     assert not folder.exists()
 
 
-def test_static_w8a8_calibrates_the_genai_graphs_in_their_own_layout(tiny, pipe, tmp_path):
-    """Static w8a8 writes the folder too: each variant is calibrated by running the float variant
-    file over the calibration prompts (per-layer cache, integer mask), quantized as QDQ, and
-    onnxruntime-genai captions with it as the toolkit does."""
-    from manzano_edge.export.bundle import ExportOptions, export_bundle
+def test_static_w8a8_calibrates_the_genai_graphs_in_their_own_layout(tiny, bundle, pipe, tmp_path):
+    """Static w8a8 of the runner's files, as `export --onnx-w8a8 static` quantizes them: the session
+    bundle's float variant files run over the calibration prompts behind the graph's own I/O
+    (`StockVlmProgram`: per-layer cache, integer mask), QDQ on the weighted MatMul/Conv inputs. The
+    decoder keeps float's tokens, and onnxruntime-genai loads the files and captions as the toolkit."""
+    from functools import partial
+
+    from manzano_edge.export.parity import QUANT_SANITY_DB, run_parity
+    from manzano_edge.quant import calibration, onnx_ptq
+    from manzano_edge.runtime.backends.torch import TorchProgram
+    from manzano_edge.spec.examples import real_examples
+    from manzano_edge.spec.graphs import graph_specs
+    from manzano_edge.spec.modules import build_module
 
     model, tok = tiny
-    out = tmp_path / "static"
-    manifest = export_bundle(model, tok, out, ExportOptions(
-        formats=["onnx"], recipe="w8a8", w8a8_mode={"onnx": "static"}, graphs=["tokenizer", "embed_tokens", "decoder"],
-        keep_float="graph:embed_tokens", calibration_samples=2, show_progress=False))
-    assert manifest["runners"][onnx_genai.RUNNER]["folder"] == onnx_genai.FOLDER
-    for graph in ("tokenizer", "decoder"):
-        f = manifest["graphs"][graph]["formats"][onnx_genai.FOLDER]
-        q = f["recipe"]["details"]
-        assert q["mode"] == "static" and q["calibration_steps"] > 2, q
-        assert q["integer_ops"]["ops"].get("QuantizeLinear", 0) > 0 and f["status"] == "verified", (graph, f)
-    assert manifest["graphs"]["embed_tokens"]["formats"][onnx_genai.FOLDER]["recipe"]["name"] == "fp32"
-    assert manifest["graphs"]["decoder"]["formats"][onnx_genai.FOLDER]["parity"]["greedy_match"] == 1.0
-    # onnxruntime-genai loads the QDQ files and captions a scene as the float model does.
+    codec = TextCodec(tok, model.cfg.text)
+    specs, examples = graph_specs(model.cfg), real_examples(model, codec).per_graph
+    samples = calibration.generated(model, codec, 2)
+    root = tmp_path / "static"
+    shutil.copytree(bundle[0] / onnx_genai.FOLDER, root / onnx_genai.FOLDER)
+    shutil.copy(bundle[0] / "manifest.json", root / "manifest.json")
+    for graph, file in (("tokenizer", "vision.onnx"), ("decoder", "decoder.onnx")):
+        spec, path = specs[graph], root / onnx_genai.FOLDER / file
+        info = onnx_ptq.quantize(spec, bundle[0] / onnx_genai.FOLDER / file, path, "w8a8", "static",
+                                 samples[graph], [], partial(StockVlmProgram, spec))
+        assert info["calibration_steps"] == sum(len(s) for s in samples[graph]) > 2, info
+        assert info["integer_ops"]["ops"].get("QuantizeLinear", 0) > 0, info
+        checked = spec.float_outputs()
+        parity = run_parity(checked, TorchProgram(checked, build_module(spec, model)), StockVlmProgram(spec, path),
+                            examples[graph])
+        assert min(x for x in (parity["psnr_db"], parity.get("min_step_psnr_db")) if x is not None) >= QUANT_SANITY_DB
+        assert parity.get("greedy_match", 1.0) == 1.0, (graph, parity)
     size = model.cfg.vision.image_size
     image = scenes.render(scenes.sample_scene(np.random.default_rng(3)), size)
     want = pipe.understand_ids(to_pixels(image, size), "describe the image.")
-    assert load_example("genai_app").GenaiApp(out).caption_ids(image, "describe the image.") == want
+    assert load_example("genai_app").GenaiApp(root).caption_ids(image, "describe the image.") == want
 
 
 # -- ExecuTorch's LLM runners ------------------------------------------------------------------------
