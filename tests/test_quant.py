@@ -180,6 +180,11 @@ def test_keep_float_graph_and_layer(tiny, tmp_path):
     assert len(cf["recipe"]["details"]["kept_float_nodes"]) == 1
     assert [n.rsplit(".", 1)[-1] for n in cf["recipe"]["details"]["kept_float_layers"]] == ["fc2"]
     assert manifest["quantization"]["keep_float"]["graphs"] == ["embed_tokens"]
+    # int8 compute (ORT quantizes the input per block), which the manifest states: the default level 0
+    # dequantizes to fp32, slower than the float graph at 8 bits.
+    (node,) = [n for n in onnx_lib.load(str(tmp_path / "o" / cf["file"])).graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 4
+    assert cf["recipe"]["details"]["activations"].startswith("int8 dynamic per block")
 
 
 def test_keep_float_resolution(tiny):
