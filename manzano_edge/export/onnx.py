@@ -53,8 +53,8 @@ SUPPORT = {
     "fp32": Support(True, "torch.onnx dynamo export, float32"),
     "fp16": Support(False, "onnxruntime's CPU provider has no fp16 kernels for most ops; use fp32"),
     "w8": Support(True, "onnxruntime MatMulNBits bits=8, block 32, symmetric, int8 compute (accuracy_level 4; MatMul weights)"),
-    "w8a8": Support(True, "onnxruntime.quantization int8: dynamic (default) or static QDQ restricted to "
-                          "MatMul/Gemm/Conv"),
+    "w8a8": Support(True, "onnxruntime.quantization int8: dynamic (default) or static QDQ on the inputs of "
+                          "weighted MatMul/Gemm/Conv"),
     "w4": Support(True, "onnxruntime MatMulNBits bits=4, block 32, symmetric, int8 compute (accuracy_level 4; MatMul weights)"),
     "palette4": Support(False, "palettization is a Core ML format; ONNX has no LUT weights"),
 }
