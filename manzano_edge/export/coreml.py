@@ -38,7 +38,7 @@ from manzano_edge.export.parity import SKIPPED, judge, run_parity
 from manzano_edge.quant import calibration as calib
 from manzano_edge.quant import coreml_ptq
 from manzano_edge.quant.recipes import GROUP_SIZE, PALETTE_GROUP_SIZE, Support, is_float
-from manzano_edge.runtime.backends.coreml import CoreMLProgram, EmulatedProgram, predict_available
+from manzano_edge.runtime.backends.coreml import CoreMLProgram, EmulatedProgram, image_inputs, predict_available
 from manzano_edge.runtime.backends.torch import TorchProgram
 from manzano_edge.spec.graphs import Dim, GraphSpec, GraphVariant
 from manzano_edge.spec.modules import build_module
@@ -199,8 +199,7 @@ def structure(path: Path) -> dict:
     return {"inputs": {f.name: shape_of(f) for f in proto.description.input},
             "outputs": [f.name for f in proto.description.output],
             "states": {s.name: list(s.type.stateType.arrayType.shape) for s in proto.description.state},
-            "images": {f.name: ft.ImageFeatureType.ColorSpace.Name(f.type.imageType.colorSpace)
-                       for f in proto.description.input if f.type.WhichOneof("Type") == "imageType"},
+            "images": image_inputs(proto.description.input),
             "dtypes": {**{f.name: dtype_of(f.type.multiArrayType) for f in features
                           if f.type.WhichOneof("Type") == "multiArrayType"},
                        **{s.name: dtype_of(s.type.stateType.arrayType) for s in proto.description.state}},
@@ -480,7 +479,7 @@ class CoreMLExporter(BaseExporter):
         w8a8, the pt2e-quantized graph rebuilt with the export's own calibration."""
         mlmodel = load_with_program(bundle.verified_file(entry["file"], entry["sha256"]))
         proto = mlmodel.get_spec()
-        images = [f.name for f in proto.description.input if f.type.WhichOneof("Type") == "imageType"]
+        images = list(image_inputs(proto.description.input))
         if entry["recipe"]["name"] == "w8a8":
             return _emulated_w8a8(bundle, spec, model, codec, entry, mlmodel._mil_program, images)
         module = build_module(spec, model)

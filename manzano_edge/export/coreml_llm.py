@@ -104,7 +104,6 @@ def structure_problems(path: Path, variants: dict[str, GraphVariant]) -> list[st
     function, each function's input and output names and dtypes, flexible ranges, and states."""
     ct = coreml._ct()
     proto = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    dtypes = {"float16": "FLOAT16", "float32": "FLOAT32", "int32": "INT32"}
     kinds = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
     functions = {f.name: f for f in proto.description.functions}
     problems = [] if proto.description.defaultFunctionName == DEFAULT_FUNCTION else \
@@ -123,8 +122,8 @@ def structure_problems(path: Path, variants: dict[str, GraphVariant]) -> list[st
                     (feature.type.stateType.arrayType if kind == "state" else feature.type.multiArrayType)
                 if array is None:
                     problems.append(f"{name}: {kind} {t.name} missing")
-                elif kinds.Name(array.dataType) != dtypes[t.dtype]:
-                    problems.append(f"{name}: {kind} {t.name} is {kinds.Name(array.dataType)}, declared {t.dtype}")
+                elif kinds.Name(array.dataType).lower() != t.dtype:
+                    problems.append(f"{name}: {kind} {t.name} is {kinds.Name(array.dataType).lower()}, declared {t.dtype}")
                 elif kind == "input":
                     upper = [r.upperBound for r in array.shapeRange.sizeRanges] or list(array.shape)
                     want = [d.max if isinstance(d, Dim) else d for d in t.shape]

@@ -115,7 +115,7 @@ def quantize(spec: GraphSpec, float_path: Path, out_path: Path, recipe: str, mod
         if recipe == "w8a8" and mode == "static":
             exclude = nodes_in_modules(model, keep_modules, tuple(STATIC_OP_TYPES))
             _static(spec, (program_at or partial(OrtProgram, spec))(float_path), pre, out_path, calibration,
-                    STATIC_OP_TYPES, exclude)
+                    weighted_nodes(model, STATIC_OP_TYPES), exclude)
         elif recipe == "w8a8" and mode == "dynamic":
             exclude = nodes_in_modules(model, keep_modules, tuple(DYNAMIC_OP_TYPES))
             _dynamic(pre, out_path, exclude)
@@ -162,17 +162,18 @@ def _pre_process(src: Path, dst: Path) -> None:
 
 
 def _static(spec: GraphSpec, program: CalibrationProgram, pre: Path, out: Path, calibration: Sequences | None,
-            op_types: list[str], exclude: list[str]) -> None:
+            nodes: list[str], exclude: list[str]) -> None:
+    """QDQ on the inputs of `nodes` (names are the float file's: pre-processing keeps them)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not calibration:
         raise UserError(f"{spec.name}: static w8a8 needs calibration data (--calibration-samples >= 1)")
     feeds = calibration_feeds(program, calibration)
     quantize_static(str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
-                    nodes_to_quantize=weighted_nodes(onnx.load(str(pre)), op_types),
-                    nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax, reduce_range=REDUCE_RANGE,
-                    extra_options={"WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": op_types})
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=STATIC_OP_TYPES,
+                    nodes_to_quantize=nodes, nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+                    reduce_range=REDUCE_RANGE,
+                    extra_options={"WeightSymmetric": True, "OpTypesToExcludeOutputQuantization": STATIC_OP_TYPES})
 
 
 def weighted_nodes(model: onnx.ModelProto, op_types: list[str]) -> list[str]:

@@ -38,6 +38,14 @@ class EmulatedProgram(TorchProgram):
         return {k: v.float() if v.is_floating_point() else v for k, v in super().run(inputs).items()}
 
 
+def image_inputs(features) -> dict[str, str]:
+    """The inputs of a Core ML model description that are images (`ImageType`): name -> color space."""
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    return {f.name: ft.ImageFeatureType.ColorSpace.Name(f.type.imageType.colorSpace)
+            for f in features if f.type.WhichOneof("Type") == "imageType"}
+
+
 def predict_available() -> tuple[bool, str]:
     if platform.system() != "Darwin":
         return False, f"Core ML predict needs macOS; this is {platform.system()}"
@@ -65,8 +73,7 @@ class CoreMLProgram:
         self.spec = spec
         self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units),
                                        **({"function_name": function} if function else {}))
-        described = self.model.get_spec().description.input
-        self.image_inputs = frozenset(f.name for f in described if f.type.WhichOneof("Type") == "imageType")
+        self.image_inputs = frozenset(image_inputs(self.model.get_spec().description.input))
         self.reset()
 
     def reset(self) -> None:
