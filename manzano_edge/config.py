@@ -18,6 +18,7 @@ from manzano_edge.errors import UserError
 
 LINEAR_ALIGN = 32
 STC_FACTOR = 3
+VIT_ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
 
 # Sampling defaults of the command line, the Python runtime and the bundle's pipeline contract.
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -36,6 +37,19 @@ class VisionConfig:
     # Two stride-2 3x3 convs before a (patch/4)-sized patchify: early convolutions make a small
     # from-scratch ViT learn local shape much faster (plain patch-8 ViTs stalled on shape).
     conv_stem: list[int] = field(default_factory=list)
+    # The pretrained towers' variations (manzano_edge.models.hf_vision): MLP width (None: width *
+    # mlp_ratio), activation ("gelu_tanh" | "gelu" | "quick_gelu"), LayerNorm eps, CLIP's class token
+    # and norm before the blocks, and whether the last block's output is normed (not in CLIP).
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu_tanh"
+    layer_norm_eps: float = 1e-5
+    class_token: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = self.width * self.mlp_ratio
 
     @property
     def grid(self) -> int:
@@ -58,9 +72,40 @@ class VisionConfig:
         return len(self.fsq_levels)
 
 
+# Hugging Face rope_scaling types the decoder computes, with the keys each one needs. "dynamic" (NTK)
+# changes nothing until a sequence passes original_max_position_embeddings, so it maps only where the
+# decoder's position table stops there.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "dynamic": ("factor",),
+}
+
+
+def rope_scaling_problems(scaling: dict | None, max_positions: int | None = None) -> list[str]:
+    if not scaling:
+        return []
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        return [f"rope_scaling type {kind!r} is not implemented (supported: {', '.join(ROPE_SCALING_KEYS)})"]
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if scaling.get(k) is None]
+    if missing:
+        return [f"rope_scaling '{kind}' lacks {', '.join(missing)}"]
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        return ["rope_scaling with partial_rotary_factor != 1 (RoPE on part of each head) is not implemented"]
+    original = scaling.get("original_max_position_embeddings")
+    if kind == "dynamic" and max_positions is not None and original is not None and original < max_positions:
+        return [f"dynamic NTK RoPE rescales past position {original}, and the decoder's table runs to "
+                f"{max_positions}; set max_position_embeddings to {original} or use a checkpoint without it"]
+    return []
+
+
 @dataclass
 class DecoderConfig:
-    """Llama-architecture decoder; field names follow Hugging Face `LlamaConfig`."""
+    """Llama-architecture decoder. Field names follow Hugging Face `LlamaConfig`; the Llama
+    family's variations (Qwen2's q/k/v biases, Qwen3's per-head q/k norms, scaled RoPE) are
+    switches here, so an imported checkpoint keeps every tensor it has."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 4
@@ -71,10 +116,20 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    # None: hidden_size // num_attention_heads (Qwen3 and Mistral checkpoints set their own).
+    head_dim: int | None = None
+    # Biases on q/k/v (Qwen2: True), on o_proj, and on the MLP's three projections.
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    # RMSNorm over each head's q and k before RoPE (Qwen3).
+    qk_norm: bool = False
+    # Hugging Face's rope scaling dict ({"rope_type": "linear" | "llama3" | "yarn", ...}); None: plain RoPE.
+    rope_scaling: dict | None = None
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -151,6 +206,7 @@ class ModelConfig:
             problems.append(f"ViT grid {v.grid} is not divisible by {STC_FACTOR} (needed for STC)")
         widths = {
             "vision.width": v.width,
+            "vision.intermediate_size": v.intermediate_size,
             "vision.patch_size^2*3": 3 * v.patch_size**2,
             "decoder.hidden_size": d.hidden_size,
             "decoder.intermediate_size": d.intermediate_size,
@@ -158,8 +214,16 @@ class ModelConfig:
             "dit.patch_size^2*latent_channels": t.patch_size**2 * self.vae.latent_channels,
         }
         problems += [f"{k}={w} is not a multiple of {LINEAR_ALIGN}" for k, w in widths.items() if w % LINEAR_ALIGN]
-        if d.hidden_size % d.num_attention_heads or d.num_attention_heads % d.num_key_value_heads:
-            problems.append("decoder heads must divide hidden_size and be a multiple of num_key_value_heads")
+        if d.num_attention_heads % d.num_key_value_heads:
+            problems.append("decoder num_attention_heads must be a multiple of num_key_value_heads")
+        if d.head_dim % 2:
+            problems.append(f"decoder head_dim {d.head_dim} must be even (RoPE rotates pairs)")
+        if (d.num_attention_heads * d.head_dim) % LINEAR_ALIGN:
+            problems.append(f"decoder num_attention_heads*head_dim={d.num_attention_heads * d.head_dim} "
+                            f"is not a multiple of {LINEAR_ALIGN}")
+        problems += rope_scaling_problems(d.rope_scaling, d.max_position_embeddings)
+        if v.hidden_act not in VIT_ACTIVATIONS:
+            problems.append(f"vision.hidden_act {v.hidden_act!r} is not one of {', '.join(VIT_ACTIVATIONS)}")
         if v.width % v.heads or t.width % t.heads:
             problems.append("vision/dit heads must divide their width")
         if v.image_size % self.vae.downsample or self.latent_size % t.patch_size:

@@ -18,7 +18,7 @@ MINIMAL = {
     "train": [], "qat": ["--recipe", "w8a8", "-o", "r"], "sensitivity": ["--recipe", "w8a8", "-o", "r"],
     "profile": ["b", "-o", "r"], "probe-codes": [], "eval": [], "caption": ["--image", "x.png"],
     "generate": ["--prompt", "p", "-o", "x.png"], "export": ["-o", "b"], "validate": ["b", "-o", "r"], "demo": [],
-    "import-llama": ["d", "-o", "r"], "bench": ["b", "-o", "r"],
+    "import": ["--decoder", "d", "-o", "r"], "import-llama": ["d", "-o", "r"], "bench": ["b", "-o", "r"],
 }
 
 

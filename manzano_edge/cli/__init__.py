@@ -13,7 +13,7 @@ from manzano_edge.cli import (
     eval,
     export,
     generate,
-    import_llama,
+    import_model,
     probe_codes,
     profile,
     qat,
@@ -26,7 +26,7 @@ from manzano_edge.errors import UserError
 
 # One module per command, each with `add_parser(sub)` next to its `run(args)`; this order is `--help`'s.
 COMMANDS = (train, qat, sensitivity, profile, probe_codes, eval, caption, generate, export, validate, demo,
-            import_llama, bench)
+            import_model, bench)
 
 
 class VersionAction(argparse.Action):

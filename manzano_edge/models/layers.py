@@ -88,14 +88,22 @@ class MultiHeadAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(dims(b, n, out.shape[1] * out.shape[3])))
 
 
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The ViT/DiT MLP activations by config name (`config.VIT_ACTIVATIONS`); quick_gelu is CLIP's."""
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
 class GeluMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act: str = "gelu_tanh") -> None:
         super().__init__()
+        self.act = act
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(activation(self.act, self.fc1(x)))
 
 
 class RMSNorm(nn.Module):

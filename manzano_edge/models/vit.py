@@ -15,12 +15,12 @@ from manzano_edge.models.layers import GeluMLP, LayerNorm, MultiHeadAttention
 
 
 class ViTBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(width)
-        self.attn = MultiHeadAttention(width, heads)
-        self.norm2 = LayerNorm(width)
-        self.mlp = GeluMLP(width, width * mlp_ratio)
+        self.norm1 = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = MultiHeadAttention(cfg.width, cfg.heads)
+        self.norm2 = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = GeluMLP(cfg.width, cfg.intermediate_size, act=cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -40,13 +40,27 @@ class ViTEncoder(nn.Module):
             self.stem = nn.Identity()
             patch, in_ch = cfg.patch_size, 3
         self.patch_embed = nn.Conv2d(in_ch, cfg.width, kernel_size=patch, stride=patch)
-        self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(ViTBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
-        self.norm = LayerNorm(cfg.width)
+        positions = cfg.grid * cfg.grid + int(cfg.class_token)
+        if cfg.class_token:
+            self.class_embed = nn.Parameter(torch.randn(cfg.width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, positions, cfg.width) * 0.02)
+        if cfg.pre_norm:
+            self.pre_norm = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.layers))
+        if cfg.final_norm:
+            self.norm = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels: [B, 3, H, W] in [-1, 1] -> patch features [B, grid*grid, width]."""
-        x = self.patch_embed(self.stem(pixels)).flatten(2).transpose(1, 2) + self.pos_embed
+        """pixels: [B, 3, H, W] in [-1, 1] -> patch features [B, grid*grid, width] (a class token, where
+        the tower has one, attends with the patches and is dropped from the output)."""
+        x = self.patch_embed(self.stem(pixels)).flatten(2).transpose(1, 2)
+        if self.cfg.class_token:
+            x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + self.pos_embed
+        if self.cfg.pre_norm:
+            x = self.pre_norm(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        if self.cfg.class_token:
+            x = x[:, 1:]
+        return self.norm(x) if self.cfg.final_norm else x

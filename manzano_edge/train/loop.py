@@ -36,6 +36,7 @@ from manzano_edge.models.manzano import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     Manzano,
+    load_checkpoint,
     load_state,
     load_weights_into,
     save_checkpoint,
@@ -283,9 +284,19 @@ def prepare_tokenizer(run_dir: Path, cfg: ModelConfig, seed: int) -> str:
     return path.read_text()
 
 
+def start_from_checkpoint(run_dir: Path, checkpoint: str | Path) -> None:
+    """Seed a fresh run directory with a checkpoint's config, weights and tokenizer (e.g. one with an
+    imported decoder), so that its stages train from there instead of from scratch."""
+    model, tokenizer_json = load_checkpoint(checkpoint)
+    save_checkpoint(model, run_dir / "model", tokenizer_json)
+    (run_dir / TOKENIZER_FILE).write_text(tokenizer_json)
+
+
 def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None, data_dir: str | None = None,
-          captions: str | None = None, stages: tuple[str, ...] = STAGES, show: bool = True) -> Path:
-    """Run (or resume) every stage; returns the final checkpoint directory. `show=False`: no progress bars."""
+          captions: str | None = None, stages: tuple[str, ...] = STAGES, show: bool = True,
+          init: str | Path | None = None) -> Path:
+    """Run (or resume) every stage; returns the final checkpoint directory. `show=False`: no progress bars.
+    `init`: a checkpoint a fresh run starts from (a resumed run keeps its own weights)."""
     tcfg.validate()
     maybe_init_distributed()
     rank, world = dist_info()
@@ -294,6 +305,10 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = run_dir / "model"
+    if init is not None and not (model_dir / CONFIG_FILE).exists():
+        if rank == 0:
+            start_from_checkpoint(run_dir, init)
+        barrier()
     if (model_dir / CONFIG_FILE).exists():
         cfg = ModelConfig.load(model_dir / CONFIG_FILE)
     cfg = (cfg or preset(tcfg.preset)).validate()
