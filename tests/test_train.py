@@ -62,6 +62,21 @@ def test_resume_continues_from_saved_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_starts_from_a_checkpoint_and_keeps_frozen_parts_fixed(tmp_path):
+    """`train --init CKPT --freeze vit` (an imported tower): the adapters train, the ViT does not."""
+    import dataclasses
+
+    start = train(tmp_path / "base", micro_budget(steps=1), cfg=micro_config(), stages=("tokenizer",))
+    base, _ = load_checkpoint(start)
+    final = train(tmp_path / "run", dataclasses.replace(micro_budget(steps=2), frozen=("vit",)), init=start,
+                  stages=("tokenizer",))
+    after, _ = load_checkpoint(final)
+    for name, tensor in base.tokenizer.encoder.state_dict().items():
+        assert torch.equal(tensor, after.tokenizer.encoder.state_dict()[name]), name
+    assert not torch.equal(base.tokenizer.continuous.mlp.fc1.weight, after.tokenizer.continuous.mlp.fc1.weight)
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == (start / "tokenizer.json").read_text()
+
+
 def test_ddp_two_processes(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(MICRO + textwrap.dedent(f"""
@@ -268,6 +283,7 @@ def test_frozen_image_ids_are_computed_in_fp32_under_bf16_autocast(monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["--precision", "fp16"], "unknown precision 'fp16'; choose from bf16-mixed, fp32"),
     (["--stages", "vae,difusion"], "unknown stage 'difusion'; choose from tokenizer, decoder, binding, vae, dit"),
+    (["--freeze", "vision"], "cannot freeze 'vision'; choose from vit, decoder"),
 ])
 def test_bad_train_options_fail_cleanly_and_write_nothing(tmp_path, capsys, args, message):
     from manzano_edge.cli import main

@@ -41,7 +41,15 @@ from manzano_edge.models.manzano import (
     load_weights_into,
     save_checkpoint,
 )
-from manzano_edge.train.stages import STAGES, DecoderStage, DiTStage, TokenizerStage, VAEStage, measure_latent_scale
+from manzano_edge.train.stages import (
+    STAGES,
+    DecoderStage,
+    DiTStage,
+    TokenizerStage,
+    VAEStage,
+    freeze,
+    measure_latent_scale,
+)
 
 
 @dataclass
@@ -84,6 +92,8 @@ SEARCH_QUESTIONS = {"where": 3.0, "exists": 3.0}
 GENERATION_WEIGHT = {"decoder": 2.0, "binding": 1.0}
 
 PRECISIONS = ("bf16-mixed", "fp32")
+# Parts `--freeze` keeps fixed in every stage (e.g. a pretrained vision tower while its adapters train).
+FREEZABLE = {"vit": lambda model: model.tokenizer.encoder, "decoder": lambda model: model.decoder}
 
 
 @dataclass
@@ -96,6 +106,7 @@ class TrainConfig:
     # ViT and discrete adapter still run in fp32 (`stages.frozen_precision`), so the image ids a stage
     # learns from are the ones inference computes.
     precision: str = "bf16-mixed"
+    frozen: tuple[str, ...] = ()
     stages: dict[str, StageBudget] = field(default_factory=lambda: {
         # A short warmup and a long schedule read loose scenes and a user's drawings better; longer still loses "no".
         "tokenizer": StageBudget(steps=3000, batch_size=32, lr=1e-3, warmup=5),
@@ -126,6 +137,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        unknown = [part for part in self.frozen if part not in FREEZABLE]
+        if unknown:
+            raise UserError(f"cannot freeze {unknown[0]!r}; choose from {', '.join(FREEZABLE)}")
         return self
 
 
@@ -339,8 +353,10 @@ def train(run_dir: str | Path, tcfg: TrainConfig, cfg: ModelConfig | None = None
         if stage_done(run_dir, name):
             continue
         torch.manual_seed(stage_seed(tcfg.seed, name))
-        report.append(run_stage(name, build_stage(name, model, codec, tcfg), tcfg.stages[name], run_dir, tcfg,
-                                source_for(name), show=show))
+        stage = build_stage(name, model, codec, tcfg)
+        for part in tcfg.frozen:
+            freeze(FREEZABLE[part](model))
+        report.append(run_stage(name, stage, tcfg.stages[name], run_dir, tcfg, source_for(name), show=show))
         if name == "vae":
             model.cfg.vae.scaling_factor = measure_latent_scale(model, cfg.vision.image_size)
         if rank == 0:
