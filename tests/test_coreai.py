@@ -87,14 +87,14 @@ class ShiftedCacheDecoder(StatefulDecoder):
 
 
 @needs_coreai
-def test_a_decoder_that_drifts_from_eager_fails_core_ai_parity(tiny, tiny_codec, tmp_path, monkeypatch):
+def test_a_decoder_that_drifts_from_eager_fails_core_ai_parity(micro, tmp_path, monkeypatch):
     """The export's parity runs the converted graph over prefill and decode steps: a cache written
     in the wrong place (exactly the failure a graph-state conversion can introduce) is caught."""
     from manzano_edge.export import coreai
     from manzano_edge.spec.examples import real_examples
     from manzano_edge.spec.graphs import graph_specs
 
-    model, tok = tiny
+    model, tok = micro
     spec = graph_specs(model.cfg)["decoder"]
     examples = real_examples(model, TextCodec(tok, model.cfg.text), decode_steps=4).per_graph["decoder"]
     built = iter([ShiftedCacheDecoder(model.decoder, last_logits=True).eval()])

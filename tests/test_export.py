@@ -110,10 +110,10 @@ def test_decoder_state_survives_16_decode_steps(bundle):
         assert p["min_step_psnr_db"] >= (40 if fmt == "coreml" else 60), (fmt, p)
 
 
-def test_dropped_state_is_caught(tiny, tmp_path):
+def test_dropped_state_is_caught(micro, tmp_path):
     """TOOLCHAIN gotcha 1: exporting the mutable-buffer decoder to ONNX 'succeeds' but freezes the
     cache. The parity check must reject it."""
-    model, tok = tiny
+    model, tok = micro
     from manzano_edge.data.text import TextCodec
 
     spec = graph_specs(model.cfg)["decoder"]
@@ -249,13 +249,13 @@ def test_executorch_decoder_writes_its_cache_in_place(bundle):
     assert entry["kv_cache"] == "llm-ops"
 
 
-def test_executorch_slice_cache_needs_no_custom_kernels(tiny, tmp_path):
+def test_executorch_slice_cache_needs_no_custom_kernels(micro, tmp_path):
     """`--executorch-kv-cache slice`, for runners built without ExecuTorch's custom_ops: the
     decoder program calls no llama:: op and still decodes like eager (XNNPACK program only)."""
     from manzano_edge.data.text import TextCodec
     from manzano_edge.export import executorch
 
-    model, tok = tiny
+    model, tok = micro
     spec = graph_specs(model.cfg)["decoder"]
     examples = real_examples(model, TextCodec(tok, model.cfg.text)).per_graph["decoder"]
     module = build_module(spec, model)
