@@ -26,7 +26,8 @@ from manzano_edge.train.compose import import_model  # noqa: E402
 RELATIVE_BAR = 1e-4
 VOCAB = 300
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, attn_implementation="eager")
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, attn_implementation="eager",
+             bos_token_id=1, eos_token_id=2)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
@@ -232,6 +233,18 @@ def test_bad_directories_are_refused(tmp_path, tiny_codec):
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save(hf.state_dict(), tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(UserError, match="pytorch_model.bin is a pickle, which is never loaded"):
+        import_model(tmp_path / "m")
+
+
+def test_end_of_text_comes_from_either_config_file_or_the_import_says_it_is_missing(tmp_path, tiny_codec):
+    save_hf_directory(hf_model("qwen2"), tmp_path / "m", tiny_codec)
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**raw, "eos_token_id": None, "bos_token_id": None}))
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    text = import_model(tmp_path / "m").model.cfg.text
+    assert text.eos_id == text.bos_id == text.pad_id == 2
+    (tmp_path / "m" / "generation_config.json").unlink()
+    with pytest.raises(UserError, match="neither config.json nor generation_config.json gives eos_token_id"):
         import_model(tmp_path / "m")
 
 

@@ -97,7 +97,7 @@ def test_compose_a_qwen2_decoder_and_a_siglip_tower(tmp_path, tiny_codec, capsys
 
     qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64))
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2))
     qwen.save_pretrained(tmp_path / "qwen2")
     (tmp_path / "qwen2" / "tokenizer.json").write_text(tiny_codec.tok.to_str())
     hf = saved("siglip", tmp_path / "siglip")

@@ -146,13 +146,23 @@ def _extend_rows(weight: torch.Tensor, rows: int, generator: torch.Generator) ->
     return torch.cat([weight.float(), new])
 
 
-def _text_config(raw: dict, tokenizer: Tokenizer) -> TextConfig:
+def _special_id(raw: dict, generation: dict, key: str) -> int | None:
+    """config.json's id, else generation_config.json's (where recent checkpoints keep eos); a list's first."""
+    value = raw.get(key)
+    value = generation.get(key) if value is None else value
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _text_config(raw: dict, generation: dict, tokenizer: Tokenizer, directory: Path) -> TextConfig:
     ids = {t: tokenizer.token_to_id(t) for t in NEW_SPECIALS}
     text_vocab = max(int(raw["vocab_size"]), tokenizer.get_vocab_size(with_added_tokens=True))
-    eos = raw.get("eos_token_id", 2)
-    eos = eos[0] if isinstance(eos, list) else eos
-    bos = raw.get("bos_token_id")
-    return TextConfig(text_vocab_size=text_vocab, pad_id=raw.get("pad_token_id") or eos,
+    eos = _special_id(raw, generation, "eos_token_id")
+    if eos is None:
+        raise UserError(f"{directory}: neither config.json nor generation_config.json gives eos_token_id; set it "
+                        "to the id of the tokenizer's end-of-text token")
+    bos, pad = _special_id(raw, generation, "bos_token_id"), _special_id(raw, generation, "pad_token_id")
+    # Without a BOS id a prompt starts with the end-of-text token (Qwen2 and Qwen3 configs name it for both).
+    return TextConfig(text_vocab_size=text_vocab, pad_id=eos if pad is None else pad,
                       bos_id=eos if bos is None else bos, eos_id=eos, sep_id=ids["<sep>"],
                       img_start_id=ids["<img_start>"], img_end_id=ids["<img_end>"])
 
@@ -185,7 +195,10 @@ def read_decoder_checkpoint(directory: str | Path) -> DecoderCheckpoint:
     if embed is not None and embed.shape[0] != raw["vocab_size"]:
         raise UserError(f"{directory}: embed_tokens has {embed.shape[0]} rows but config.json's vocab_size is "
                         f"{raw['vocab_size']}; the weights and config.json are from different models")
-    return DecoderCheckpoint(dcfg, _text_config(raw, tokenizer), tokenizer.to_str(), state, str(directory))
+    generation_file = directory / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+    return DecoderCheckpoint(dcfg, _text_config(raw, generation, tokenizer, directory), tokenizer.to_str(), state,
+                             str(directory))
 
 
 def load_decoder_checkpoint(decoder: LlamaDecoder, checkpoint: DecoderCheckpoint, seed: int = 0) -> None:
