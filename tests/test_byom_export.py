@@ -41,8 +41,8 @@ def composed(tmp_path_factory, tiny_codec):
     assert main(["import", "--decoder", str(root / "qwen2"), "--vision", str(root / "siglip"), "-o",
                  str(root / "ckpt"), "--quiet"]) == 0
     budget = {name: StageBudget(steps=2, batch_size=4, lr=1e-3, warmup=1) for name in STAGES}
-    train(root / "run", TrainConfig(frozen=("vit",), stages=budget), init=root / "ckpt", stages=("tokenizer",),
-          show=False)
+    train(root / "run", TrainConfig(frozen=("vit",), stages=budget, precision="fp32"), init=root / "ckpt",
+          stages=("tokenizer",), show=False)
     return root
 
 

@@ -1,7 +1,8 @@
-"""Imported decoders against transformers on random in-process weights (nothing downloaded): the full
-forward and a prefill of 12 then 18 single-token decode steps through every KV-cache build, in max abs
-and relative error (max |ours - transformers| / max |transformers|). Also the Qwen2 case of issue 35
-as the previous import loaded it (q/k/v biases dropped). Usage: python docs/results/hf-decoder-parity.py
+"""Imported decoders and vision towers against transformers on random in-process weights (nothing
+downloaded): the decoders' full forward and a prefill of 12 then 18 single-token decode steps through every
+KV-cache build, the towers' patch features at their own size and interpolated to another, in max abs and
+relative error (max |ours - transformers| / max |transformers|). Also the Qwen2 case of issue 35 as the
+previous import loaded it (q/k/v biases dropped). Usage: python docs/results/hf-decoder-parity.py
 Results: docs/results/hf-decoder-parity.md."""
 import torch
 import transformers
@@ -80,6 +81,40 @@ def cached_logits(step_kind, decoder, tokens):
     return torch.cat(outs, dim=1)
 
 
+def vision_rows():
+    import tempfile
+    from pathlib import Path
+
+    from manzano_edge.models.hf_vision import TOWERS, read_vision_tower
+    from manzano_edge.models.vit import ViTEncoder
+
+    towers = {"SigLIP": (transformers.SiglipVisionConfig, transformers.SiglipVisionModel, "siglip_vision_model"),
+              "CLIP": (transformers.CLIPVisionConfig, transformers.CLIPVisionModel, "clip_vision_model")}
+    print("\n| vision tower | at 48 px (grid 6): max abs | relative | interpolated to 72 px (grid 9): max abs | relative |")
+    print("|---|---|---|---|---|")
+    for name, (config_cls, model_cls, kind) in towers.items():
+        torch.manual_seed(0)
+        hf = model_cls(config_cls(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=48, patch_size=8)).eval()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if pname.endswith("bias") or "norm" in pname:
+                    p.normal_(0.0 if pname.endswith("bias") else 1.0, 0.3)
+        directory = Path(tempfile.mkdtemp())
+        hf.save_pretrained(directory)
+        mean, std = (torch.tensor(v)[None, :, None, None] for v in TOWERS[kind][1:])
+        cells = []
+        for size in (48, 72):
+            tower = read_vision_tower(directory, size, [8, 5, 5, 5])
+            vit = ViTEncoder(tower.config).eval()
+            vit.load_state_dict(tower.state)
+            pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+            with torch.no_grad():
+                ref = hf(pixel_values=((pixels + 1) / 2 - mean) / std, interpolate_pos_encoding=size != 48).last_hidden_state
+                cells.append(errors(vit(pixels), ref[:, 1:] if kind == "clip_vision_model" else ref))
+        print(f"| {name} | {cells[0][0]:.1e} | {cells[0][1]:.1e} | {cells[1][0]:.1e} | {cells[1][1]:.1e} |")
+
+
 def main():
     tokens = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
     print("| architecture | full forward: max abs | relative | cached decode, worst of 5 builds: max abs | relative |")
@@ -107,3 +142,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    vision_rows()
