@@ -17,7 +17,8 @@ from manzano_edge.errors import UserError
 MINIMAL = {
     "train": [], "qat": ["--recipe", "w8a8", "-o", "r"], "sensitivity": ["--recipe", "w8a8", "-o", "r"],
     "profile": ["b", "-o", "r"], "probe-codes": [], "eval": [], "caption": ["--image", "x.png"],
-    "generate": ["--prompt", "p", "-o", "x.png"], "export": ["-o", "b"], "validate": ["b", "-o", "r"], "demo": [],
+    "generate": ["--prompt", "p", "-o", "x.png"], "export": ["-o", "b"], "export-hf": ["-o", "h"],
+    "validate": ["b", "-o", "r"], "demo": [],
     "import": ["--decoder", "d", "-o", "r"], "import-llama": ["d", "-o", "r"], "bench": ["b", "-o", "r"],
 }
 

@@ -11,11 +11,13 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from manzano_edge.cli import main  # noqa: E402
-from manzano_edge.config import DecoderConfig  # noqa: E402
+from manzano_edge.config import DecoderConfig, TextConfig  # noqa: E402
 from manzano_edge.errors import UserError  # noqa: E402
 from manzano_edge.models.decoder import LlamaDecoder, causal_mask  # noqa: E402
 from manzano_edge.models.hf_decoder import (  # noqa: E402
     decoder_config_from_hf,
+    decoder_to_hf_state,
+    hf_config,
     hf_to_decoder_state,
     load_hf_decoder_state,
 )
@@ -268,3 +270,32 @@ def test_decoder_config_field_names_follow_transformers():
         hf_fields |= set(raw) | set(raw.get("rope_parameters") or {})
     hf_fields |= {"rope_scaling"}  # transformers < 5's name for the scaling dict
     assert set(DecoderConfig.__dataclass_fields__) - hf_fields == {"attention_out_bias", "qk_norm"}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama-biases-head_dim", "llama3-rope", "mistral"])
+def test_a_decoder_written_as_hugging_face_loads_in_transformers_with_the_same_logits(arch):
+    """`export-hf`'s mapping: the architecture that computes the decoder exactly, in transformers' names."""
+    ours = ours_from(hf_model(arch))
+    raw = hf_config(ours.cfg, TextConfig(), VOCAB)
+    config = transformers.AutoConfig.for_model(**raw, attn_implementation="eager")
+    back = transformers.AutoModelForCausalLM.from_config(config).eval()
+    missing, unexpected = back.load_state_dict(decoder_to_hf_state(ours), strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if ours.cfg.tie_word_embeddings else set())
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert relative_error(back(tokens).logits, ours(tokens=tokens)) <= RELATIVE_BAR
+
+
+def test_export_hf_writes_the_embedded_decoder_over_the_joint_vocabulary(tiny, tmp_path):
+    from tokenizers import Tokenizer
+
+    model, _ = tiny
+    assert main(["export-hf", "-o", str(tmp_path / "hf"), "--quiet"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert relative_error(hf(tokens).logits, model.decoder(tokens=tokens)) <= RELATIVE_BAR
+    tokenizer = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == model.cfg.vocab_size
+    assert tokenizer.token_to_id("<img_0>") == model.cfg.image_token_offset
+    assert main(["export-hf", "-o", str(tmp_path / "hf")]) == 2  # not over an existing directory

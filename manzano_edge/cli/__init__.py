@@ -12,6 +12,7 @@ from manzano_edge.cli import (
     demo,
     eval,
     export,
+    export_hf,
     generate,
     import_model,
     probe_codes,
@@ -25,8 +26,8 @@ from manzano_edge.cli.common import PROG, HelpFormatter, finish_args, version_te
 from manzano_edge.errors import UserError
 
 # One module per command, each with `add_parser(sub)` next to its `run(args)`; this order is `--help`'s.
-COMMANDS = (train, qat, sensitivity, profile, probe_codes, eval, caption, generate, export, validate, demo,
-            import_model, bench)
+COMMANDS = (train, qat, sensitivity, profile, probe_codes, eval, caption, generate, export, export_hf, validate,
+            demo, import_model, bench)
 
 
 class VersionAction(argparse.Action):

@@ -210,3 +210,46 @@ def load_decoder_checkpoint(decoder: LlamaDecoder, checkpoint: DecoderCheckpoint
         if name in state and (name == "embed_tokens.weight" or not checkpoint.config.tie_word_embeddings):
             state[name] = _extend_rows(state[name], decoder.vocab_size - state[name].shape[0], gen)
     load_hf_decoder_state(decoder, state, checkpoint.source)
+
+
+# -- the other way: the decoder as a Hugging Face checkpoint ---------------------------------------
+def hf_model_type(cfg: DecoderConfig) -> str:
+    """The transformers architecture that computes exactly this decoder."""
+    if cfg.qk_norm and cfg.attention_bias == cfg.attention_out_bias and not cfg.mlp_bias:
+        return "qwen3"
+    if not cfg.qk_norm and cfg.attention_bias and not cfg.attention_out_bias and not cfg.mlp_bias:
+        return "qwen2"
+    if not cfg.qk_norm and cfg.attention_bias == cfg.attention_out_bias:
+        return "llama"
+    raise UserError("this decoder's mix of biases and q/k norms has no transformers architecture "
+                    "(an o_proj bias without q/k/v biases); it cannot be written as a Hugging Face checkpoint")
+
+
+ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def hf_config(cfg: DecoderConfig, text: TextConfig, vocab_size: int) -> dict:
+    """config.json for the decoder over the joint vocabulary (text tokens, then image codes)."""
+    model_type = hf_model_type(cfg)
+    raw = {"architectures": [ARCHITECTURE_CLASSES[model_type]], "model_type": model_type,
+           "vocab_size": vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+           "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+           "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+           "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+           "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": text.bos_id, "eos_token_id": text.eos_id,
+           "pad_token_id": text.pad_id, "torch_dtype": "float32"}
+    if model_type == "llama":
+        raw |= {"attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias}
+    if model_type == "qwen3":
+        raw["attention_bias"] = cfg.attention_bias
+    if model_type in ("qwen2", "qwen3"):
+        raw["use_sliding_window"] = False
+    return raw
+
+
+def decoder_to_hf_state(decoder: LlamaDecoder) -> dict[str, torch.Tensor]:
+    """Our names -> transformers' (`model.` prefix; lm_head kept unless tied)."""
+    tied = decoder.cfg.tie_word_embeddings
+    return {name if name == "lm_head.weight" else f"model.{name}": tensor.contiguous()
+            for name, tensor in decoder.state_dict().items() if not (tied and name == "lm_head.weight")}
