@@ -116,12 +116,31 @@ def test_compose_a_qwen2_decoder_and_a_siglip_tower(tmp_path, tiny_codec, capsys
     assert embeds.shape == (1, model.cfg.vision.num_image_tokens, 64) and ids.shape == (1, 4)
 
 
+def test_a_tower_alone_keeps_the_presets_decoder_and_gets_the_bpe_train_would_build(tmp_path):
+    from manzano_edge.config import preset
+
+    hf = saved("clip", tmp_path / "clip")
+    imported = import_model(vision=tmp_path / "clip", image_size=96)
+    model = imported.model
+    assert model.cfg.decoder == preset("tiny").decoder and model.cfg.vision.grid == 12
+    assert json.loads(imported.tokenizer_json)["model"]["type"] == "BPE"
+    assert imported.left_out == ["post_layernorm.bias", "post_layernorm.weight"]
+    pixels = torch.rand(1, 3, 96, 96) * 2 - 1
+    with torch.no_grad():
+        ref = patch_features("clip", hf, pixels, interpolate_pos_encoding=True)
+        assert relative_error(model.tokenizer.encoder(pixels), ref) <= RELATIVE_BAR
+
+
 def test_bad_towers_are_refused_in_one_line(tmp_path):
     saved("siglip", tmp_path / "grid5", image_size=40)
-    with pytest.raises(UserError, match=r"patch grid at 40 px is 5x5, not divisible by 3.*--image-size 24 or 48"):
+    with pytest.raises(UserError, match=r"image size 40 does not fit the tower: it must be a multiple of 24 .*"
+                                        r"pass --image-size 24 or 48"):
         read_vision_tower(tmp_path / "grid5", None, FSQ)
-    with pytest.raises(UserError, match="not a multiple of the tower's patch size 8"):
-        read_vision_tower(tmp_path / "grid5", 50, FSQ)
+    with pytest.raises(UserError, match=r"multiple of 48 \(patch 8 x the STC fold's 3, and the VAE/DiT's 16\); "
+                                        r"pass --image-size 48 or 96"):
+        read_vision_tower(tmp_path / "grid5", 50, FSQ, pixel_multiple=16)
+    with pytest.raises(UserError, match="pass --image-size 48 or 96"):  # the tiny preset's VAE and DiT: 16
+        import_model(vision=tmp_path / "grid5", image_size=72)
     saved("siglip", tmp_path / "narrow", hidden_size=48, num_attention_heads=2)
     with pytest.raises(UserError, match=r"vision.width=48 is not a multiple of 32"):
         import_model(vision=tmp_path / "narrow")

@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                    help="local Hugging Face decoder directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--vision", metavar="DIR", help="local SigLIP or CLIP directory (config.json, *.safetensors)")
     p.add_argument("--image-size", type=int,
-                   help="the ViT's input size in pixels (default: the tower's); its patch grid must divide by 3")
+                   help="the ViT's input size in pixels (default: the tower's): a multiple of 3 patches and of what the "
+                        "VAE and DiT need; the import names sizes that work")
     _add_common(p)
     old = add_command(sub, "import-llama", "deprecated spelling of `import --decoder DIR`",
                       ["import-llama ~/models/TinyLlama-1.1B -o runs/llama-base"])

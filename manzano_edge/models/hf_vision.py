@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from manzano_edge.config import VisionConfig
+from manzano_edge.config import STC_FACTOR, VisionConfig
 from manzano_edge.errors import UserError
 from manzano_edge.models.vit import ViTEncoder
 
@@ -153,7 +154,10 @@ def tower_to_vit_state(hf: dict[str, torch.Tensor], cfg: VisionConfig, model_typ
     return state, left_out
 
 
-def read_vision_tower(directory: str | Path, image_size: int | None, fsq_levels: list[int]) -> VisionTower:
+def read_vision_tower(directory: str | Path, image_size: int | None, fsq_levels: list[int],
+                      pixel_multiple: int = 1) -> VisionTower:
+    """The tower at `image_size` (None: its own); `pixel_multiple`: what the rest of the model needs the
+    image size to divide by (the VAE's downsampling times the DiT's patch)."""
     from manzano_edge.models.hf_decoder import read_hf_weights
 
     directory = Path(directory)
@@ -162,13 +166,13 @@ def read_vision_tower(directory: str | Path, image_size: int | None, fsq_levels:
     raw = json.loads((directory / "config.json").read_text())
     model_type, _ = tower_config(raw)
     cfg = vision_config_from_hf(raw, image_size, fsq_levels)
-    if cfg.image_size % cfg.patch_size:
-        raise UserError(f"image size {cfg.image_size} is not a multiple of the tower's patch size {cfg.patch_size}; "
-                        f"pass --image-size as a multiple of {cfg.patch_size}")
-    if cfg.grid % 3:
-        sizes = [cfg.patch_size * g for g in range(max(3, cfg.grid - 3), cfg.grid + 6) if g % 3 == 0]
-        raise UserError(f"the tower's patch grid at {cfg.image_size} px is {cfg.grid}x{cfg.grid}, not divisible by "
-                        f"3 (the STC fold); pass --image-size {sizes[0]} or {sizes[1]}")
+    step = math.lcm(cfg.patch_size * STC_FACTOR, pixel_multiple)
+    if cfg.image_size % step:
+        below = cfg.image_size // step * step
+        sizes = " or ".join(str(n) for n in (below, below + step) if n > 0)
+        raise UserError(f"image size {cfg.image_size} does not fit the tower: it must be a multiple of {step} (patch "
+                        f"{cfg.patch_size} x the STC fold's {STC_FACTOR}, and the VAE/DiT's {pixel_multiple}); "
+                        f"pass --image-size {sizes}")
     hf = read_hf_weights(directory)
     mean, std = pixel_normalisation(directory, model_type)
     state, left_out = tower_to_vit_state(hf, cfg, model_type, mean, std)

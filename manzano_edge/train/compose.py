@@ -39,7 +39,8 @@ def import_model(decoder: str | Path | None = None, vision: str | Path | None = 
     if decoder is not None:
         checkpoint = read_decoder_checkpoint(decoder)
         text, dcfg, tokenizer_json = checkpoint.text, checkpoint.config, checkpoint.tokenizer_json
-    tower = read_vision_tower(vision, image_size, base.vision.fsq_levels) if vision is not None else None
+    tower = None if vision is None else read_vision_tower(vision, image_size, base.vision.fsq_levels,
+                                                          pixel_multiple=base.vae.downsample * base.dit.patch_size)
     parts = [Path(p).name for p in (decoder, vision) if p is not None]
     cfg = ModelConfig(name=f"{base_preset}+{'+'.join(parts)}", vision=tower.config if tower else base.vision,
                       decoder=dcfg, dit=base.dit, vae=base.vae, text=text).validate()
