@@ -103,13 +103,19 @@ def remove_stale_temps(out: Path) -> list[Path]:
     return removed
 
 
-def begin_output_dir(out: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty OUT (unless overwrite) or an unwritable parent; return a temp dir beside OUT."""
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a file at OUT, or a non-empty OUT unless overwrite: a command can call it before its work."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; choose a directory path")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output directory {out} is not empty; pass --overwrite or choose another")
+
+
+def begin_output_dir(out: Path, overwrite: bool) -> Path:
+    """Refuse a non-empty OUT (unless overwrite) or an unwritable parent; return a temp dir beside OUT."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)

@@ -163,6 +163,10 @@ def test_import_cli_writes_a_checkpoint_that_loads(tmp_path, tiny_codec, capsys)
     model, _ = load_checkpoint(tmp_path / "ckpt")
     assert model.cfg.decoder.qk_norm and model.cfg.decoder.head_dim == 32
     assert "train -o RUN --init" in capsys.readouterr().out
+    # A second import over the written checkpoint is refused before any work, and leaves it as it was.
+    assert main(["import", "--decoder", str(tmp_path / "qwen3"), "-o", str(tmp_path / "ckpt"), "--quiet"]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "ckpt")[0].cfg.decoder.qk_norm
 
 
 def test_a_leftover_tensor_is_refused_by_name(tmp_path, tiny_codec):

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from manzano_edge.cli.common import add_command, deprecated
-from manzano_edge.errors import UserError
+from manzano_edge.fsutil import check_output_dir
 
 HELP = "build a checkpoint from a local Hugging Face decoder and/or SigLIP/CLIP vision tower"
 
@@ -48,8 +48,7 @@ def run(args) -> None:
     if getattr(args, "deprecated_command", False):
         deprecated(args, "import-llama is deprecated; use `import --decoder DIR`")
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --overwrite or choose another")
+    check_output_dir(out, args.overwrite)  # before the import's work, not after it
     imported = import_model(args.decoder, args.vision, base_preset=args.preset, image_size=args.image_size,
                             seed=args.seed)
     save_checkpoint(imported.model, out, imported.tokenizer_json)

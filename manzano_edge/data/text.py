@@ -61,6 +61,19 @@ def runner_tokenizer(tokenizer_json: str) -> dict:
     return tok
 
 
+def with_joint_vocabulary(tok: dict, vocab_size: int, image_offset: int) -> dict:
+    """A tokenizer.json (as a dict) with one special token per id of the joint vocabulary, for
+    runtimes that pick among the tokenizer's ids only: `<unused_N>` for a text id the BPE never uses,
+    `<img_N>` for image code N."""
+    used = {*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])}
+    for i in range(vocab_size):
+        if i not in used:
+            name = f"<img_{i - image_offset}>" if i >= image_offset else f"<unused_{i}>"
+            tok["added_tokens"].append({"id": i, "content": name, "single_word": False, "lstrip": False,
+                                        "rstrip": False, "normalized": False, "special": True})
+    return tok
+
+
 class TextCodec:
     """Encode/decode text within the joint vocabulary (text ids only)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from manzano_edge.data.text import runner_tokenizer
+from manzano_edge.data.text import runner_tokenizer, with_joint_vocabulary
 from manzano_edge.export.base import Entry, GraphJob, RunnerProgram
 from manzano_edge.export.parity import judge, run_parity, token_steps_parity
 from manzano_edge.fsutil import path_digest
@@ -78,13 +78,7 @@ def llm_runner_tokenizer(tokenizer_json: str, cfg) -> str:
                              "single": [piece, {"Sequence": {"id": "A", "type_id": 0}}],
                              "pair": [piece, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
                              "special_tokens": {bos: {"id": bos, "ids": [cfg.text.bos_id], "tokens": [bos]}}}
-    used = {*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])}
-    for i in range(cfg.vocab_size):
-        if i not in used:
-            name = f"<img_{i - cfg.image_token_offset}>" if i >= cfg.image_token_offset else f"<unused_{i}>"
-            tok["added_tokens"].append({"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                                        "normalized": False, "special": True})
-    return json.dumps(tok, ensure_ascii=False)
+    return json.dumps(with_joint_vocabulary(tok, cfg.vocab_size, cfg.image_token_offset), ensure_ascii=False)
 
 
 def _method_module(spec: GraphSpec, variant: GraphVariant, model, recipe: str, keep: list[str]) -> nn.Module:

@@ -10,25 +10,11 @@ import json
 from pathlib import Path
 
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer
 
-from manzano_edge.errors import UserError
+from manzano_edge.data.text import with_joint_vocabulary
 from manzano_edge.fsutil import atomic_output_dir
 from manzano_edge.models.hf_decoder import decoder_to_hf_state, hf_config
 from manzano_edge.models.manzano import Manzano
-
-
-def joint_vocabulary_tokenizer(tokenizer_json: str, vocab_size: int, image_offset: int) -> str:
-    """tokenizer.json with one token per id up to the joint vocabulary: `<unused_N>` for text ids the
-    BPE never uses, `<img_N>` for image code N."""
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    have = tokenizer.get_vocab_size(with_added_tokens=True)
-    if sorted(tokenizer.get_vocab(with_added_tokens=True).values()) != list(range(have)):
-        raise UserError("the checkpoint's tokenizer.json does not number its tokens 0..N-1; it cannot be extended "
-                        "to the joint vocabulary")
-    names = [f"<unused_{i}>" if i < image_offset else f"<img_{i - image_offset}>" for i in range(have, vocab_size)]
-    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in names])
-    return tokenizer.to_str()
 
 
 def write_hf_checkpoint(model: Manzano, tokenizer_json: str, out: Path, overwrite: bool = False) -> Path:
@@ -40,6 +26,6 @@ def write_hf_checkpoint(model: Manzano, tokenizer_json: str, out: Path, overwrit
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         save_file(decoder_to_hf_state(model.decoder), tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "tokenizer.json").write_text(
-            joint_vocabulary_tokenizer(tokenizer_json, cfg.vocab_size, cfg.image_token_offset))
+        tokenizer = with_joint_vocabulary(json.loads(tokenizer_json), cfg.vocab_size, cfg.image_token_offset)
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     return Path(out)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from manzano_edge.config import STC_FACTOR, VisionConfig
 from manzano_edge.errors import UserError
+from manzano_edge.models.hf_decoder import read_hf_weights
 from manzano_edge.models.vit import ViTEncoder
 
 # model_type -> (layout switches, pixel mean/std when the directory has no preprocessor_config.json)
@@ -158,8 +159,6 @@ def read_vision_tower(directory: str | Path, image_size: int | None, fsq_levels:
                       pixel_multiple: int = 1) -> VisionTower:
     """The tower at `image_size` (None: its own); `pixel_multiple`: what the rest of the model needs the
     image size to divide by (the VAE's downsampling times the DiT's patch)."""
-    from manzano_edge.models.hf_decoder import read_hf_weights
-
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json; pass a local Hugging Face SigLIP or CLIP directory")
